@@ -1,0 +1,99 @@
+"""Pieces shared by the op references: input checks, activations, the counter-based dropout mask, segments."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**27, so x * _HASH_MUL stays below 2**63 for 32-bit x: exact in int64, uint32 in kernels
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit inputs, fp64 when any input is fp64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"mixlora::{op}: {msg}")
+
+
+def check_float(op: str, name: str, t: torch.Tensor, shape: tuple[int | None, ...]) -> None:
+    """`t` is a floating tensor of the given shape (None = any size); the message names it and the expectation."""
+    check(t.is_floating_point(), op, f"{name} must be a floating-point tensor, got {t.dtype}")
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    check(ok, op, f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def check_routing(op: str, experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, num_experts: int, device) -> None:
+    """experts (T, K) int, order (S,) int64, offsets (E+1,) int64, all on `device`."""
+    check(experts.dim() == 2 and not experts.is_floating_point(), op,
+          f"experts must be an integer tensor (T, K), got {experts.dtype} {tuple(experts.shape)}")
+    check(order.dtype == torch.int64 and order.shape == (experts.numel(),), op,
+          f"order must be int64 of shape ({experts.numel()},), got {order.dtype} {tuple(order.shape)}")
+    check(offsets.dtype == torch.int64 and offsets.shape == (num_experts + 1,), op,
+          f"offsets must be int64 of shape ({num_experts + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
+    for name, t in (("experts", experts), ("order", order), ("offsets", offsets)):
+        check(t.device == device, op, f"{name} is on {t.device} but the activations are on {device}")
+
+
+def activation(name: str, g: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return torch.nn.functional.silu(g)
+    if name == "gelu":
+        return torch.nn.functional.gelu(g)
+    if name == "gelu_tanh":
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    if name == "relu":
+        return torch.relu(g)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def activation_grad(name: str, g: torch.Tensor) -> torch.Tensor:
+    """d act(g) / dg, elementwise."""
+    if name == "silu":
+        sig = torch.sigmoid(g)
+        return sig * (1 + g * (1 - sig))
+    if name == "gelu":
+        cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
+        return cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+    if name == "gelu_tanh":
+        c = math.sqrt(2 / math.pi)
+        inner = c * (g + 0.044715 * g**3)
+        th = torch.tanh(inner)
+        return 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * c * (1 + 3 * 0.044715 * g * g)
+    if name == "relu":
+        return (g > 0).to(g.dtype)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _M32
+    return (x >> 16) ^ x
+
+
+def dropout_scale(slots: torch.Tensor, cols: int, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """LoRA-dropout multiplier for the rows `slots` (N,) int64 of an (S, cols) slot matrix: 0 or 1/(1-p), (N, cols).
+
+    The mask is a pure function of (seed, slot, column): element (j, c) is kept when
+    hash32((j * cols + c) mod 2**32 XOR seed) >= floor(p * 2**32). Kernels evaluate the same hash in uint32, so
+    the backward regenerates the forward's mask instead of storing an (S, cols) tensor.
+    """
+    idx = (slots.view(-1, 1) * cols + torch.arange(cols, device=slots.device)) & _M32
+    keep = _hash32(idx ^ (seed & _M32)) >= int(p * 2**32)
+    return keep.to(dtype) / (1.0 - p)
+
+
+def segments(offsets: torch.Tensor):
+    """(expert, start, end) for each non-empty expert segment of the expert-sorted slot order.
+
+    Reads `offsets` on the host: the reference synchronises here; the kernels do not.
+    """
+    bounds = offsets.tolist()
+    return [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if t > s]

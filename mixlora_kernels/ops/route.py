@@ -1,0 +1,70 @@
+"""mixlora::route — router softmax, top-k and renormalisation, fused; and its backward."""
+
+from __future__ import annotations
+
+import torch
+
+from mixlora_kernels import backend
+from mixlora_kernels.ops._common import acc_dtype, check
+
+
+@torch.library.custom_op("mixlora::route", mutates_args=())
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of each token.
+
+    Args:
+        logits: (T, E) router logits, any float dtype (computed in fp32, fp64 for fp64 input).
+        top_k: K, 1 <= K <= E.
+    Returns:
+        weights (T, K) fp32/fp64: softmax probabilities of the chosen experts renormalised to sum to 1;
+        experts (T, K) int64: chosen expert ids, in descending probability.
+    """
+    check(logits.dim() == 2 and logits.is_floating_point(), "route",
+          f"logits must be a floating (T, E) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    check(1 <= top_k <= logits.shape[1], "route", f"top_k must be in [1, E={logits.shape[1]}], got {top_k}")
+    probs = torch.softmax(logits.to(acc_dtype(logits)), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+@route.register_fake
+def _(logits, top_k):
+    shape = (logits.shape[0], top_k)
+    return logits.new_empty(shape, dtype=acc_dtype(logits)), logits.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("mixlora::route_backward", mutates_args=())
+def route_backward(grad_weights: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Gradient of the logits (T, E) from that of the renormalised weights (T, K).
+
+    The renormalised weights are a softmax over the chosen logits alone, so d logit_{e_k} = w_k (g_k - Σ_k' w_k' g_k')
+    and the other logits get zero.
+    """
+    grad_sel = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
+    out = grad_sel.new_zeros(weights.shape[0], num_experts)
+    return out.scatter_add_(1, experts.long(), grad_sel)
+
+
+@route_backward.register_fake
+def _(grad_weights, weights, experts, num_experts):
+    return weights.new_empty(weights.shape[0], num_experts)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _ = inputs
+    weights, experts = output
+    ctx.save_for_backward(weights, experts)
+    ctx.num_experts = logits.shape[1]
+    ctx.logits_dtype = logits.dtype
+
+
+def _backward(ctx, grad_weights, _grad_experts):
+    weights, experts = ctx.saved_tensors
+    grad = route_backward(grad_weights.to(weights.dtype), weights, experts, ctx.num_experts)
+    return grad.to(ctx.logits_dtype), None
+
+
+route.register_autograd(_backward, setup_context=_setup_context)
+
+backend.install(route, "route")
+backend.install(route_backward, "route_backward")

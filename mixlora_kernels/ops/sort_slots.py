@@ -1,0 +1,41 @@
+"""mixlora::sort_slots — token permutation by routed expert: the expert-sorted slot order and expert offsets."""
+
+from __future__ import annotations
+
+import torch
+
+from mixlora_kernels import backend
+from mixlora_kernels.ops._common import check
+
+
+@torch.library.custom_op("mixlora::sort_slots", mutates_args=())
+def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the S = T·K routing slots by expert.
+
+    Slot j = t·K + k is token t's k-th choice.
+    Args:
+        experts: (T, K) int32/int64 expert ids in [0, E).
+        num_experts: E.
+    Returns:
+        order (S,) int64: order[p] = the slot at expert-sorted position p; stable (token order inside an expert);
+        offsets (E+1,) int64: expert e owns positions offsets[e] .. offsets[e+1]-1.
+    """
+    check(experts.dim() == 2 and experts.dtype in (torch.int32, torch.int64), "sort_slots",
+          f"experts must be an int32/int64 (T, K) tensor, got {experts.dtype} {tuple(experts.shape)}")
+    check(num_experts >= 1, "sort_slots", f"num_experts must be >= 1, got {num_experts}")
+    flat = experts.reshape(-1).long()
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())
+        check(lo >= 0 and hi < num_experts, "sort_slots",
+              f"expert ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return torch.argsort(flat, stable=True), offsets
+
+
+@sort_slots.register_fake
+def _(experts, num_experts):
+    return experts.new_empty(experts.numel(), dtype=torch.int64), experts.new_empty(num_experts + 1, dtype=torch.int64)
+
+
+backend.install(sort_slots, "sort_slots")
