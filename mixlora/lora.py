@@ -1,0 +1,69 @@
+"""Attention LoRA: an nn.Linear with a LoRA (optionally rsLoRA / DoRA) adapter, keeping the base parameter names."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_lora_A(A: torch.Tensor, lora_init: str) -> None:
+    """Initialise a LoRA A in place ((R, in), or stacked (E, R, in) with each expert drawn independently)."""
+    for a in A.view(-1, *A.shape[-2:]):
+        if lora_init == "original":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(a, std=1.0 / A.shape[-2])
+
+
+def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row, without forming the (out, in) sum; batched over leading expert dims.
+
+    ‖W + sBA‖²_row = ‖W‖²_row + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B A Aᵀ) ⊙ B): O(out·in·R) instead of an
+    (out, in) temporary per expert. W (out, in), A (..., R, in), B (..., out, R) -> (..., out), detached (DoRA treats
+    the norm as a constant in backward).
+    """
+    with torch.no_grad():
+        W, A, B = W.float(), A.float(), B.float()
+        sq = W.pow(2).sum(-1) + 2 * scale * (B * (W @ A.transpose(-1, -2))).sum(-1) \
+            + scale**2 * ((B @ (A @ A.transpose(-1, -2))) * B).sum(-1)
+        return sq.clamp_min(0).sqrt()
+
+
+class LoraLinear(nn.Module):
+    """`y = W x + b + s·B A drop(x)`; DoRA: `y = m/‖W + sBA‖ ⊙ (W x + s·B A drop(x)) + b` (norm detached).
+
+    Shares `weight` and `bias` with the wrapped nn.Linear, so the base model's state-dict keys are unchanged.
+    Adapter parameters: `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,).
+    """
+
+    def __init__(self, base: nn.Linear, settings) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.scaling = settings.scaling
+        self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, settings.r, bias=False, **factory)
+        self.lora_B = nn.Linear(settings.r, self.out_features, bias=False, **factory)
+        init_lora_A(self.lora_A.weight.data, settings.lora_init)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector = None
+        if settings.use_dora:
+            norm = dora_row_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(**factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight)
+        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        if self.lora_magnitude_vector is not None:
+            norm = dora_row_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            out = (self.lora_magnitude_vector / norm.to(x.dtype)) * (base + delta)
+        else:
+            out = base + delta
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, scaling={self.scaling:g}"

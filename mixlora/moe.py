@@ -1,0 +1,180 @@
+"""The MixLoRA sparse MoE that replaces a decoder layer's FFN: E LoRA experts on the shared frozen FFN weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixlora.lora import dora_row_norm, init_lora_A
+from mixlora_kernels import ops
+from mixlora_kernels.ops._common import activation
+
+# FFN layouts, detected from the FFN module's children; first match wins. in-projections read x, the last one is
+# the down projection. `fused` is Phi-3's gate_up_proj (gate rows first, then up rows).
+FFN_KINDS = {
+    "gated": ("gate_proj", "up_proj", "down_proj"),  # llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3
+    "fused": ("gate_up_proj", "down_proj"),  # phi3
+    "ungated": ("fc1", "fc2"),  # phi
+}
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3 (text)", "phi", "phi3")
+
+# Hugging Face activation names -> the activations the kernels implement (gelu_fast is the tanh formula too).
+ACTIVATION_ALIASES = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def ffn_kind(mlp: nn.Module) -> str | None:
+    for kind, names in FFN_KINDS.items():
+        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in names):
+            return kind
+    return None
+
+
+def kernel_activation(name: str) -> str:
+    if name not in ACTIVATION_ALIASES:
+        raise ValueError(f"activation {name!r} is not supported by the MixLoRA kernels; "
+                         f"supported: {sorted(ACTIVATION_ALIASES)}")
+    return ACTIVATION_ALIASES[name]
+
+
+class ExpertLoRA(nn.Module):
+    """E LoRA adapters of one FFN projection, stacked: `lora_A` (E, R, in), `lora_B` (E, out, R), zero-initialised B;
+    DoRA adds `lora_magnitude_vector` (E, out) initialised to the base weight's row norms."""
+
+    def __init__(self, base: nn.Linear, num_experts: int, settings) -> None:
+        super().__init__()
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_experts, settings.r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, base.out_features, settings.r, **factory))
+        init_lora_A(self.lora_A.data, settings.lora_init)
+        self.lora_magnitude_vector = None
+        if settings.use_dora:
+            norm = dora_row_norm(base.weight, self.lora_A, self.lora_B, settings.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(**factory))
+
+
+class MixLoraSparseMoe(nn.Module):
+    """Drop-in replacement of a decoder FFN.
+
+    Keeps the FFN's own projections as children under their own names (so the base state-dict keys do not change)
+    and adds `moe_gate` (the fp32 router, (E, H), no bias) and `experts[<projection>]` for every projection in
+    `target_modules`. Forward: (..., H) -> (..., H). The router logits of the last forward are kept in
+    `router_logits` (T, E) fp32 for the aux loss; `expert_load` (E,) counts the slots each expert received.
+    """
+
+    def __init__(self, mlp: nn.Module, config, activation_name: str) -> None:
+        super().__init__()
+        kind = ffn_kind(mlp)
+        if kind is None:
+            raise ValueError(f"unsupported FFN module {type(mlp).__name__}: expected children "
+                             f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
+                             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        self.kind, self.projections = kind, FFN_KINDS[kind]
+        for name in self.projections:
+            setattr(self, name, getattr(mlp, name))
+        down = getattr(self, self.projections[-1])
+        hidden, self.num_experts, self.top_k = down.out_features, config.num_experts, config.top_k
+        settings = config.expert_config()
+        self.scaling, self.lora_dropout = settings.scaling, settings.lora_dropout
+        self.use_dora = settings.use_dora
+        self.activation = kernel_activation(activation_name)
+        self.jitter_noise = config.jitter_noise
+        self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device, dtype=torch.float32)
+        nn.init.normal_(self.moe_gate.weight, std=config.router_init_range)
+        self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(self, name), self.num_experts, settings)
+                                      for name in self.projections if name in config.target_modules})
+        self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits = F.linear(x.to(self.moe_gate.weight.dtype), self.moe_gate.weight)
+        self.router_logits = logits
+        weights, experts = ops.route(logits, self.top_k)
+        order, offsets = ops.sort_slots(experts, self.num_experts)
+        with torch.no_grad():
+            self.expert_load += offsets.diff()
+        if self.use_dora:
+            y = self._per_expert_forward(x, weights, experts, order, offsets)
+        else:
+            y = self._shared_base_forward(x, weights, experts, order, offsets)
+        return y.reshape(shape)
+
+    def _lora(self, name: str | None, in_features: int, out_features: int):
+        """(A (E, R, in), B (E, out, R)) of projection `name`, or rank-0 stand-ins when it has no expert LoRA."""
+        if name in self.experts:
+            return self.experts[name].lora_A, self.experts[name].lora_B
+        w = getattr(self, self.projections[-1]).weight
+        return w.new_zeros(self.num_experts, 0, in_features), w.new_zeros(self.num_experts, out_features, 0)
+
+    def _shared_base_forward(self, x, weights, experts, order, offsets):
+        """mixlora.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
+        H = x.shape[1]
+        p = self.lora_dropout if self.training else 0.0
+        seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist()
+        if self.kind == "fused":
+            G, U = self.gate_up_proj(x).chunk(2, dim=-1)
+            I = G.shape[-1]
+            A, B = self._lora("gate_up_proj", H, 2 * I)
+            zg = zu = ops.lora_shrink(x, A, experts, order, offsets, p, seed_in)
+            Bg, Bu = B[:, :I], B[:, I:]
+        else:
+            gate_name, up_name = ("gate_proj", "up_proj") if self.kind == "gated" else ("fc1", None)
+            G = getattr(self, gate_name)(x)
+            U = None if up_name is None else getattr(self, up_name)(x)
+            I = G.shape[-1]
+            (Ag, Bg), (Au, Bu) = self._lora(gate_name, H, I), self._lora(up_name, H, I)
+            z = ops.lora_shrink(x, torch.cat([Ag, Au], dim=1), experts, order, offsets, p, seed_in)
+            zg, zu = z.split([Ag.shape[1], Au.shape[1]], dim=1)
+        down_name = self.projections[-1]
+        Ad, Bd = self._lora(down_name, I, H)
+        hbar, zd = ops.expand_act_combine(G.contiguous(), None if U is None else U.contiguous(), zg, Bg, zu, Bu,
+                                          weights, experts, order, offsets, Ad, self.scaling, self.activation, p,
+                                          seed_down)
+        y = getattr(self, down_name)(hbar)
+        if down_name in self.experts:
+            y = y + ops.lora_expand_combine(zd, Bd, weights, experts, order, offsets, self.scaling).to(y.dtype)
+        return y
+
+    def _expert_projection(self, name: str, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Projection `name` of expert e on its rows: base + LoRA (DoRA-rescaled when configured)."""
+        base = getattr(self, name)
+        out = F.linear(rows, base.weight)
+        if name in self.experts:
+            lora = self.experts[name]
+            dropped = F.dropout(rows, self.lora_dropout, self.training)
+            delta = self.scaling * ((dropped @ lora.lora_A[e].T) @ lora.lora_B[e].T)
+            if lora.lora_magnitude_vector is None:
+                out = out + delta
+            else:
+                norm = dora_row_norm(base.weight, lora.lora_A[e], lora.lora_B[e], self.scaling)
+                out = (lora.lora_magnitude_vector[e] / norm.to(out.dtype)) * (out + delta)
+        return out if base.bias is None else out + base.bias
+
+    def _per_expert_forward(self, x, weights, experts, order, offsets):
+        """Loop over experts with the base FFN applied per expert: DoRA rescales each expert's base projection, so
+        the shared-base algorithm does not apply. Synchronises on `offsets`."""
+        K = experts.shape[1]
+        y = torch.zeros_like(x)
+        bounds = offsets.tolist()
+        for e in range(self.num_experts):
+            slots = order[bounds[e]:bounds[e + 1]]
+            if slots.numel() == 0:
+                continue
+            tokens = slots // K
+            rows = x[tokens]
+            if self.kind == "fused":
+                g, u = self._expert_projection("gate_up_proj", e, rows).chunk(2, dim=-1)
+                h = activation(self.activation, g) * u
+            elif self.kind == "gated":
+                h = activation(self.activation, self._expert_projection("gate_proj", e, rows)) \
+                    * self._expert_projection("up_proj", e, rows)
+            else:
+                h = activation(self.activation, self._expert_projection("fc1", e, rows))
+            out = self._expert_projection(self.projections[-1], e, h)
+            y = y.index_add(0, tokens, (weights.reshape(-1)[slots].unsqueeze(-1) * out).to(y.dtype))
+        return y
