@@ -26,7 +26,8 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     the norm as a constant in backward).
     """
     with torch.no_grad():
-        W, A, B = W.float(), A.float(), B.float()
+        acc = torch.promote_types(W.dtype, torch.float32)
+        W, A, B = W.to(acc), A.to(acc), B.to(acc)
         sq = W.pow(2).sum(-1) + 2 * scale * (B * (W @ A.transpose(-1, -2))).sum(-1) \
             + scale**2 * ((B @ (A @ A.transpose(-1, -2))) * B).sum(-1)
         return sq.clamp_min(0).sqrt()

@@ -142,13 +142,13 @@ def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, coef: float, 
     Returns:
         coef · E · Σ_k Σ_e f_{k,e} P_e (+ z_coef · mean logsumexp²), a scalar.
     """
-    logits = torch.cat([l.float() for l in router_logits])
+    logits = torch.cat([l.to(torch.promote_types(l.dtype, torch.float32)) for l in router_logits])
     if attention_mask is not None and attention_mask.numel() == router_logits[0].shape[0]:
         keep = attention_mask.reshape(-1).to(device=logits.device, dtype=torch.bool).repeat(len(router_logits))
         logits = logits[keep]
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
-    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).float()
+    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).to(probs.dtype)
     loss = coef * E * (chosen.mean(0) * probs.mean(0)).sum()
     if z_coef:
         loss = loss + z_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()

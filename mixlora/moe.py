@@ -38,6 +38,11 @@ def kernel_activation(name: str) -> str:
     return ACTIVATION_ALIASES[name]
 
 
+def _router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The router runs in fp32, or fp64 in a fp64 model."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class ExpertLoRA(nn.Module):
     """E LoRA adapters of one FFN projection, stacked: `lora_A` (E, R, in), `lora_B` (E, out, R), zero-initialised B;
     DoRA adds `lora_magnitude_vector` (E, out) initialised to the base weight's row norms."""
@@ -80,12 +85,21 @@ class MixLoraSparseMoe(nn.Module):
         self.use_dora = settings.use_dora
         self.activation = kernel_activation(activation_name)
         self.jitter_noise = config.jitter_noise
-        self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device, dtype=torch.float32)
+        self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device,
+                                  dtype=_router_dtype(down.weight.dtype))
         nn.init.normal_(self.moe_gate.weight, std=config.router_init_range)
         self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(self, name), self.num_experts, settings)
                                       for name in self.projections if name in config.target_modules})
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
         self.router_logits: torch.Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not lower the router below fp32 (the published models keep it in fp32).
+        super()._apply(fn, recurse)
+        gate = self.moe_gate.weight
+        if gate.dtype != _router_dtype(gate.dtype):
+            gate.data = gate.data.to(_router_dtype(gate.dtype))
+        return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

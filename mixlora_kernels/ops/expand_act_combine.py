@@ -30,7 +30,8 @@ def _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, act, drop
     check_float(op, "weights", weights, tuple(experts.shape))
     check_routing(op, experts, order, offsets, E, G.device)
     for name, t in (("U", U), ("zg", zg), ("Bg", Bg), ("zu", zu), ("Bu", Bu), ("weights", weights), ("Ad", Ad)):
-        check(t is None or t.device == G.device, op, f"{name} is on {t.device} but G is on {G.device}")
+        if t is not None:
+            check(t.device == G.device, op, f"{name} is on {t.device} but G is on {G.device}")
     check(act in ACTIVATIONS, op, f"activation must be one of {ACTIVATIONS}, got {act!r}")
     check(0.0 <= dropout_p < 1.0, op, f"dropout_p must be in [0, 1), got {dropout_p}")
 

@@ -1,0 +1,169 @@
+"""Triton launchers for `mixlora::lora_shrink` and `mixlora::lora_shrink_backward` (same arguments and results).
+
+Strides are passed to the kernels, so x and A may be non-contiguous views; grad_z is read through its strides too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixlora_kernels.ops._common import check_float
+from mixlora_kernels.ops.lora_shrink import _check
+from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, dropout_keep,
+                                            dropout_threshold, expert_blocks)
+
+# Row block over expert-sorted slots / tokens and column block over H. Untuned (no GPU this session): 64 x 64 tiles
+# with R <= 64 keep the fp32 accumulators small; the H loop streams x.
+_BLOCK_M = 64
+_BLOCK_H = 64
+
+
+@triton.jit
+def _lora_shrink_fwd_kernel(
+        x_ptr, a_ptr, z_ptr, order_ptr, offsets_ptr, blk_expert_ptr, blk_start_ptr,
+        H, R, K, E, stride_xt, stride_xh, stride_ae, stride_ar, stride_ah, seed, threshold, keep_scale,
+        HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """z[order[p]] = A_e drop(x[order[p] // K]) for one expert-homogeneous block of sorted positions p."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    e = tl.load(blk_expert_ptr + pid_m)
+    if e >= E:
+        return
+    start = tl.load(blk_start_ptr + pid_m)
+    end = tl.load(offsets_ptr + e + 1)
+    pos = start + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    slots = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    tokens = slots // K
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = h < H
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xt + h[None, :] * stride_xh,
+                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(dropout_keep(slots, h, H, seed, threshold), xt, 0.0)
+        at = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + h[None, :] * stride_ah,
+                     mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(at.to(DOT_DTYPE)), acc, input_precision=FP32_DOT)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    tl.store(z_ptr + slots[:, None] * R + r[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_shrink_bwd_kernel(
+        gz_ptr, x_ptr, a_ptr, experts_ptr, order_ptr, offsets_ptr, dx_ptr, da_ptr,
+        T, H, R, K, E, stride_gs, stride_gr, stride_xt, stride_xh, stride_ae, stride_ar, stride_ah,
+        stride_et, stride_ek, seed, threshold, keep_scale,
+        HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Two roles by program id (one launch): programs [0, cdiv(T, BLOCK_M)) along axis 0 compute dx token-major,
+    the remaining E programs compute dA_e (one expert each) by a segmented reduction; axis 1 tiles H in both.
+
+    dx_t = sum_k drop_j(A_e^T dz_j): for each k and each expert e, a masked dot over the tokens routed to e in slot k
+    (no atomics, no (S, H) scratch). dA_e = sum_{j->e} dz_j drop_j(x_t)^T over e's slots, in sorted order.
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_tok_blocks = tl.cdiv(T, BLOCK_M)
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    if pid_m < n_tok_blocks:
+        t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        t_ok = t < T
+        dx = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k in range(K):
+            ek = tl.load(experts_ptr + t * stride_et + k * stride_ek, mask=t_ok, other=-1)
+            slots = t.to(tl.int64) * K + k
+            gz = tl.load(gz_ptr + slots[:, None] * stride_gs + r[None, :] * stride_gr,
+                         mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+            part = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            for e in range(E):
+                a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + h[None, :] * stride_ah,
+                            mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+                part = tl.dot(tl.where((ek == e)[:, None], gz, 0.0).to(DOT_DTYPE), a.to(DOT_DTYPE), part,
+                              input_precision=FP32_DOT)
+            if HAS_DROPOUT:
+                part = tl.where(dropout_keep(slots, h, H, seed, threshold), part * keep_scale, 0.0)
+            dx += part
+        tl.store(dx_ptr + t[:, None] * H + h[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=t_ok[:, None] & h_ok[None, :])
+    else:
+        e = pid_m - n_tok_blocks
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        da = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_M):
+            pos = p0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < end
+            slots = tl.load(order_ptr + pos, mask=row_ok, other=0)
+            xt = tl.load(x_ptr + (slots // K)[:, None] * stride_xt + h[None, :] * stride_xh,
+                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            if HAS_DROPOUT:
+                xt = tl.where(dropout_keep(slots, h, H, seed, threshold), xt, 0.0)
+            gz = tl.load(gz_ptr + slots[:, None] * stride_gs + r[None, :] * stride_gr,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            da = tl.dot(tl.trans(gz.to(DOT_DTYPE)), xt.to(DOT_DTYPE), da, input_precision=FP32_DOT)
+        if HAS_DROPOUT:
+            da = da * keep_scale
+        tl.store(da_ptr + e * R * H + r[:, None] * H + h[None, :], da.to(da_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & h_ok[None, :])
+
+
+def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: torch.Tensor,
+                        offsets: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """Triton `mixlora::lora_shrink`: x (T, H), A (E, R, H) -> z (S, R) fp32, z_j = A_{e_j} drop_j(x_t).
+
+    Grouped GEMM over the expert-sorted slot order; the token gather x[order[p] // K] and the dropout mask are fused
+    into the x load. Grid: (expert-homogeneous row blocks, R tiles), K loop over H.
+    """
+    _check(x, A, experts, order, offsets, dropout_p)
+    check_supported("lora_shrink", ("x", x), ("A", A))
+    (T, H), (E, R, _) = x.shape, A.shape
+    S = experts.numel()
+    if S == 0 or R == 0 or H == 0:
+        return torch.zeros(S, R, dtype=torch.float32, device=x.device)
+    z = torch.empty(S, R, dtype=torch.float32, device=x.device)  # every slot is in exactly one expert block
+    block_r = min(dot_block(R), 64)
+    blk_expert, blk_start, nb = expert_blocks(offsets, S, _BLOCK_M)
+    _lora_shrink_fwd_kernel[(nb, triton.cdiv(R, block_r))](
+        x, A, z, order, offsets, blk_expert, blk_start, H, R, experts.shape[1], E,
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
+        seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(x, A),
+        BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_H=_BLOCK_H)
+    return z
+
+
+def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
+                         order: torch.Tensor, offsets: torch.Tensor, dropout_p: float,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `mixlora::lora_shrink_backward`: grad_z (S, R) -> (dx (T, H) like x, dA (E, R, H) like A).
+
+    One launch, grid (cdiv(T, BLOCK_M) + E, cdiv(H, BLOCK_H)): token-major dx programs, then one dA program per
+    (expert, H tile). Deterministic, no atomics.
+    """
+    _check(x, A, experts, order, offsets, dropout_p)
+    check_supported("lora_shrink_backward", ("grad_z", grad_z), ("x", x), ("A", A))
+    (T, H), (E, R, _) = x.shape, A.shape
+    check_float("lora_shrink_backward", "grad_z", grad_z, (experts.numel(), R))
+    dx = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    dA = torch.empty(E, R, H, dtype=A.dtype, device=A.device)
+    if R == 0 or T == 0 or H == 0 or experts.shape[1] == 0:
+        return dx.zero_(), dA.zero_()
+    block_r = dot_block(R)
+    _lora_shrink_bwd_kernel[(triton.cdiv(T, _BLOCK_M) + E, triton.cdiv(H, _BLOCK_H))](
+        grad_z, x, A, experts, order, offsets, dx, dA, T, H, R, experts.shape[1], E,
+        grad_z.stride(0), grad_z.stride(1), x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
+        experts.stride(0), experts.stride(1), seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(grad_z, x, A),
+        BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_H=_BLOCK_H)
+    return dx, dA

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random Hugging Face models of every supported architecture (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+# model_type -> (config class, model class, config overrides). Sizes are tiny and deliberately odd (I = 45).
+_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=45, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+}
+
+
+def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
+    config_cls, model_cls, overrides = ARCHITECTURES[arch]
+    config = getattr(transformers, config_cls)(**{**_COMMON, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(config).to(dtype).eval()
+
+
+def randomize_adapters(model, seed: int = 1, std: float = 0.3) -> None:
+    """Fill every adapter parameter (B included) with fresh random values so the adapters matter; DoRA magnitudes
+    are perturbed multiplicatively around their initial row norms."""
+    from mixlora import adapter_state_dict
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_state_dict(model).items():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.copy_(p * (1 + std * noise) if name.endswith("lora_magnitude_vector") else std * noise)
+
+
+@pytest.fixture(params=sorted(ARCHITECTURES))
+def arch(request):
+    return request.param
