@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping
 
@@ -67,7 +68,8 @@ def _inject(model: nn.Module, config: MixLoraConfig) -> None:
                 setattr(layer.self_attn, name, LoraLinear(base, attention))
         layer.mlp = MixLoraSparseMoe(layer.mlp, config, act)
     model.mixlora_config = config
-    _AuxLossHooks.attach(model)
+    model.save_mixlora = functools.partial(save_mixlora, model)
+    _AuxLossHooks(model)
 
 
 def get_mixlora_model(model: nn.Module, config: MixLoraConfig) -> nn.Module:
@@ -162,19 +164,19 @@ class _AuxLossHooks:
     checkpointing those logits only carry gradients with the non-reentrant implementation.
     """
 
-    @classmethod
-    def attach(cls, model: nn.Module) -> None:
-        hooks = cls()
-        model.register_forward_pre_hook(hooks.before, with_kwargs=True)
-        model.register_forward_hook(hooks.after, with_kwargs=True)
+    def __init__(self, model: nn.Module) -> None:
+        self.moes = moe_layers(model)
+        self.attention_mask = None
+        model.register_forward_pre_hook(self.before, with_kwargs=True)
+        model.register_forward_hook(self.after, with_kwargs=True)
 
     def before(self, model, args, kwargs):
         self.attention_mask = kwargs.get("attention_mask")
-        for moe in moe_layers(model):
+        for moe in self.moes:
             moe.router_logits = None
 
     def after(self, model, args, kwargs, output):
-        layers = moe_layers(model)
+        layers = self.moes
         logits = [m.router_logits for m in layers if m.router_logits is not None]
         if not logits or not hasattr(output, "keys"):
             return output

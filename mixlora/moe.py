@@ -106,7 +106,7 @@ class MixLoraSparseMoe(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits = F.linear(x.to(self.moe_gate.weight.dtype), self.moe_gate.weight)
+        logits = ops.router_logits(x, self.moe_gate.weight)
         self.router_logits = logits
         weights, experts = ops.route(logits, self.top_k)
         order, offsets = ops.sort_slots(experts, self.num_experts)

@@ -91,6 +91,8 @@ def _op_cases():
     zg, zu = z[:, :3].contiguous(), z[:, 3:].contiguous()
     S = e.numel()
     yield ops.route, (P["logits"].requires_grad_(), 2)
+    yield ops.router_logits, (P["x"].float().requires_grad_(), torch.randn(5, 7, requires_grad=True))
+    yield ops.router_logits, (P["x"].bfloat16().requires_grad_(), torch.randn(5, 7, requires_grad=True))
     yield ops.sort_slots, (e, 5)
     yield ops.lora_shrink, (P["x"].requires_grad_(), P["A"].requires_grad_(), e, o, off, 0.2, 3)
     yield ops.lora_shrink_backward, (torch.randn(S, 6, dtype=torch.float64), P["x"], P["A"], e, o, off, 0.2, 3)

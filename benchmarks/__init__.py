@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (pytest-benchmark): `python -m pytest --benchmark-only benchmarks/`."""
