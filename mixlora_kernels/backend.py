@@ -29,9 +29,11 @@ def _load_triton() -> object:
     """The `mixlora_kernels.triton` package; raises ImportError when Triton or a GPU is missing."""
     import torch
 
-    importlib.import_module("triton")
+    # Checked before importing triton: an import would build the kernels in compiled mode, and tests that run them
+    # on the CPU under TRITON_INTERPRET=1 in the same process could no longer do so.
     if not torch.cuda.is_available():
-        raise ImportError("triton is installed but torch.cuda.is_available() is False")
+        raise ImportError("torch.cuda.is_available() is False")
+    importlib.import_module("triton")
     return importlib.import_module("mixlora_kernels.triton")
 
 

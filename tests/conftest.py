@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import transformers
+import os
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. The switch must be set before anything
+# imports triton (torch may), so it is decided from the device nodes rather than torch.cuda.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 # model_type -> (config class, model class, config overrides). Sizes are tiny and deliberately odd (I = 45).
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=45, num_hidden_layers=2, num_attention_heads=4,

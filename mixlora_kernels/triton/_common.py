@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton launchers: dot precision, activations, the dropout hash, the expert block table.
+"""Pieces shared by the Triton launchers: dot precision, input checks, activations, the dropout hash, expert blocks.
 
 Every kernel accumulates in fp32. Matmul operands that are both 16-bit of one dtype go to `tl.dot` as they are;
 anything involving fp32 (the rank-R shrinks z are fp32 by contract) is multiplied in fp32 with `FP32_DOT`, so results
@@ -33,7 +33,8 @@ def check_supported(op: str, *named: tuple[str, torch.Tensor | None]) -> None:
         check(t.device == device, op, f"{name} is on {t.device} but the first tensor is on {device}")
         if t.is_floating_point():
             check(t.dtype in SUPPORTED_DTYPES, op,
-                  f"{name} has dtype {t.dtype}; the Triton kernels support {SUPPORTED_DTYPES} (fp64 uses the reference)")
+                  f"{name} has dtype {t.dtype}; the Triton kernels support {SUPPORTED_DTYPES} "
+                  "(for fp64 on CUDA use MIXLORA_BACKEND=torch)")
 
 
 def dot_dtype(*tensors: torch.Tensor):
@@ -62,22 +63,31 @@ def dropout_threshold(p: float) -> int:
     return int(p * 2**32)
 
 
-def expert_blocks(offsets: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Tile the expert-sorted slot order into row blocks that never straddle two experts, on device (no sync).
+def num_expert_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Grid size for `expert_block`: cdiv(S, block_m) + E bounds the number of expert-homogeneous row blocks (each
+    expert adds at most one partial block); the host never reads the routing."""
+    return triton.cdiv(num_slots, block_m) + num_experts
 
-    Returns (block_expert (NB,) int32, block_start (NB,) int64, NB) where NB = cdiv(S, block_m) + E is an upper bound
-    on the number of blocks (each expert adds at most one partial block); spare blocks get expert id E and exit.
+
+@triton.jit
+def expert_block(pid, offsets_ptr, E, BLOCK_M: tl.constexpr):
+    """(expert, first sorted position) of row block `pid` when every expert's segment of the sorted slot order is cut
+    into BLOCK_M-row blocks and the blocks are numbered expert by expert; expert E means a spare block.
+
+    Scans offsets (E + 1 cached scalars) in the program instead of building a block table with extra launches.
     """
-    E = offsets.numel() - 1
-    nb = triton.cdiv(num_slots, block_m) + E
-    counts = offsets[1:] - offsets[:-1]
-    blocks = (counts + block_m - 1) // block_m
-    last = torch.cumsum(blocks, 0)
-    b = torch.arange(nb, device=offsets.device)
-    expert = torch.searchsorted(last, b, right=True)
-    e = expert.clamp(max=E - 1)
-    start = offsets[e] + (b - (last - blocks)[e]) * block_m
-    return expert.to(torch.int32), start, nb
+    # Loop-carried values start as tensors of their final dtypes (a plain int would change type in the loop).
+    expert = tl.cast(E, tl.int32)
+    start = tl.load(offsets_ptr)
+    first = tl.cast(0, tl.int64)
+    for e in range(E):
+        lo = tl.load(offsets_ptr + e)
+        n = tl.cdiv(tl.load(offsets_ptr + e + 1) - lo, BLOCK_M)
+        hit = (pid >= first) & (pid < first + n)
+        expert = tl.where(hit, e, expert)
+        start = tl.where(hit, lo + (pid - first) * BLOCK_M, start)
+        first += n
+    return expert, start
 
 
 @triton.jit
@@ -86,8 +96,9 @@ def dropout_keep(slots, cols, n_cols, seed, threshold):
 
     All arithmetic is mod 2**32: (slot * n_cols + col) mod 2**32, XOR seed, two multiply-xorshift rounds.
     """
-    x = slots.to(tl.uint32)[:, None] * n_cols.to(tl.uint32) + cols.to(tl.uint32)[None, :]
-    x = x ^ seed.to(tl.uint32)
+    # tl.cast (not .to) because Triton specialises an int argument equal to 1 into a constexpr (seed=1, H=1).
+    x = slots.to(tl.uint32)[:, None] * tl.cast(n_cols, tl.uint32) + cols.to(tl.uint32)[None, :]
+    x = x ^ tl.cast(seed, tl.uint32)
     x = ((x >> 16) ^ x) * 0x45D9F3B
     x = ((x >> 16) ^ x) * 0x45D9F3B
     x = (x >> 16) ^ x

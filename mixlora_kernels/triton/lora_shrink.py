@@ -12,7 +12,7 @@ import triton.language as tl
 from mixlora_kernels.ops._common import check_float
 from mixlora_kernels.ops.lora_shrink import _check
 from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, dropout_keep,
-                                            dropout_threshold, expert_blocks)
+                                            dropout_threshold, expert_block, num_expert_blocks)
 
 # Row block over expert-sorted slots / tokens and column block over H. Untuned (no GPU this session): 64 x 64 tiles
 # with R <= 64 keep the fp32 accumulators small; the H loop streams x.
@@ -22,17 +22,16 @@ _BLOCK_H = 64
 
 @triton.jit
 def _lora_shrink_fwd_kernel(
-        x_ptr, a_ptr, z_ptr, order_ptr, offsets_ptr, blk_expert_ptr, blk_start_ptr,
+        x_ptr, a_ptr, z_ptr, order_ptr, offsets_ptr,
         H, R, K, E, stride_xt, stride_xh, stride_ae, stride_ar, stride_ah, seed, threshold, keep_scale,
         HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     """z[order[p]] = A_e drop(x[order[p] // K]) for one expert-homogeneous block of sorted positions p."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    e = tl.load(blk_expert_ptr + pid_m)
+    e, start = expert_block(pid_m, offsets_ptr, E, BLOCK_M)
     if e >= E:
         return
-    start = tl.load(blk_start_ptr + pid_m)
     end = tl.load(offsets_ptr + e + 1)
     pos = start + tl.arange(0, BLOCK_M)
     row_ok = pos < end
@@ -123,7 +122,7 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
     """Triton `mixlora::lora_shrink`: x (T, H), A (E, R, H) -> z (S, R) fp32, z_j = A_{e_j} drop_j(x_t).
 
     Grouped GEMM over the expert-sorted slot order; the token gather x[order[p] // K] and the dropout mask are fused
-    into the x load. Grid: (expert-homogeneous row blocks, R tiles), K loop over H.
+    into the x load. Grid: (expert-homogeneous row blocks, R tiles); each program loops over H.
     """
     _check(x, A, experts, order, offsets, dropout_p)
     check_supported("lora_shrink", ("x", x), ("A", A))
@@ -133,9 +132,8 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
         return torch.zeros(S, R, dtype=torch.float32, device=x.device)
     z = torch.empty(S, R, dtype=torch.float32, device=x.device)  # every slot is in exactly one expert block
     block_r = min(dot_block(R), 64)
-    blk_expert, blk_start, nb = expert_blocks(offsets, S, _BLOCK_M)
-    _lora_shrink_fwd_kernel[(nb, triton.cdiv(R, block_r))](
-        x, A, z, order, offsets, blk_expert, blk_start, H, R, experts.shape[1], E,
+    _lora_shrink_fwd_kernel[(num_expert_blocks(S, E, _BLOCK_M), triton.cdiv(R, block_r))](
+        x, A, z, order, offsets, H, R, experts.shape[1], E,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
         seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(x, A),

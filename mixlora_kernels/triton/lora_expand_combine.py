@@ -1,0 +1,164 @@
+"""Triton launchers for `mixlora::lora_expand_combine` and its backward (same arguments and results).
+
+All inputs are read through their strides (non-contiguous views are fine); outputs are allocated contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixlora_kernels.ops._common import check, check_float, check_routing
+from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, expert_block,
+                                            num_expert_blocks)
+
+# Untuned (no GPU this session). Token / slot rows per program and the H tile.
+_BLOCK_M = 32
+_BLOCK_H = 64
+
+
+@triton.jit
+def _lora_expand_combine_fwd_kernel(
+        zd_ptr, b_ptr, w_ptr, experts_ptr, y_ptr,
+        T, H, R, K, E, scale, stride_zs, stride_zr, stride_be, stride_bh, stride_br, stride_wt, stride_wk,
+        stride_et, stride_ek,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """y[t, h-tile] = s sum_e (sum_k [e_tk == e] w_tk zd_{tK+k}) B_e^T, token-major: no atomics, no slot scratch.
+
+    The K slots routed to one expert are merged before the dot, so a tile costs E rank-R dots (fp32 operands: the
+    weighted shrinks are not representable in 16 bits).
+    """
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    t = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_ok = t < T
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for e in range(E):
+        zw = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(K):
+            ek = tl.load(experts_ptr + t * stride_et + k * stride_ek, mask=t_ok, other=-1)
+            wk = tl.load(w_ptr + t * stride_wt + k * stride_wk, mask=t_ok, other=0.0).to(tl.float32)
+            sel = t_ok & (ek == e)
+            z = tl.load(zd_ptr + (t.to(tl.int64) * K + k)[:, None] * stride_zs + r[None, :] * stride_zr,
+                        mask=sel[:, None] & r_ok[None, :], other=0.0)
+            zw += wk[:, None] * z.to(tl.float32)
+        b = tl.load(b_ptr + e * stride_be + h[None, :] * stride_bh + r[:, None] * stride_br,
+                    mask=r_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(zw, b.to(tl.float32), acc, input_precision=FP32_DOT)
+    tl.store(y_ptr + t[:, None] * H + h[None, :], acc * scale, mask=t_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _lora_expand_combine_bwd_kernel(
+        gy_ptr, zd_ptr, b_ptr, w_ptr, order_ptr, offsets_ptr,
+        dzd_ptr, db_ptr, dw_ptr, NB, H, R, K, E, scale,
+        stride_gt, stride_gh, stride_zs, stride_zr, stride_be, stride_bh, stride_br, stride_wt, stride_wk,
+        GB_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Two roles by program id. Programs [0, NB): one expert-homogeneous block of sorted slots each, looping over H:
+    q_j = s B_e^T dy_t, dzd_j = w_j q_j, dw_j = <q_j, zd_j>. Programs NB + (e * cdiv(H, BLOCK_H) + h-tile):
+    dB_e[h-tile] = s sum_{j->e} w_j dy_t zd_j^T, a deterministic segmented reduction over e's slots."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    if pid < NB:
+        e, start = expert_block(pid, offsets_ptr, E, BLOCK_M)
+        if e < E:  # spare blocks carry expert id E
+            end = tl.load(offsets_ptr + e + 1)
+            pos = start + tl.arange(0, BLOCK_M)
+            row_ok = pos < end
+            slots = tl.load(order_ptr + pos, mask=row_ok, other=0)
+            tokens = slots // K
+            q = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                h_ok = h < H
+                gy = tl.load(gy_ptr + tokens[:, None] * stride_gt + h[None, :] * stride_gh,
+                             mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+                b = tl.load(b_ptr + e * stride_be + h[:, None] * stride_bh + r[None, :] * stride_br,
+                            mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+                q = tl.dot(gy.to(GB_DOT), b.to(GB_DOT), q, input_precision=FP32_DOT)
+            q = q * scale
+            w = tl.load(w_ptr + tokens * stride_wt + (slots % K) * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
+            z = tl.load(zd_ptr + slots[:, None] * stride_zs + r[None, :] * stride_zr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            tl.store(dzd_ptr + slots[:, None] * R + r[None, :], (w[:, None] * q).to(dzd_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & r_ok[None, :])
+            tl.store(dw_ptr + slots, tl.sum(q * z, axis=1).to(dw_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        n_h = tl.cdiv(H, BLOCK_H)
+        e = (pid - NB) // n_h
+        h = ((pid - NB) % n_h) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = h < H
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_M):
+            pos = p0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < end
+            slots = tl.load(order_ptr + pos, mask=row_ok, other=0)
+            tokens = slots // K
+            w = tl.load(w_ptr + tokens * stride_wt + (slots % K) * stride_wk, mask=row_ok, other=0.0)
+            gy = tl.load(gy_ptr + tokens[:, None] * stride_gt + h[None, :] * stride_gh,
+                         mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+            z = tl.load(zd_ptr + slots[:, None] * stride_zs + r[None, :] * stride_zr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            wgy = w.to(tl.float32)[:, None] * gy.to(tl.float32)
+            acc = tl.dot(tl.trans(wgy), z.to(tl.float32), acc, input_precision=FP32_DOT)
+        tl.store(db_ptr + e * H * R + h[:, None] * R + r[None, :], (acc * scale).to(db_ptr.dtype.element_ty),
+                 mask=h_ok[:, None] & r_ok[None, :])
+
+
+def _check(op, zd, B, weights, experts, order, offsets, grad_y=None):
+    check_float(op, "zd", zd, (experts.numel(), None))
+    check_float(op, "B", B, (None, None, zd.shape[1]))
+    check_float(op, "weights", weights, tuple(experts.shape))
+    check_routing(op, experts, order, offsets, B.shape[0], zd.device)
+    if grad_y is not None:
+        check_float(op, "grad_y", grad_y, (experts.shape[0], B.shape[1]))
+    check_supported(op, ("zd", zd), ("B", B), ("weights", weights), ("grad_y", grad_y))
+    check(B.shape[2] <= 256, op, f"the Triton kernels support R <= 256, got {B.shape[2]}")
+
+
+def lora_expand_combine_forward(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                                order: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
+    """Triton `mixlora::lora_expand_combine`: zd (S, R), B (E, H, R), weights (T, K) -> y (T, H) fp32,
+    y_t = s sum_k w_j B_{e_j} zd_j. Grid (cdiv(T, BLOCK_M), cdiv(H, BLOCK_H)), token-major."""
+    _check("lora_expand_combine", zd, B, weights, experts, order, offsets)
+    (T, K), (E, H, R) = experts.shape, B.shape
+    if R == 0 or T == 0 or K == 0 or H == 0:
+        return torch.zeros(T, H, dtype=torch.float32, device=zd.device)
+    y = torch.empty(T, H, dtype=torch.float32, device=zd.device)
+    _lora_expand_combine_fwd_kernel[(triton.cdiv(T, _BLOCK_M), triton.cdiv(H, _BLOCK_H))](
+        zd, B, weights, experts, y, T, H, R, K, E, scale, zd.stride(0), zd.stride(1),
+        B.stride(0), B.stride(1), B.stride(2), weights.stride(0), weights.stride(1), experts.stride(0),
+        experts.stride(1), BLOCK_M=_BLOCK_M, BLOCK_R=dot_block(R), BLOCK_H=_BLOCK_H)
+    return y
+
+
+def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
+                                 experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton `mixlora::lora_expand_combine_backward`: grad_y (T, H) -> (dzd like zd, dB like B, dweights like
+    weights). One launch: NB grouped slot blocks (dzd, dweights) then E x cdiv(H, BLOCK_H) dB programs."""
+    _check("lora_expand_combine_backward", zd, B, weights, experts, order, offsets, grad_y)
+    (T, K), (E, H, R) = experts.shape, B.shape
+    S = T * K
+    if R == 0 or S == 0 or H == 0:
+        return (torch.zeros_like(zd, memory_format=torch.contiguous_format),
+                torch.zeros_like(B, memory_format=torch.contiguous_format),
+                torch.zeros_like(weights, memory_format=torch.contiguous_format))
+    dzd = torch.empty(S, R, dtype=zd.dtype, device=zd.device)
+    dB = torch.empty(E, H, R, dtype=B.dtype, device=B.device)
+    dw = torch.empty(T, K, dtype=weights.dtype, device=weights.device)
+    nb = num_expert_blocks(S, E, _BLOCK_M)
+    _lora_expand_combine_bwd_kernel[(nb + E * triton.cdiv(H, _BLOCK_H),)](
+        grad_y, zd, B, weights, order, offsets, dzd, dB, dw, nb, H, R, K, E, scale,
+        grad_y.stride(0), grad_y.stride(1), zd.stride(0), zd.stride(1), B.stride(0), B.stride(1), B.stride(2),
+        weights.stride(0), weights.stride(1), GB_DOT=dot_dtype(grad_y, B),
+        BLOCK_M=_BLOCK_M, BLOCK_R=dot_block(R), BLOCK_H=_BLOCK_H)
+    return dzd, dB, dw

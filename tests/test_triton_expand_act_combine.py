@@ -1,0 +1,84 @@
+"""Triton `expand_act_combine` / its backward against the float64 reference ops (interpreter, CPU)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from test_triton_common import assert_close, make_routing, requires_interpreter  # noqa: E402
+
+from mixlora_kernels.triton.expand_act_combine import (  # noqa: E402
+    expand_act_combine_backward, expand_act_combine_forward)
+
+pytestmark = requires_interpreter
+
+NAMES = ("hbar", "zd", "dG", "dU", "dzg", "dBg", "dzu", "dBu", "dweights", "dAd")
+SCALE = 0.5
+
+CASES = [
+    # T, I, E, K, R (gate/up), Rd, routing, activation, gated, dropout_p
+    (1, 33, 4, 2, 8, 8, "random", "silu", True, 0.0),        # T=1; odd I; R=8 padded to 16 for tl.dot
+    (10, 45, 5, 2, 16, 16, "empty", "gelu", True, 0.2),      # prime E; odd I; an empty expert; dropout on h
+    (20, 32, 3, 3, 16, 8, "random", "gelu_tanh", True, 0.0),  # K=E (KP=4 pads a row per token); > 1 token block
+    (12, 40, 4, 1, 64, 16, "one", "relu", False, 0.1),       # K=1, all tokens on expert 0; ungated (U=None); R=64
+    (7, 24, 3, 2, 0, 8, "random", "silu", True, 0.0),        # no gate/up expert LoRA (rank 0), only the down one
+    (7, 24, 3, 2, 8, 0, "random", "silu", True, 0.0),        # no down LoRA (Rd=0): zd is (S, 0)
+]
+
+
+def _inputs(T, I, E, K, R, Rd, mode, gated, dtype):
+    """Non-contiguous the way the model produces them: zg, zu = z.split(R, 1) and Bg, Bu = B[:, :I], B[:, I:]."""
+    gen = torch.Generator().manual_seed(T * 1000 + I)
+    experts, order, offsets = make_routing(T, E, K, mode, gen)
+    G = torch.randn(T, I, generator=gen).to(dtype)
+    U = torch.randn(T, I, generator=gen).to(dtype) if gated else None
+    Ru = R if gated else 0
+    z = torch.randn(T * K, R + Ru, generator=gen).to(dtype)
+    B = (torch.randn(E, 2 * I, max(R, Ru), generator=gen) / max(R, 1) ** 0.5).to(dtype)
+    zg, zu = z[:, :R], z[:, R:]
+    Bg, Bu = B[:, :I, :R], B[:, I:, :Ru]
+    weights = torch.softmax(torch.randn(T, K, generator=gen), -1).to(dtype)
+    Ad = (torch.randn(E, Rd, I, generator=gen) / I**0.5).to(dtype)
+    ghbar = torch.randn(T, I, generator=gen).to(dtype)
+    gzd = torch.randn(T * K, Rd, generator=gen)
+    return (G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad), ghbar, gzd
+
+
+def _run(fwd, bwd, args, ghbar, gzd, act, p, cast=None):
+    if cast is not None:
+        args = tuple(a.to(cast) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        ghbar, gzd = ghbar.to(cast), gzd.to(cast)
+    hbar, zd = fwd(*args, SCALE, act, p, 1234)
+    return (hbar, zd) + tuple(bwd(ghbar, gzd.to(zd.dtype), *args, SCALE, act, p, 1234))
+
+
+@pytest.mark.parametrize("T,I,E,K,R,Rd,mode,act,gated,p", CASES)
+def test_expand_act_combine_fp32(T, I, E, K, R, Rd, mode, act, gated, p):
+    torch.manual_seed(0)
+    args, ghbar, gzd = _inputs(T, I, E, K, R, Rd, mode, gated, torch.float32)
+    assert not (R and gated) or not args[2].is_contiguous()  # zg is a column slice of z when zu is not empty
+    out = _run(expand_act_combine_forward, expand_act_combine_backward, args, ghbar, gzd, act, p)
+    ref = _run(torch.ops.mixlora.expand_act_combine, torch.ops.mixlora.expand_act_combine_backward, args, ghbar,
+               gzd, act, p, cast=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert o.dtype == torch.float32, name
+        assert_close(o, r, name=name)
+
+
+# 16-bit inputs with dropout and a gated activation: hbar and every gradient in the input dtype, zd in fp32.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_expand_act_combine_16bit(dtype):
+    torch.manual_seed(0)
+    args, ghbar, gzd = _inputs(9, 33, 5, 2, 8, 8, "random", True, dtype)
+    out = _run(expand_act_combine_forward, expand_act_combine_backward, args, ghbar, gzd, "silu", 0.25)
+    ref = _run(torch.ops.mixlora.expand_act_combine, torch.ops.mixlora.expand_act_combine_backward, args, ghbar,
+               gzd, "silu", 0.25, cast=torch.float64)
+    low = _run(torch.ops.mixlora.expand_act_combine, torch.ops.mixlora.expand_act_combine_backward, args, ghbar,
+               gzd, "silu", 0.25)
+    for name, o, r, lo in zip(NAMES, out, ref, low):
+        assert o.dtype == lo.dtype, name
+        assert_close(o, r, lo, name=name)

@@ -1,0 +1,59 @@
+"""Triton `route` / `route_backward` launchers against the float64 reference ops (interpreter, CPU)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from test_triton_common import assert_close, requires_interpreter  # noqa: E402
+
+from mixlora_kernels.triton.route import route_backward, route_forward  # noqa: E402
+
+pytestmark = requires_interpreter
+
+CASES = [
+    # T, E, K
+    (1, 4, 2),    # T=1
+    (70, 5, 2),   # prime E; T above one 64-row block
+    (9, 8, 1),    # K=1 (weights are all 1, gradient all 0)
+    (9, 3, 3),    # K=E (non-pow2 K: BLOCK_K padding)
+]
+
+
+@pytest.mark.parametrize("T,E,K", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route(T, E, K, dtype):
+    torch.manual_seed(T + E + K)
+    logits = torch.randn(T, E).to(dtype)
+    gw = torch.randn(T, K)
+    w, e = route_forward(logits, K)
+    w64, e64 = torch.ops.mixlora.route(logits.double(), K)
+    assert w.dtype == torch.float32 and e.dtype == torch.int64
+    assert torch.equal(e, e64)  # the same experts in the same order (random logits: no ties)
+    assert_close(w, w64, name="weights")  # the softmax runs in fp32 for every input dtype
+    d = route_backward(gw, w, e, E)
+    d64 = torch.ops.mixlora.route_backward(gw.double(), w64, e64, E)
+    assert d.dtype == torch.float32
+    assert_close(d, d64, name="dlogits")
+
+
+# Non-contiguous logits (a column slice) and non-contiguous weight/expert tensors in the backward.
+def test_route_noncontiguous():
+    torch.manual_seed(1)
+    logits = torch.randn(11, 9)[:, 1:8]
+    w, e = route_forward(logits, 3)
+    w64, e64 = torch.ops.mixlora.route(logits.double(), 3)
+    assert torch.equal(e, e64)
+    assert_close(w, w64, name="weights")
+    gw = torch.randn(3, 11).T
+    d = route_backward(gw, w.T.contiguous().T, e.T.contiguous().T, 7)
+    assert_close(d, torch.ops.mixlora.route_backward(gw.double(), w64, e64, 7), name="dlogits")
+
+
+def test_route_rejects_bad_top_k():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        route_forward(torch.randn(4, 3), 4)
