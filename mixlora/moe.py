@@ -129,7 +129,9 @@ class MixLoraSparseMoe(nn.Module):
         """mixlora.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
         H = x.shape[1]
         p = self.lora_dropout if self.training else 0.0
-        seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist()
+        # Dropout masks are hashed from these seeds (drawn from torch's CPU generator: no device sync; checkpointing
+        # replays them); without dropout the global RNG is left alone.
+        seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist() if p else (0, 0)
         if self.kind == "fused":
             G, U = self.gate_up_proj(x).chunk(2, dim=-1)
             I = G.shape[-1]

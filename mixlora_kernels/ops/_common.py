@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -10,6 +12,21 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27, so x * _HASH_MUL stays below 2**63 for 32-bit x: exact in int64, uint32 in kernels
+
+
+def reference(fn):
+    """Run an op reference with autocast off: it computes at the precision it documents (fp32 accumulation), whatever
+    autocast region the caller is in; its inputs arrive in whatever dtype autocast gave them."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    # custom_op infers the schema from the signature: hand it the annotations resolved in fn's own module.
+    wrapped.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapped
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

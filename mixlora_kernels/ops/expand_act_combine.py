@@ -9,7 +9,7 @@ import torch
 
 from mixlora_kernels import backend
 from mixlora_kernels.ops._common import (ACTIVATIONS, acc_dtype, activation, activation_grad, check, check_float,
-                                         check_routing, dropout_scale, segments)
+                                         check_routing, dropout_scale, reference, segments)
 
 
 def _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, act, dropout_p):
@@ -45,6 +45,7 @@ def _recompute(G, U, zg, Bg, zu, Bu, e, slots, K, scale, act, acc):
 
 
 @torch.library.custom_op("mixlora::expand_act_combine", mutates_args=())
+@reference
 def expand_act_combine(G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor, Bg: torch.Tensor,
                        zu: torch.Tensor, Bu: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                        order: torch.Tensor, offsets: torch.Tensor, Ad: torch.Tensor, scale: float, activation_name: str,
@@ -86,6 +87,7 @@ def _(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, scale, activat
 
 
 @torch.library.custom_op("mixlora::expand_act_combine_backward", mutates_args=())
+@reference
 def expand_act_combine_backward(
         grad_hbar: torch.Tensor, grad_zd: torch.Tensor, G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor,
         Bg: torch.Tensor, zu: torch.Tensor, Bu: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,

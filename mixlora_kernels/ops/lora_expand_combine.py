@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, segments
+from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, reference, segments
 
 
 @torch.library.custom_op("mixlora::lora_expand_combine", mutates_args=())
+@reference
 def lora_expand_combine(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                         order: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
     """Down-projection LoRA of all slots, combined per token.
@@ -41,6 +42,7 @@ def _(zd, B, weights, experts, order, offsets, scale):
 
 
 @torch.library.custom_op("mixlora::lora_expand_combine_backward", mutates_args=())
+@reference
 def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
                                  experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, dropout_scale, segments
+from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, dropout_scale, reference, segments
 
 
 def _check(x, A, experts, order, offsets, dropout_p):
@@ -19,6 +19,7 @@ def _check(x, A, experts, order, offsets, dropout_p):
 
 
 @torch.library.custom_op("mixlora::lora_shrink", mutates_args=())
+@reference
 def lora_shrink(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                 dropout_p: float, seed: int) -> torch.Tensor:
     """Per-slot LoRA shrink with the token gather fused in.
@@ -49,6 +50,7 @@ def _(x, A, experts, order, offsets, dropout_p, seed):
 
 
 @torch.library.custom_op("mixlora::lora_shrink_backward", mutates_args=())
+@reference
 def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
                          order: torch.Tensor, offsets: torch.Tensor, dropout_p: float,
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:

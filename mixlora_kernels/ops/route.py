@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check
+from mixlora_kernels.ops._common import acc_dtype, check, reference
 
 
 @torch.library.custom_op("mixlora::route", mutates_args=())
+@reference
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing of each token.
 
@@ -34,6 +35,7 @@ def _(logits, top_k):
 
 
 @torch.library.custom_op("mixlora::route_backward", mutates_args=())
+@reference
 def route_backward(grad_weights: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Gradient of the logits (T, E) from that of the renormalised weights (T, K).
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float
+from mixlora_kernels.ops._common import acc_dtype, check, check_float, reference
 
 
 @torch.library.custom_op("mixlora::router_logits", mutates_args=())
+@reference
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits.
 

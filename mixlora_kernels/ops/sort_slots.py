@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import check
+from mixlora_kernels.ops._common import check, reference
 
 
 @torch.library.custom_op("mixlora::sort_slots", mutates_args=())
+@reference
 def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group the S = T·K routing slots by expert.
 

