@@ -147,47 +147,20 @@ def peak_memory(run: Callable[[], object]) -> int | None:
 # Op backends
 
 def kernel_backends() -> list[str]:
-    """Kernel backends (`triton`, `cuda`) the registry reports for some op on this machine."""
-    from mixlora_kernels import selected_backends
+    """Kernel backends (`cuda`, `triton`) loaded on this machine."""
+    from mixlora_kernels import backend
 
-    return sorted(set(selected_backends().values()) - {"torch"})
+    return backend.loaded()
 
 
 @contextlib.contextmanager
 def registry_backend(name: str) -> Iterator[dict[str, str]]:
     """Serve CUDA tensors of every `mixlora::` op with backend `name` (`torch` = the reference) for the duration of
-    the block, falling back to the reference for ops that backend lacks; yields op -> backend and restores the
-    registry's own choice on exit. On CPU every op runs its reference anyway and nothing changes.
+    the block (`mixlora_kernels.backend.use`); yields op -> backend. On CPU every op runs its reference anyway."""
+    from mixlora_kernels import backend
 
-    The registry picks one backend per op at import; comparing backends in one process needs this scoped swap.
-    `torch` uses the public `CustomOpDef.set_kernel_enabled`; a kernel backend re-registers the CUDA kernel from the
-    registry's loaded modules (`backend._LOADED`, `backend._implementation`) and puts the previous one back.
-    """
-    from mixlora_kernels import backend, ops
-
-    chosen = backend.selected()
     if DEVICE.type != "cuda":
-        yield {op: "torch" for op in chosen}
+        yield {op: "torch" for op in backend.selected()}
         return
-    custom_ops = {op_name: getattr(ops, op_name) for op_name in chosen}
-    if name == "torch":
-        with contextlib.ExitStack() as stack:
-            for op in custom_ops.values():
-                if "cuda" in op._backend_fns:
-                    stack.enter_context(op.set_kernel_enabled("cuda", False))
-            yield {op_name: "torch" for op_name in custom_ops}
-        return
-    if name not in backend._LOADED:
-        raise RuntimeError(f"backend {name!r} is not loaded here (loaded: {sorted(backend._LOADED)})")
-    previous, used = {}, {}
-    try:
-        for op_name, op in custom_ops.items():
-            previous[op_name] = op._backend_fns.get("cuda")
-            impl = backend._implementation(name, backend._LOADED[name], op_name)
-            used[op_name] = name if impl is not None else "torch"
-            op.register_kernel("cuda")(impl if impl is not None else op._init_fn)
+    with backend.use(name) as used:
         yield used
-    finally:
-        for op_name, impl in previous.items():
-            op = custom_ops[op_name]
-            op.register_kernel("cuda")(impl if impl is not None else op._init_fn)

@@ -8,9 +8,10 @@ then Triton, per op (an op the preferred backend does not implement falls back t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
@@ -60,7 +61,9 @@ def _available(requested: str) -> dict[str, object]:
 
 _REQUESTED = requested_backend()
 _LOADED = _available(_REQUESTED)
-_SELECTED: dict[str, str] = {}
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}  # op name -> loaded backend -> implementation
+_SELECTED: dict[str, str] = {}  # op name -> backend serving CUDA tensors now
+_OPS: dict[str, object] = {}
 
 
 def _implementation(backend: str, module: object, name: str) -> Callable | None:
@@ -75,17 +78,43 @@ def _implementation(backend: str, module: object, name: str) -> Callable | None:
 
 def install(op, name: str) -> None:
     """Install the best available implementation of `mixlora::<name>` for CUDA tensors (see module docstring)."""
-    for backend, module in _LOADED.items():
-        impl = _implementation(backend, module, name)
-        if impl is not None:
-            op.register_kernel("cuda")(impl)
-            _SELECTED[name] = backend
-            return
-    if _REQUESTED in ("cuda", "triton"):
+    found = {b: impl for b, module in _LOADED.items() if (impl := _implementation(b, module, name)) is not None}
+    if not found and _REQUESTED in ("cuda", "triton"):
         raise RuntimeError(f"MIXLORA_BACKEND={_REQUESTED} does not implement mixlora::{name}")
-    _SELECTED[name] = "torch"
+    _OPS[name], _IMPLEMENTATIONS[name] = op, found
+    _SELECTED[name] = next(iter(found), "torch")
+    if found:
+        # One registered kernel that looks the backend up per call, so `use()` can switch it.
+        op.register_kernel("cuda")(lambda *a, **kw: _IMPLEMENTATIONS[name][_SELECTED[name]](*a, **kw))
+
+
+def loaded() -> list[str]:
+    """Kernel backends loaded in this process (`cuda`, `triton`), in preference order; `torch` is always there."""
+    return list(_LOADED)
 
 
 def selected() -> dict[str, str]:
     """Op name -> backend serving CUDA tensors (`torch` = the reference). CPU tensors always get the reference."""
     return dict(_SELECTED)
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[dict[str, str]]:
+    """Serve CUDA tensors of every op with `backend` (`torch`, or a loaded `cuda`/`triton`) inside the block; ops the
+    backend lacks get the reference. Yields op -> backend; the import-time choice comes back on exit. For comparing
+    backends in one process (benchmarks, tests); model code never calls it."""
+    if backend != "torch" and backend not in _LOADED:
+        raise ValueError(f"backend {backend!r} is not loaded here; loaded: {sorted(_LOADED) or 'none'}")
+    before = dict(_SELECTED)
+    with contextlib.ExitStack() as stack:
+        for name, op in _OPS.items():
+            if backend in _IMPLEMENTATIONS[name]:
+                _SELECTED[name] = backend
+            else:
+                _SELECTED[name] = "torch"
+                if _IMPLEMENTATIONS[name]:
+                    stack.enter_context(op.set_kernel_enabled("cuda", False))
+        try:
+            yield dict(_SELECTED)
+        finally:
+            _SELECTED.update(before)
