@@ -59,26 +59,42 @@ class ExpertLoRA(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(**factory))
 
 
-class MixLoraSparseMoe(nn.Module):
-    """Drop-in replacement of a decoder FFN.
+def dense_in(ffn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen in-projections of an FFN with projection children (`ffn.kind`, `FFN_KINDS`), once per token.
 
-    Keeps the FFN's own projections as children under their own names (so the base state-dict keys do not change)
-    and adds `moe_gate` (the fp32 router, (E, H), no bias) and `experts[<projection>]` for every projection in
-    `target_modules`. Forward: (..., H) -> (..., H). The router logits of the last forward are kept in
-    `router_logits` (T, E) fp32 for the aux loss; `expert_load` (E,) counts the slots each expert received.
+    x (T, H) -> (G, U), each (T, I) contiguous: W1 x and W3 x (U None for an ungated FFN; Phi-3's fused gate_up_proj
+    is split into its gate and up halves).
+    """
+    if ffn.kind == "fused":
+        G, U = ffn.gate_up_proj(x).chunk(2, dim=-1)
+    elif ffn.kind == "gated":
+        G, U = ffn.gate_proj(x), ffn.up_proj(x)
+    else:
+        G, U = ffn.fc1(x), None
+    return G.contiguous(), None if U is None else U.contiguous()
+
+
+class MoeExperts(nn.Module):
+    """One MixLoRA adapter's part of an FFN: the router `moe_gate` (E, H) fp32 and `experts[<projection>]`, over
+    frozen projections owned by another module (`ffn`, passed to every method), so that several adapters can share
+    one FFN (`mixlora.multi`). `MixLoraSparseMoe` is this plus the projections themselves.
+
+    The router logits of the last forward are kept in `router_logits` (T, E) fp32 for the aux loss; `expert_load`
+    (E,) counts the slots each expert received.
     """
 
-    def __init__(self, mlp: nn.Module, config, activation_name: str) -> None:
+    def __init__(self, ffn: nn.Module, config, activation_name: str) -> None:
         super().__init__()
-        kind = ffn_kind(mlp)
+        self._init_experts(ffn, config, activation_name)
+
+    def _init_experts(self, ffn: nn.Module, config, activation_name: str) -> None:
+        kind = ffn_kind(ffn)
         if kind is None:
-            raise ValueError(f"unsupported FFN module {type(mlp).__name__}: expected children "
+            raise ValueError(f"unsupported FFN module {type(ffn).__name__}: expected children "
                              f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
                              f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
         self.kind, self.projections = kind, FFN_KINDS[kind]
-        for name in self.projections:
-            setattr(self, name, getattr(mlp, name))
-        down = getattr(self, self.projections[-1])
+        down = getattr(ffn, self.projections[-1])
         hidden, self.num_experts, self.top_k = down.out_features, config.num_experts, config.top_k
         settings = config.expert_config()
         self.scaling, self.lora_dropout = settings.scaling, settings.lora_dropout
@@ -88,7 +104,7 @@ class MixLoraSparseMoe(nn.Module):
         self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device,
                                   dtype=_router_dtype(down.weight.dtype))
         nn.init.normal_(self.moe_gate.weight, std=config.router_init_range)
-        self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(self, name), self.num_experts, settings)
+        self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(ffn, name), self.num_experts, settings)
                                       for name in self.projections if name in config.target_modules})
         self.register_buffer("expert_load", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False)
         self.router_logits: torch.Tensor | None = None
@@ -101,60 +117,105 @@ class MixLoraSparseMoe(nn.Module):
             gate.data = gate.data.to(_router_dtype(gate.dtype))
         return self
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """x ⊙ U(1−ε, 1+ε) in training with jitter_noise ε > 0, else x itself."""
         if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            return x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        return x
+
+    def route(self, x: torch.Tensor):
+        """x (T, H) -> (weights (T, K), experts (T, K), order (S,), offsets (E+1,)); keeps the logits, counts load."""
         logits = ops.router_logits(x, self.moe_gate.weight)
         self.router_logits = logits
         weights, experts = ops.route(logits, self.top_k)
         order, offsets = ops.sort_slots(experts, self.num_experts)
         with torch.no_grad():
             self.expert_load += offsets.diff()
+        return weights, experts, order, offsets
+
+    def _lora(self, ffn: nn.Module, name: str | None, in_features: int, out_features: int):
+        """(A (E, R, in), B (E, out, R)) of projection `name`, or rank-0 stand-ins when it has no expert LoRA."""
+        if name in self.experts:
+            return self.experts[name].lora_A, self.experts[name].lora_B
+        w = getattr(ffn, self.projections[-1]).weight
+        return w.new_zeros(self.num_experts, 0, in_features), w.new_zeros(self.num_experts, out_features, 0)
+
+    def _dropout_seeds(self) -> tuple[float, int, int]:
+        """(LoRA dropout p, seed of the in-projection masks, seed of the down-projection masks)."""
+        p = self.lora_dropout if self.training else 0.0
+        # Dropout masks are hashed from these seeds (drawn from torch's CPU generator: no device sync; checkpointing
+        # replays them); without dropout the global RNG is left alone.
+        seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist() if p else (0, 0)
+        return p, seed_in, seed_down
+
+    def expert_in(self, ffn: nn.Module, x, G, U, weights, experts, order, offsets):
+        """mixlora.md §2 between the dense GEMMs, for this adapter's experts on the projections of `ffn`.
+
+        Args:
+            x: (T, H) the tokens (after jitter); G, U: (T, I) contiguous, from `dense_in(ffn, x)` (U None ungated).
+            weights, experts, order, offsets: the routing of x, from `route`.
+        Returns:
+            (h̄ (T, I) in G's dtype, down delta (T, H) = s Σ_j w_j B2_e A2_e drop(h_j) in the accumulation dtype, or
+            None when the down projection has no expert LoRA). The caller runs the frozen down GEMM on h̄ and adds
+            the delta: splitting here lets several adapters share the three dense GEMMs.
+        """
+        H, I = x.shape[1], G.shape[1]
+        p, seed_in, seed_down = self._dropout_seeds()
+        if self.kind == "fused":
+            A, B = self._lora(ffn, "gate_up_proj", H, 2 * I)
+            zg = zu = ops.lora_shrink(x, A, experts, order, offsets, p, seed_in)
+            Bg, Bu = B[:, :I], B[:, I:]
+        else:
+            gate_name, up_name = ("gate_proj", "up_proj") if self.kind == "gated" else ("fc1", None)
+            (Ag, Bg), (Au, Bu) = self._lora(ffn, gate_name, H, I), self._lora(ffn, up_name, H, I)
+            z = ops.lora_shrink(x, torch.cat([Ag, Au], dim=1), experts, order, offsets, p, seed_in)
+            zg, zu = z.split([Ag.shape[1], Au.shape[1]], dim=1)
+        down_name = self.projections[-1]
+        Ad, Bd = self._lora(ffn, down_name, I, H)
+        hbar, zd = ops.expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, self.scaling,
+                                          self.activation, p, seed_down)
+        if down_name not in self.experts:
+            return hbar, None
+        return hbar, ops.lora_expand_combine(zd, Bd, weights, experts, order, offsets, self.scaling)
+
+
+class MixLoraSparseMoe(MoeExperts):
+    """Drop-in replacement of a decoder FFN.
+
+    Keeps the FFN's own projections as children under their own names (so the base state-dict keys do not change)
+    and adds `moe_gate` (the fp32 router, (E, H), no bias) and `experts[<projection>]` for every projection in
+    `target_modules`. Forward: (..., H) -> (..., H). The router logits of the last forward are kept in
+    `router_logits` (T, E) fp32 for the aux loss; `expert_load` (E,) counts the slots each expert received (padding
+    included; this process only: under DDP's default `broadcast_buffers=True` other ranks see rank 0's counts).
+    """
+
+    def __init__(self, mlp: nn.Module, config, activation_name: str) -> None:
+        nn.Module.__init__(self)
+        kind = ffn_kind(mlp)
+        if kind is None:
+            raise ValueError(f"unsupported FFN module {type(mlp).__name__}: expected children "
+                             f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
+                             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        for name in FFN_KINDS[kind]:
+            setattr(self, name, getattr(mlp, name))
+        self._init_experts(self, config, activation_name)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = self.jitter(hidden_states.reshape(-1, shape[-1]))
+        weights, experts, order, offsets = self.route(x)
         if self.use_dora:
             y = self._per_expert_forward(x, weights, experts, order, offsets)
         else:
             y = self._shared_base_forward(x, weights, experts, order, offsets)
         return y.reshape(shape)
 
-    def _lora(self, name: str | None, in_features: int, out_features: int):
-        """(A (E, R, in), B (E, out, R)) of projection `name`, or rank-0 stand-ins when it has no expert LoRA."""
-        if name in self.experts:
-            return self.experts[name].lora_A, self.experts[name].lora_B
-        w = getattr(self, self.projections[-1]).weight
-        return w.new_zeros(self.num_experts, 0, in_features), w.new_zeros(self.num_experts, out_features, 0)
-
     def _shared_base_forward(self, x, weights, experts, order, offsets):
         """mixlora.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
-        H = x.shape[1]
-        p = self.lora_dropout if self.training else 0.0
-        # Dropout masks are hashed from these seeds (drawn from torch's CPU generator: no device sync; checkpointing
-        # replays them); without dropout the global RNG is left alone.
-        seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist() if p else (0, 0)
-        if self.kind == "fused":
-            G, U = self.gate_up_proj(x).chunk(2, dim=-1)
-            I = G.shape[-1]
-            A, B = self._lora("gate_up_proj", H, 2 * I)
-            zg = zu = ops.lora_shrink(x, A, experts, order, offsets, p, seed_in)
-            Bg, Bu = B[:, :I], B[:, I:]
-        else:
-            gate_name, up_name = ("gate_proj", "up_proj") if self.kind == "gated" else ("fc1", None)
-            G = getattr(self, gate_name)(x)
-            U = None if up_name is None else getattr(self, up_name)(x)
-            I = G.shape[-1]
-            (Ag, Bg), (Au, Bu) = self._lora(gate_name, H, I), self._lora(up_name, H, I)
-            z = ops.lora_shrink(x, torch.cat([Ag, Au], dim=1), experts, order, offsets, p, seed_in)
-            zg, zu = z.split([Ag.shape[1], Au.shape[1]], dim=1)
-        down_name = self.projections[-1]
-        Ad, Bd = self._lora(down_name, I, H)
-        hbar, zd = ops.expand_act_combine(G.contiguous(), None if U is None else U.contiguous(), zg, Bg, zu, Bu,
-                                          weights, experts, order, offsets, Ad, self.scaling, self.activation, p,
-                                          seed_down)
-        y = getattr(self, down_name)(hbar)
-        if down_name in self.experts:
-            y = y + ops.lora_expand_combine(zd, Bd, weights, experts, order, offsets, self.scaling).to(y.dtype)
-        return y
+        G, U = dense_in(self, x)
+        hbar, down_delta = self.expert_in(self, x, G, U, weights, experts, order, offsets)
+        y = getattr(self, self.projections[-1])(hbar)
+        return y if down_delta is None else y + down_delta.to(y.dtype)
 
     def _expert_projection(self, name: str, e: int, rows: torch.Tensor) -> torch.Tensor:
         """Projection `name` of expert e on its rows: base + LoRA (DoRA-rescaled when configured)."""
