@@ -33,17 +33,16 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
         return sq.clamp_min(0).sqrt()
 
 
-class LoraLinear(nn.Module):
-    """`y = W x + b + s·B A drop(x)`; DoRA: `y = m/‖W + sBA‖ ⊙ (W x + s·B A drop(x)) + b` (norm detached).
-
-    Shares `weight` and `bias` with the wrapped nn.Linear, so the base model's state-dict keys are unchanged.
-    Adapter parameters: `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,).
-    """
+class LoraAdapter(nn.Module):
+    """The adapter half of a LoRA linear layer over a frozen projection it does not own (`mixlora.multi` puts several
+    on one projection): `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,)."""
 
     def __init__(self, base: nn.Linear, settings) -> None:
         super().__init__()
+        self._init_adapter(base, settings)
+
+    def _init_adapter(self, base: nn.Linear, settings) -> None:
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
         self.scaling = settings.scaling
         self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
@@ -53,18 +52,36 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_magnitude_vector = None
         if settings.use_dora:
-            norm = dora_row_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            norm = dora_row_norm(base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
             self.lora_magnitude_vector = nn.Parameter(norm.to(**factory))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight)
+    def adapt(self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """x (..., in) and its frozen projection base = W x (..., out), no bias -> the adapted output (..., out):
+        `base + b + s·B A drop(x)`, DoRA `m/‖W + sBA‖ ⊙ (base + s·B A drop(x)) + b` (norm detached)."""
         delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         if self.lora_magnitude_vector is not None:
-            norm = dora_row_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            norm = dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
             out = (self.lora_magnitude_vector / norm.to(x.dtype)) * (base + delta)
         else:
             out = base + delta
-        return out if self.bias is None else out + self.bias
+        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, scaling={self.scaling:g}"
+
+
+class LoraLinear(LoraAdapter):
+    """`y = W x + b + s·B A drop(x)`; DoRA: `y = m/‖W + sBA‖ ⊙ (W x + s·B A drop(x)) + b` (norm detached).
+
+    Shares `weight` and `bias` with the wrapped nn.Linear, so the base model's state-dict keys are unchanged.
+    Adapter parameters: `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,).
+    """
+
+    def __init__(self, base: nn.Linear, settings) -> None:
+        nn.Module.__init__(self)
+        # Registered before the adapter, as before the adapter half was split out: parameter order is unchanged.
+        self.weight, self.bias = base.weight, base.bias
+        self._init_adapter(base, settings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapt(x, F.linear(x, self.weight), self.weight, self.bias)
