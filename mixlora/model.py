@@ -81,7 +81,7 @@ def get_mixlora_model(model: nn.Module, config: MixLoraConfig) -> nn.Module:
     so the model's output is unchanged until training moves B. When the model is trained with labels, the returned
     `loss` includes the router aux loss; every output carries `aux_loss`.
     """
-    if getattr(model, "mixlora_config", None) is not None:
+    if getattr(model, "mixlora_config", None) is not None or getattr(model, "mixlora_configs", None) is not None:
         raise ValueError("this model already has a MixLoRA adapter")
     _inject(model, config)
     return model

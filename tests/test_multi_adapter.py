@@ -194,3 +194,5 @@ def test_errors():
         get_multi_mixlora_model(tiny_model("llama"), {"a.b": MixLoraConfig()})
     with pytest.raises(ValueError, match="already has a MixLoRA adapter"):
         get_multi_mixlora_model(multi, {"d": MixLoraConfig()})
+    with pytest.raises(ValueError, match="already has a MixLoRA adapter"):
+        get_mixlora_model(multi, MixLoraConfig())
