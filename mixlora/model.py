@@ -13,7 +13,7 @@ from torch import nn
 from mixlora.checkpoint import from_published_state_dict, load_adapter, save_adapter, to_published_state_dict
 from mixlora.config import MixLoraConfig
 from mixlora.lora import LoraLinear
-from mixlora.moe import FFN_KINDS, SUPPORTED_ARCHITECTURES, MixLoraSparseMoe, ffn_kind
+from mixlora.moe import FFN_KINDS, SUPPORTED_ARCHITECTURES, MixLoraSparseMoe, require_ffn_kind
 
 ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "moe_gate")
 
@@ -33,7 +33,7 @@ def moe_layers(model: nn.Module) -> list[MixLoraSparseMoe]:
     return [m for m in model.modules() if isinstance(m, MixLoraSparseMoe)]
 
 
-def _model_activation(model: nn.Module) -> str:
+def model_activation(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
     name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
@@ -43,21 +43,21 @@ def _model_activation(model: nn.Module) -> str:
     return name
 
 
-def _inject(model: nn.Module, config: MixLoraConfig) -> None:
+def check_targets(model: nn.Module, config: MixLoraConfig) -> nn.ModuleList:
+    """The decoder layers, after checking that every FFN is supported and every target names a projection."""
     layers = decoder_layers(model)
-    kinds = {ffn_kind(layer.mlp) for layer in layers}
-    if None in kinds:
-        bad = next(layer.mlp for layer in layers if ffn_kind(layer.mlp) is None)
-        raise ValueError(f"unsupported FFN module {type(bad).__name__} in {type(model).__name__}: expected children "
-                         f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())}; supported architectures: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    ffn_names = {n for layer in layers for n in FFN_KINDS[ffn_kind(layer.mlp)]}
+    ffn_names = {n for layer in layers for n in FFN_KINDS[require_ffn_kind(layer.mlp)]}
     attn_names = {n for layer in layers for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)}
     unknown = [t for t in config.target_modules if t not in ffn_names | attn_names]
     if unknown:
         raise ValueError(f"MixLoraConfig.target_modules {unknown} match no projection of {type(model).__name__}; "
                          f"attention projections: {sorted(attn_names)}, FFN projections: {sorted(ffn_names)}")
-    act = config.act_fn or _model_activation(model)
+    return layers
+
+
+def _inject(model: nn.Module, config: MixLoraConfig) -> None:
+    layers = check_targets(model, config)
+    act = config.act_fn or model_activation(model)
     for p in model.parameters():
         p.requires_grad_(False)
     attention = config.attention_config()

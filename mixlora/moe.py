@@ -31,6 +31,16 @@ def ffn_kind(mlp: nn.Module) -> str | None:
     return None
 
 
+def require_ffn_kind(mlp: nn.Module) -> str:
+    """`ffn_kind(mlp)`, or a ValueError naming the module, the layouts we know and the supported architectures."""
+    kind = ffn_kind(mlp)
+    if kind is None:
+        raise ValueError(f"unsupported FFN module {type(mlp).__name__}: expected children "
+                         f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
+                         f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return kind
+
+
 def kernel_activation(name: str) -> str:
     if name not in ACTIVATION_ALIASES:
         raise ValueError(f"activation {name!r} is not supported by the MixLoRA kernels; "
@@ -88,11 +98,7 @@ class MoeExperts(nn.Module):
         self._init_experts(ffn, config, activation_name)
 
     def _init_experts(self, ffn: nn.Module, config, activation_name: str) -> None:
-        kind = ffn_kind(ffn)
-        if kind is None:
-            raise ValueError(f"unsupported FFN module {type(ffn).__name__}: expected children "
-                             f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
-                             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        kind = require_ffn_kind(ffn)
         self.kind, self.projections = kind, FFN_KINDS[kind]
         down = getattr(ffn, self.projections[-1])
         hidden, self.num_experts, self.top_k = down.out_features, config.num_experts, config.top_k
@@ -191,11 +197,7 @@ class MixLoraSparseMoe(MoeExperts):
 
     def __init__(self, mlp: nn.Module, config, activation_name: str) -> None:
         nn.Module.__init__(self)
-        kind = ffn_kind(mlp)
-        if kind is None:
-            raise ValueError(f"unsupported FFN module {type(mlp).__name__}: expected children "
-                             f"{' or '.join('/'.join(n) for n in FFN_KINDS.values())} (nn.Linear); "
-                             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        kind = require_ffn_kind(mlp)
         for name in FFN_KINDS[kind]:
             setattr(self, name, getattr(mlp, name))
         self._init_experts(self, config, activation_name)

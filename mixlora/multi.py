@@ -34,8 +34,8 @@ from torch import nn
 from mixlora import checkpoint
 from mixlora.config import MixLoraConfig
 from mixlora.lora import LoraAdapter
-from mixlora.model import _model_activation, decoder_layers, router_aux_loss
-from mixlora.moe import FFN_KINDS, SUPPORTED_ARCHITECTURES, MoeExperts, dense_in, ffn_kind
+from mixlora.model import check_targets, decoder_layers, model_activation, router_aux_loss
+from mixlora.moe import FFN_KINDS, MoeExperts, dense_in, ffn_kind
 
 __all__ = ["MultiLoraLinear", "MultiMixLoraMoe", "adapter_named_parameters", "adapter_parameters", "batch_adapters",
            "get_multi_mixlora_model", "save_adapter"]
@@ -130,13 +130,6 @@ def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> li
     if not isinstance(configs, Mapping) or not configs:
         raise ValueError("get_multi_mixlora_model: configs must be a non-empty dict adapter name -> MixLoraConfig")
     layers = decoder_layers(model)
-    for layer in layers:
-        if ffn_kind(layer.mlp) is None:
-            raise ValueError(f"unsupported FFN module {type(layer.mlp).__name__} in {type(model).__name__}: expected "
-                             f"children {' or '.join('/'.join(n) for n in FFN_KINDS.values())}; supported "
-                             f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    ffn_names = {n for layer in layers for n in FFN_KINDS[ffn_kind(layer.mlp)]}
-    attn_names = {n for layer in layers for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)}
     for name, config in configs.items():
         if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
             raise ValueError(f"adapter name {name!r} must be a Python identifier and not an nn.ModuleDict attribute "
@@ -147,11 +140,10 @@ def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> li
             raise ValueError(f"adapter {name!r}: DoRA experts rescale the shared base projection per expert, so "
                              "they cannot share the dense FFN GEMMs; multi-adapter models support LoRA/rsLoRA "
                              "experts only (DoRA attention adapters are fine: set expert_lora={'use_dora': False})")
-        unknown = [t for t in config.target_modules if t not in ffn_names | attn_names]
-        if unknown:
-            raise ValueError(f"adapter {name!r}: MixLoraConfig.target_modules {unknown} match no projection of "
-                             f"{type(model).__name__}; attention projections: {sorted(attn_names)}, FFN "
-                             f"projections: {sorted(ffn_names)}")
+        try:
+            check_targets(model, config)
+        except ValueError as error:
+            raise ValueError(f"adapter {name!r}: {error}") from None
     return layers
 
 
@@ -171,7 +163,7 @@ def get_multi_mixlora_model(model: nn.Module, configs: Mapping[str, MixLoraConfi
     """
     layers = _check_configs(model, configs)
     configs = dict(configs)
-    acts = {name: config.act_fn or _model_activation(model) for name, config in configs.items()}
+    acts = {name: config.act_fn or model_activation(model) for name, config in configs.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     plan = _BatchPlan()

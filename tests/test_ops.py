@@ -55,7 +55,7 @@ def test_dropout_mask_is_a_function_of_seed_slot_column():
 def test_pipeline_gradcheck(dropout_p):
     """Finite differences through route -> shrink -> expand_act_combine -> lora_expand_combine (routing fixed)."""
     P = _problem()
-    order, offsets, experts, Rg = P["order"], P["offsets"], P["experts"], P["Rg"]
+    order, offsets, Rg = P["order"], P["offsets"], P["Rg"]
 
     def f(x, logits, G, U, A, Bg, Bu, Ad, Bd):
         w, e = ops.route(logits, 2)

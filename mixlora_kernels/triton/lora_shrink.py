@@ -126,7 +126,7 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
     """
     _check(x, A, experts, order, offsets, dropout_p)
     check_supported("lora_shrink", ("x", x), ("A", A))
-    (T, H), (E, R, _) = x.shape, A.shape
+    H, (E, R, _) = x.shape[1], A.shape
     S = experts.numel()
     if S == 0 or R == 0 or H == 0:
         return torch.zeros(S, R, dtype=torch.float32, device=x.device)
