@@ -1,0 +1,183 @@
+// Device helpers shared by the LoRA kernels (lora_shrink, lora_expand_combine, expand_act_combine, route):
+// dtype dispatch, the counter-based dropout mask, activations, a deterministic block reduction, the mapping of a
+// block to a tile of one expert's segment, and the register-tile FMA loop of the small grouped GEMMs.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/Dispatch.h>
+#include <c10/macros/Macros.h>
+
+namespace mixlora {
+
+// The I/O dtypes of the big (T, H) / (T, I) activations. fp64 is rejected in api.cpp (the torch reference serves
+// it), so no double instantiation is compiled.
+#define MIXLORA_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+// Every kernel of these files runs 256 threads (8 warps) per block: enough warps to hide the L2 latency of the
+// rank-R weight reads in the bandwidth-bound token-major kernels; the tile shapes below assume it.
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+
+// Register tile of the grouped GEMMs: a block owns kTileM = 64 rows (tokens' rows, or columns h / i of a weight
+// gradient) x kTileN = 64 rank columns; thread tid owns row m = tid % 64 and the 16 columns (tid / 64) + 4q.
+// Shared tiles are stored k-major with a leading dimension of 65 (one pad word) so that both the transposing
+// stores and the row reads are free of bank conflicts. Simple CUDA-core tiling: at R <= 64 these GEMMs are
+// a few % of the layer's FLOPs; tensor cores are a later tuning step.
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kLd = kTileM + 1;
+constexpr int kPerThread = kTileN * kTileM / kBlock;  // 16
+constexpr int kColGroups = kBlock / kTileM;           // 4
+
+// LoRA dropout, identical to mixlora_kernels/ops/_common.py::dropout_scale: element (slot j, column c) of an
+// (S, cols) slot matrix is kept iff hash32(uint32(j * cols + c) ^ uint32(seed)) >= floor(p * 2^32), and kept
+// elements are scaled by 1 / (1 - p). Unsigned 32-bit arithmetic wraps, i.e. computes j * cols + c mod 2^32.
+struct Dropout {
+  uint32_t seed;
+  uint32_t threshold;
+  float scale;
+  bool active;
+};
+
+// Host side: the mask parameters for dropout probability p in [0, 1) (checked by the caller) and a 64-bit seed.
+// threshold = floor(p * 2^32) as Python's int(p * 2**32); scale = 1 / (1 - p) rounded as torch rounds
+// `keep.float() / (1.0 - p)` (the scalar is converted to fp32 first).
+inline Dropout make_dropout(double p, int64_t seed) {
+  Dropout d;
+  d.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xffffffffu);
+  d.threshold = static_cast<uint32_t>(p * 4294967296.0);
+  d.scale = 1.0f / static_cast<float>(1.0 - p);
+  d.active = p > 0.0;
+  return d;
+}
+
+__device__ __forceinline__ uint32_t hash32(uint32_t x) {
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  return (x >> 16) ^ x;
+}
+
+__device__ __forceinline__ float dropout_mult(const Dropout& d, int64_t slot, int64_t cols, int64_t c) {
+  if (!d.active) {
+    return 1.0f;
+  }
+  const uint32_t idx = static_cast<uint32_t>(slot) * static_cast<uint32_t>(cols) + static_cast<uint32_t>(c);
+  return hash32(idx ^ d.seed) >= d.threshold ? d.scale : 0.0f;
+}
+
+// Activation codes, in the order of ops/_common.py::ACTIVATIONS.
+enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+
+__device__ __forceinline__ float act_forward(int act, float g) {
+  switch (act) {
+    case kSilu:
+      return g / (1.0f + expf(-g));
+    case kGelu:
+      return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
+    case kGeluTanh: {
+      const float inner = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+      return 0.5f * g * (1.0f + tanhf(inner));
+    }
+    default:
+      return g > 0.0f ? g : 0.0f;
+  }
+}
+
+// d act(g) / dg, the formulas of ops/_common.py::activation_grad.
+__device__ __forceinline__ float act_grad(int act, float g) {
+  switch (act) {
+    case kSilu: {
+      const float sig = 1.0f / (1.0f + expf(-g));
+      return sig * (1.0f + g * (1.0f - sig));
+    }
+    case kGelu: {
+      const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
+      return cdf + g * expf(-0.5f * g * g) * 0.39894228040143268f;
+    }
+    case kGeluTanh: {
+      const float c = 0.79788456080286536f;
+      const float th = tanhf(c * (g + 0.044715f * g * g * g));
+      return 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * g * g);
+    }
+    default:
+      return g > 0.0f ? 1.0f : 0.0f;
+  }
+}
+
+// Sums v[0..N) over the block in a fixed order (xor butterfly inside each warp, then warps 0..7 in order by one
+// thread per value), so the result is bit-identical run to run. `red` is shared scratch of kWarps * N floats,
+// the result lands in shared `out[0..N)`, visible to all threads on return. Every thread of the block must call.
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N], float* red, float* out) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      v[n] += __shfl_xor_sync(0xffffffffu, v[n], offset);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      red[warp * N + n] = v[n];
+    }
+  }
+  __syncthreads();
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      s += red[w * N + n];
+    }
+    out[n] = s;
+  }
+  __syncthreads();
+}
+
+// Block b of a grid that tiles every expert's segment [offsets[e], offsets[e+1]) of the expert-sorted order into
+// tiles of `tile` positions separately (so no tile mixes experts). The grid is sized on the host without reading
+// offsets: sum_e ceil(n_e / tile) <= ceil(S / tile) + E blocks; surplus blocks get false and exit. O(E) per block,
+// offsets stay in L1/L2.
+__device__ __forceinline__ bool find_segment_tile(const int64_t* __restrict__ offsets, int64_t num_experts,
+                                                  int64_t b, int64_t tile, int64_t& expert, int64_t& start,
+                                                  int64_t& end) {
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t lo = offsets[e];
+    const int64_t hi = offsets[e + 1];
+    const int64_t tiles = (hi - lo + tile - 1) / tile;
+    if (b < tiles) {
+      expert = e;
+      start = lo + b * tile;
+      end = start + tile < hi ? start + tile : hi;
+      return true;
+    }
+    b -= tiles;
+  }
+  return false;
+}
+
+// acc[q] += sum_{k < nk} P[k][m] * Q[k][cg + 4q] for the columns cg + 4q < ncols. P is k-major with leading
+// dimension kLd (row m = this thread's), Q k-major with leading dimension ldq; the Q reads are warp broadcasts
+// (a warp shares cg), the P reads are consecutive.
+__device__ __forceinline__ void tile_fma(const float* P, const float* Q, int ldq, int m, int cg, int ncols,
+                                         int nk, float (&acc)[kPerThread]) {
+  for (int k = 0; k < nk; ++k) {
+    const float p = P[k * kLd + m];
+#pragma unroll
+    for (int q = 0; q < kPerThread; ++q) {
+      const int c = cg + kColGroups * q;
+      if (c < ncols) {
+        acc[q] = fmaf(p, Q[k * ldq + c], acc[q]);
+      }
+    }
+  }
+}
+
+}  // namespace mixlora
