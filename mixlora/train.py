@@ -43,7 +43,7 @@ TRAINER_STATE_NAME = "trainer_state.pt"
 
 # Defaults that depend on the device. CPU: SmolLM2-135M on 2 cores runs `mixlora train` in about 5 minutes (the
 # timing is in the README); a GPU gets more data and steps.
-_CPU_DEFAULTS = {"steps": 30, "batch_size": 4, "max_seq_len": 64, "eval_size": 12, "save_every": 10}
+_CPU_DEFAULTS = {"steps": 90, "batch_size": 4, "max_seq_len": 64, "eval_size": 25, "save_every": 30}
 _GPU_DEFAULTS = {"steps": 600, "batch_size": 16, "max_seq_len": 256, "eval_size": 200, "save_every": 100}
 
 
