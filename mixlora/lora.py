@@ -79,7 +79,7 @@ class LoraLinear(LoraAdapter):
 
     def __init__(self, base: nn.Linear, settings) -> None:
         nn.Module.__init__(self)
-        # Registered before the adapter, as before the adapter half was split out: parameter order is unchanged.
+        # The base parameters come first in named_parameters(), as in the wrapped nn.Linear.
         self.weight, self.bias = base.weight, base.bias
         self._init_adapter(base, settings)
 
