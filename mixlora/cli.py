@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import yaml
@@ -18,7 +19,23 @@ settings: --config FILE (JSON or YAML) and/or --KEY VALUE overrides (later wins;
 Training keys: {train}.
 Adapter keys (MixLoraConfig): {adapter}.
 Values are read as YAML scalars (8, 1e-3, true); lists as a,b,c. A bare --resume means true.
+Several adapters trained together (config file): 'adapters:' maps each name to its adapter keys, 'data' and/or
+'tasks', and optionally 'lr'; top-level adapter keys are their defaults, batch_size is per adapter, and each adapter
+is written to OUTPUT_DIR/NAME. Example:
+  base_model: my-base
+  steps: 200
+  adapters:
+    colors: {{data: colors.jsonl, num_experts: 8, top_k: 2, r: 8}}
+    animals: {{data: animals.jsonl, num_experts: 4, top_k: 1, r: 4, lr: 5.0e-4}}
 With no arguments: SmolLM2-135M-Instruct on BIG-bench {tasks} (about 5 minutes on a 2-core CPU)."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that exponent floats without a dot (`1e-3`, `5E-4`) are floats, not strings."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
 
 
 class UsageError(ValueError):
@@ -42,7 +59,7 @@ def _parse_overrides(tokens: list[str]) -> dict[str, object]:
         else:
             raw = "true"
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_YamlLoader)
         except yaml.YAMLError:
             value = raw
         values[key] = value
@@ -55,7 +72,7 @@ def _read_config_file(path: str) -> dict[str, object]:
         raise UsageError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
-            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+            values = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_YamlLoader)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise UsageError(f"config file {path}: {' '.join(str(e).split())}") from None
     if values is None:
@@ -95,17 +112,29 @@ def _load_adapter_model(args):
 
 
 def _eval_examples(args, adapter_dir: str):
-    """Held-out evaluation examples: --data/--tasks, else the data and tasks recorded in train_summary.json."""
+    """Held-out evaluation examples: --data/--tasks, else the data and tasks recorded in train_summary.json (for an
+    adapter OUTPUT_DIR/NAME of a multi-adapter run, in OUTPUT_DIR's)."""
     from mixlora.data import load_examples, split_examples
     from mixlora.train import DEFAULT_TASKS, SUMMARY_NAME
 
     data, tasks, seed, eval_size = args.data, args.tasks, 0, args.limit
-    summary_path = os.path.join(adapter_dir, SUMMARY_NAME)
-    if os.path.isfile(summary_path) and data is None and tasks is None:
-        with open(summary_path, encoding="utf-8") as f:
-            trained = json.load(f)["config"]
-        data, tasks, seed = trained["data"], trained["tasks"], trained["seed"]
-        eval_size = eval_size or trained["eval_size"]
+    if data is None and tasks is None:
+        trained = recorded = None
+        summary_path = os.path.join(adapter_dir, SUMMARY_NAME)
+        if os.path.isfile(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                trained = recorded = json.load(f)["config"]
+        else:
+            # An adapter of a multi-adapter run is OUTPUT_DIR/NAME; OUTPUT_DIR's summary records its data.
+            parent, name = os.path.split(os.path.normpath(adapter_dir))
+            summary_path = os.path.join(parent, SUMMARY_NAME)
+            if os.path.isfile(summary_path):
+                with open(summary_path, encoding="utf-8") as f:
+                    trained = json.load(f)["config"]
+                recorded = (trained.get("adapters") or {}).get(name)
+        if recorded is not None:
+            data, tasks, seed = recorded["data"], recorded["tasks"], trained["seed"]
+            eval_size = eval_size or trained["eval_size"]
     tasks = tasks if tasks is not None else ([] if data else list(DEFAULT_TASKS))
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]

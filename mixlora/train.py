@@ -9,6 +9,13 @@ answer tokens (prompt masked), the router aux loss included, and writes into `ou
 Batches are a pure function of (seed, step), and the RNG state is checkpointed, so `resume=True` continues from the
 latest checkpoint with the same next loss as an uninterrupted run.
 
+With `adapters` (name -> {MixLoraConfig fields, data and/or tasks, optionally lr}) several adapters train together on
+one frozen base (`mixlora.multi`): each step takes `batch_size` rows of every adapter's data, grouped by adapter, in
+one forward/backward; AdamW has one param group per adapter (its own lr) and clipping is per adapter, so each adapter
+gets the update it would get trained alone on the same rows (dropout draws aside). Each adapter is written to
+`output_dir/<name>/` in the published format (checkpoints hold one such directory per adapter), `train_summary.json`
+has the per-adapter losses and accuracies under "adapters", and `loss.png` one curve per adapter.
+
 `MixLoraTrainer` is `transformers.Trainer` whose saves (`save_model`, checkpoints) write the adapter only, in the
 published format, instead of the full model that `PreTrainedModel.save_pretrained` would write; it also resumes from
 such checkpoints. The aux loss needs nothing special: the MixLoRA model adds it to `loss` itself.
@@ -16,6 +23,7 @@ such checkpoints. The aux loss needs nothing special: the MixLoRA model adds it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +40,12 @@ from transformers import Trainer
 from mixlora.checkpoint import from_published_state_dict, load_adapter
 from mixlora.config import MixLoraConfig, write_file_atomically
 from mixlora.model import adapter_state_dict, get_mixlora_model, save_mixlora
+from mixlora.multi import (
+    adapter_named_parameters,
+    batch_adapters,
+    get_multi_mixlora_model,
+    save_adapter,
+)
 
 DEFAULT_TASKS = ["social_iqa", "strategyqa", "sports_understanding", "winowhy"]
 DEFAULT_ADAPTER = {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
@@ -58,6 +72,9 @@ class TrainConfig:
             all).
         output_dir: Where the adapter, summary, plot and checkpoints go.
         adapter: MixLoraConfig fields (defaults: E 8, K 2, R 8, LoRA on q/v and the FFN projections).
+        adapters: Several adapters trained together: name (a Python identifier) -> {MixLoraConfig fields, `data`
+            and/or `tasks` (required, as above), `lr` (default: `lr`)}. The adapter fields default to `adapter`;
+            `data`/`tasks` must then be given per adapter, and `batch_size` is per adapter.
         steps, batch_size, max_seq_len: Optimiser steps, sequences per step, tokens per sequence.
         lr, weight_decay, warmup_ratio, max_grad_norm: AdamW, linear warm-up then linear decay, clipping.
         eval_size: Held-out multiple-choice examples per task for the before/after accuracy (0 disables).
@@ -75,6 +92,9 @@ class TrainConfig:
     tasks: list[str] | None = field(default=None, metadata={"help": "BIG-bench tasks, or tasks kept from data"})
     output_dir: str = field(default="mixlora-adapter", metadata={"help": "output directory"})
     adapter: dict[str, Any] = field(default_factory=dict, metadata={"help": "MixLoraConfig fields"})
+    adapters: dict[str, dict[str, Any]] | None = field(
+        default=None, metadata={"help": "several adapters trained together: name -> {MixLoraConfig fields, data, "
+                                        "tasks, lr} (config file)"})
     steps: int | None = field(default=None, metadata={"help": "optimiser steps"})
     batch_size: int | None = field(default=None, metadata={"help": "sequences per step"})
     max_seq_len: int | None = field(default=None, metadata={"help": "tokens per sequence"})
@@ -106,6 +126,9 @@ class TrainConfig:
         if values["dtype"] == "auto":
             values["dtype"] = "bfloat16" if device == "cuda" else "float32"
         values["adapter"] = {**DEFAULT_ADAPTER, **(self.adapter or {})}
+        if self.adapters is not None:
+            values["tasks"] = self.tasks or []
+            values["adapters"] = _resolve_adapters(self.adapters, values["adapter"], self.lr)
         if values["tasks"] is None:
             values["tasks"] = [] if values["data"] is not None else list(DEFAULT_TASKS)
         out = TrainConfig(**values)
@@ -135,10 +158,61 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
             raise ValueError(f"TrainConfig.tasks must be a list of task names, got {self.tasks!r}")
-        if self.data is None and not self.tasks:
+        if self.adapters is not None:
+            self._validate_adapters()
+        elif self.data is None and not self.tasks:
             raise ValueError("TrainConfig.tasks is empty and no data file is given: nothing to train on")
         if not isinstance(self.adapter, dict):
             raise ValueError(f"TrainConfig.adapter must be a dict of MixLoraConfig fields, got {self.adapter!r}")
+
+    def _validate_adapters(self) -> None:
+        if self.data is not None or self.tasks:
+            raise ValueError("with 'adapters', give 'data'/'tasks' inside each adapter, not at the top level")
+        for name, spec in self.adapters.items():
+            if spec["data"] is None and not spec["tasks"]:
+                raise ValueError(f"adapter {name!r} has no data: give it 'data' (a JSON/JSONL file) and/or 'tasks' "
+                                 "(BIG-bench task names)")
+            if spec["data"] is not None and not isinstance(spec["data"], str):
+                raise ValueError(f"adapter {name!r}: 'data' must be a file path, got {spec['data']!r}")
+            if not isinstance(spec["tasks"], list) or not all(isinstance(t, str) for t in spec["tasks"]):
+                raise ValueError(f"adapter {name!r}: 'tasks' must be a list of task names, got {spec['tasks']!r}")
+            lr = spec["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+                raise ValueError(f"adapter {name!r}: 'lr' must be a number >= 0, got {lr!r}")
+            try:
+                MixLoraConfig.from_dict(spec["adapter"])
+            except ValueError as e:
+                raise ValueError(f"adapter {name!r}: {e}") from None
+
+
+ADAPTER_RUN_KEYS = ("data", "tasks", "lr")  # keys of an `adapters` entry besides the MixLoraConfig fields
+
+
+def _resolve_adapters(adapters: Any, shared: dict[str, Any], lr: float) -> dict[str, dict[str, Any]]:
+    """`adapters` as name -> {"data", "tasks" (a list), "lr", "adapter" (MixLoraConfig fields over `shared`)}."""
+    if not isinstance(adapters, dict) or not adapters:
+        raise ValueError(f"TrainConfig.adapters must be a non-empty mapping adapter name -> settings, got {adapters!r}")
+    out = {}
+    for name, spec in adapters.items():
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            raise ValueError(f"adapter {name!r}: settings must be a mapping (MixLoraConfig fields, data, tasks, lr), "
+                             f"got {spec!r}")
+        spec = {str(k).replace("-", "_"): v for k, v in spec.items()}
+        settings = dict(shared)
+        nested = spec.pop("adapter", {})
+        if not isinstance(nested, dict):
+            raise ValueError(f"adapter {name!r}: 'adapter' must be a mapping of MixLoraConfig fields, got {nested!r}")
+        settings.update(nested)
+        settings.update({k: v for k, v in spec.items() if k not in ADAPTER_RUN_KEYS})
+        if isinstance(settings.get("target_modules"), str):
+            settings["target_modules"] = [t for t in settings["target_modules"].split(",") if t]
+        tasks = spec.get("tasks") or []
+        if isinstance(tasks, str):
+            tasks = [t for t in tasks.split(",") if t]
+        out[name] = {"data": spec.get("data"), "tasks": tasks, "lr": spec.get("lr", lr), "adapter": settings}
+    return out
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -230,14 +304,15 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(folder, max(done)) if done else None
 
 
-def _save_checkpoint(output_dir: str, model, state: dict[str, Any], keep: int) -> str:
-    """Adapter + trainer state into checkpoints/step-NNNNNN, atomically (temp dir, then os.replace)."""
+def _save_checkpoint(output_dir: str, save, state: dict[str, Any], keep: int) -> str:
+    """`save(directory)` (the adapters) + trainer state into checkpoints/step-NNNNNN, atomically (temp dir, then
+    os.replace)."""
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{state['step']:06d}")
     tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
     try:
-        save_mixlora(model, tmp, safe_serialization=False)
+        save(tmp)
         torch.save(state, os.path.join(tmp, TRAINER_STATE_NAME))
         if os.path.isdir(final):
             shutil.rmtree(final)
@@ -251,14 +326,107 @@ def _save_checkpoint(output_dir: str, model, state: dict[str, Any], keep: int) -
     return final
 
 
-def load_adapter_weights(model, path: str) -> None:
-    """Copy the adapter weights saved in `path` (published layout) into the MixLoRA `model`."""
+def load_adapter_weights(model, path: str, params: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the adapter weights saved in `path` (published layout) into the MixLoRA `model`.
+
+    `params`: the parameters to fill, under single-adapter names (default: `adapter_state_dict(model)`); for one
+    adapter of a multi-adapter model, `mixlora.multi.adapter_named_parameters(model, name)`.
+    """
     _, weights = load_adapter(path)
-    ours = adapter_state_dict(model)
+    ours = adapter_state_dict(model) if params is None else params
     loaded = from_published_state_dict(weights, ours)
     with torch.no_grad():
         for name, tensor in loaded.items():
             ours[name].copy_(tensor)
+
+
+@dataclass
+class _Run:
+    """One adapter being trained: its config, learning rate and data. `name` is None for the adapter of a plain
+    (single-adapter) run, else its name in the multi-adapter model."""
+
+    name: str | None
+    config: MixLoraConfig
+    lr: float
+    train: list
+    eval: dict
+    params: list = field(default_factory=list)
+    named_params: dict | None = None
+    sequences: list = field(default_factory=list)
+
+    def directory(self, root: str) -> str:
+        """Where this adapter is saved under `root` (an output or checkpoint directory)."""
+        return root if self.name is None else os.path.join(root, self.name)
+
+    def active(self, model):
+        """Context in which `model` runs this adapter on every row (needed for a multi-adapter model)."""
+        return contextlib.nullcontext() if self.name is None else batch_adapters(model, self.name)
+
+    def save(self, model, root: str) -> None:
+        if self.name is None:
+            save_mixlora(model, root, safe_serialization=False)
+        else:
+            save_adapter(model, self.name, self.directory(root), safe_serialization=False)
+
+
+def _load_runs(cfg: TrainConfig, base: str) -> list[_Run]:
+    """The adapter(s) of a resolved config with their train/held-out data; errors name the adapter."""
+    from mixlora.data import load_examples, split_examples
+
+    specs = cfg.adapters or {None: {"data": cfg.data, "tasks": cfg.tasks, "lr": cfg.lr, "adapter": cfg.adapter}}
+    runs = []
+    for name, spec in specs.items():
+        try:
+            if name is None:
+                config = MixLoraConfig(base_model_name_or_path=base, **spec["adapter"])
+            else:
+                config = MixLoraConfig.from_dict({**spec["adapter"], "base_model_name_or_path": base})
+            grouped = load_examples(spec["data"], spec["tasks"])
+            train_examples, eval_examples = split_examples(grouped, cfg.eval_size, cfg.train_size, cfg.seed)
+            if not train_examples:
+                raise ValueError("no training examples left after holding out the evaluation examples")
+        except ValueError as e:
+            if name is None:
+                raise
+            raise ValueError(f"adapter {name!r}: {e}") from None
+        runs.append(_Run(name, config, spec["lr"], train_examples, eval_examples))
+    return runs
+
+
+def _evaluate(model, tokenizer, runs: list[_Run], cfg: TrainConfig):
+    """Per-task accuracy of each adapter on its held-out examples: `accuracy`'s result for a single-adapter run,
+    adapter name -> that for several."""
+    from mixlora.evaluate import accuracy
+
+    out = {}
+    for run in runs:
+        with run.active(model):
+            out[run.name] = accuracy(model, tokenizer, run.eval, cfg.max_seq_len, cfg.eval_batch_size)
+    return out.get(None, out)  # key None: the single adapter of a plain run
+
+
+def _run_history(history: list[dict[str, Any]], name: str | None) -> list[dict[str, Any]]:
+    """One adapter's history entries {step, loss, aux_loss, lr} (a multi-adapter entry has them under adapters)."""
+    return history if name is None else [{"step": h["step"], **h["adapters"][name]} for h in history]
+
+
+def _loss_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    tail = history[-min(5, len(history)):]
+    return {"first_loss": history[0]["loss"] if history else None,
+            "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
+            "final_aux_loss": sum(h["aux_loss"] for h in tail) / len(tail) if tail else None}
+
+
+def _loss_line(summary: dict[str, Any], steps: int) -> str:
+    return (f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} (mean of last {min(5, steps)} steps), "
+            f"aux {summary['final_aux_loss']:.4f}")
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    values = dataclasses.asdict(cfg)
+    if values["adapters"] is None:
+        del values["adapters"]  # a single-adapter run records its config as before `adapters` existed
+    return values
 
 
 def train(config: TrainConfig, log=print) -> dict[str, Any]:
@@ -267,34 +435,48 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
 
 
 def fit(config: TrainConfig, log=print):
-    """`train`, returning (trained MixLoRA model, tokenizer, summary)."""
+    """`train`, returning (trained MixLoRA model, tokenizer, summary); with `adapters`, the model is a
+    multi-adapter model (`mixlora.multi`)."""
     from tqdm.auto import tqdm
 
     from mixlora.base_models import load_base, resolve_base_model
-    from mixlora.data import collate, encode, load_examples, split_examples
-    from mixlora.evaluate import accuracy, format_accuracy_table
+    from mixlora.data import collate, encode
+    from mixlora.evaluate import format_accuracy_table
 
     started = time.perf_counter()
     cfg = config.resolved()
     base = resolve_base_model(cfg.base_model)
-    adapter_config = MixLoraConfig(base_model_name_or_path=base, **cfg.adapter)
-    grouped = load_examples(cfg.data, cfg.tasks)
-    train_examples, eval_examples = split_examples(grouped, cfg.eval_size, cfg.train_size, cfg.seed)
-    if not train_examples:
-        raise ValueError("no training examples left after holding out the evaluation examples")
+    runs = _load_runs(cfg, base)
+    multi = cfg.adapters is not None
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_base(base, dtype=dtype, device=cfg.device)
     _seed_all(cfg.seed)
-    get_mixlora_model(model, adapter_config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    sequences = [encode(tokenizer, e.prompt, e.answer, cfg.max_seq_len, add_eos=True) for e in train_examples]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if multi:
+        get_multi_mixlora_model(model, {run.name: run.config for run in runs})
+        for run in runs:
+            run.named_params = adapter_named_parameters(model, run.name)
+            run.params = list(run.named_params.values())
+    else:
+        get_mixlora_model(model, runs[0].config)
+        runs[0].params = [p for p in model.parameters() if p.requires_grad]
+    for run in runs:
+        run.sequences = [encode(tokenizer, e.prompt, e.answer, cfg.max_seq_len, add_eos=True) for e in run.train]
+    optimizer = torch.optim.AdamW([{"params": run.params, "lr": run.lr} for run in runs], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
-    log(f"base model {base}; {len(train_examples)} training examples, "
-        f"{sum(len(v) for v in eval_examples.values())} held out; device {cfg.device}; "
-        f"{sum(p.numel() for p in params):,} trainable parameters")
+    if multi:
+        log(f"base model {base}; device {cfg.device}; {len(runs)} adapters trained together, {cfg.batch_size} "
+            "sequences of each per step:")
+        for run in runs:
+            log(f"  {run.name}: E {run.config.num_experts}, K {run.config.top_k}, R {run.config.r}, lr {run.lr:g}; "
+                f"{len(run.train)} training examples, {sum(len(v) for v in run.eval.values())} held out; "
+                f"{sum(p.numel() for p in run.params):,} trainable parameters")
+    else:
+        log(f"base model {base}; {len(runs[0].train)} training examples, "
+            f"{sum(len(v) for v in runs[0].eval.values())} held out; device {cfg.device}; "
+            f"{sum(p.numel() for p in runs[0].params):,} trainable parameters")
 
     start_step, history, before, tokens, train_time = 0, [], None, 0, 0.0
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -302,7 +484,8 @@ def fit(config: TrainConfig, log=print):
         log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
     if checkpoint is not None:
         state = torch.load(os.path.join(checkpoint, TRAINER_STATE_NAME), map_location="cpu", weights_only=False)
-        load_adapter_weights(model, checkpoint)
+        for run in runs:
+            load_adapter_weights(model, run.directory(checkpoint), run.named_params)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history, before = state["step"], state["history"], state["before"]
@@ -312,80 +495,122 @@ def fit(config: TrainConfig, log=print):
     eval_time = 0.0
     if before is None:
         t = time.perf_counter()
-        before = accuracy(model, tokenizer, eval_examples, cfg.max_seq_len, cfg.eval_batch_size)
+        before = _evaluate(model, tokenizer, runs, cfg)
         eval_time += time.perf_counter() - t
     if checkpoint is not None:
         _set_rng_state(state["rng"])
     else:
         _seed_all(cfg.seed)  # evaluation draws from the RNG too: training starts from the same state either way
 
+    def save_all(root: str) -> None:
+        for run in runs:
+            run.save(model, root)
+
     model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True)
     for step in range(start_step, cfg.steps):
         t = time.perf_counter()
-        batch = collate([sequences[i] for i in _batch_indices(step, cfg.batch_size, len(sequences), cfg.seed)],
-                        tokenizer.pad_token_id)
+        # Rows grouped by adapter: batch_size of each adapter's sequences, in the order of `runs`.
+        rows = [(run, run.sequences[i]) for run in runs
+                for i in _batch_indices(step, cfg.batch_size, len(run.sequences), cfg.seed)]
+        batch = collate([sequence for _, sequence in rows], tokenizer.pad_token_id)
         batch = {k: v.to(cfg.device) for k, v in batch.items()}
-        out = model(**batch)
+        with batch_adapters(model, [run.name for run, _ in rows]) if multi else contextlib.nullcontext():
+            out = model(**batch)
         out.loss.backward()
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            for run in runs:  # per adapter: each is clipped as if trained alone
+                torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        aux_loss = float(out.aux_loss.detach())
-        loss = float(out.loss.detach()) - (aux_loss if adapter_config.router_loss else 0.0)
+        losses = {}
+        for run, lr in zip(runs, scheduler.get_last_lr()):
+            if multi:
+                loss = float(out.adapter_losses[run.name].detach())
+                aux_loss = float(out.adapter_aux_losses[run.name].detach())
+            else:
+                aux_loss = float(out.aux_loss.detach())
+                loss = float(out.loss.detach()) - (aux_loss if run.config.router_loss else 0.0)
+            losses[run.name] = {"loss": loss, "aux_loss": aux_loss, "lr": lr}
         elapsed = time.perf_counter() - t
         train_time += elapsed
         step_tokens = int(batch["attention_mask"].sum())
         tokens += step_tokens
-        history.append({"step": step + 1, "loss": loss, "aux_loss": aux_loss,
-                        "lr": scheduler.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{loss:.4f}", aux=f"{aux_loss:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
+        if multi:
+            history.append({"step": step + 1, "adapters": losses})
+            bar.set_postfix({**{n: f"{v['loss']:.4f}" for n, v in losses.items()},
+                             "tok_s": f"{step_tokens / elapsed:.0f}"})
+        else:
+            history.append({"step": step + 1, **losses[None]})
+            bar.set_postfix(loss=f"{losses[None]['loss']:.4f}", aux=f"{losses[None]['aux_loss']:.4f}",
+                            tok_s=f"{step_tokens / elapsed:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(cfg.output_dir, model, {
+            _save_checkpoint(cfg.output_dir, save_all, {
                 "step": step + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "history": history, "before": before, "tokens": tokens,
-                "train_time": train_time, "config": dataclasses.asdict(cfg)}, cfg.keep_checkpoints)
+                "train_time": train_time, "config": _config_dict(cfg)}, cfg.keep_checkpoints)
     bar.close()
 
-    save_mixlora(model, cfg.output_dir, safe_serialization=False)
+    save_all(cfg.output_dir)
     t = time.perf_counter()
-    after = accuracy(model, tokenizer, eval_examples, cfg.max_seq_len, cfg.eval_batch_size)
+    after = _evaluate(model, tokenizer, runs, cfg)
     eval_time += time.perf_counter() - t
 
-    tail = history[-min(5, len(history)):]
-    summary = {
-        "config": dataclasses.asdict(cfg),
-        "adapter_config": adapter_config.to_dict(),
+    summary: dict[str, Any] = {"config": _config_dict(cfg)}
+    if not multi:
+        summary["adapter_config"] = runs[0].config.to_dict()
+    summary.update({
         "base_model": base,
         "device": torch.cuda.get_device_name() if cfg.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "steps": cfg.steps,
         "resumed_from_step": start_step if checkpoint is not None else None,
-        "train_examples": len(train_examples),
-        "eval_examples": {task: len(v) for task, v in eval_examples.items()},
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
-        "final_aux_loss": sum(h["aux_loss"] for h in tail) / len(tail) if tail else None,
-        "accuracy": {"before": before, "after": after},
+    })
+    if multi:
+        summary["adapters"] = {run.name: {
+            "adapter_config": run.config.to_dict(),
+            "lr": run.lr,
+            "train_examples": len(run.train),
+            "eval_examples": {task: len(v) for task, v in run.eval.items()},
+            **_loss_summary(_run_history(history, run.name)),
+            "accuracy": {"before": before[run.name], "after": after[run.name]},
+        } for run in runs}
+    else:
+        summary.update({
+            "train_examples": len(runs[0].train),
+            "eval_examples": {task: len(v) for task, v in runs[0].eval.items()},
+            **_loss_summary(history),
+            "accuracy": {"before": before, "after": after},
+        })
+    summary.update({
         "time_s": {"total": time.perf_counter() - started, "train": train_time, "eval": eval_time},
         "tokens": tokens,
         "tokens_per_s": tokens / train_time if train_time else None,
         "history": history,
-    }
+    })
     write_file_atomically(os.path.join(cfg.output_dir, SUMMARY_NAME),
                           lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(summary, indent=2) + "\n"))
     plot_losses(history, os.path.join(cfg.output_dir, LOSS_PLOT_NAME))
-    log(format_accuracy_table(before, after))
-    log(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} (mean of last {len(tail)} steps), "
-        f"aux {summary['final_aux_loss']:.4f}; {cfg.steps} steps in {train_time:.0f} s "
-        f"({summary['tokens_per_s']:.0f} tokens/s); total {summary['time_s']['total']:.0f} s on {summary['device']}")
-    log(f"adapter, {SUMMARY_NAME} and {LOSS_PLOT_NAME} in {cfg.output_dir}")
+    timing = (f"{cfg.steps} steps in {train_time:.0f} s ({summary['tokens_per_s']:.0f} tokens/s); "
+              f"total {summary['time_s']['total']:.0f} s on {summary['device']}")
+    if multi:
+        for run in runs:
+            log(f"adapter {run.name}:")
+            log(format_accuracy_table(before[run.name], after[run.name]))
+            log(_loss_line(summary["adapters"][run.name], len(history)))
+        log(timing)
+        log(f"adapters in {', '.join(run.directory(cfg.output_dir) for run in runs)}; {SUMMARY_NAME} and "
+            f"{LOSS_PLOT_NAME} in {cfg.output_dir}")
+    else:
+        log(format_accuracy_table(before, after))
+        log(f"{_loss_line(summary, len(history))}; {timing}")
+        log(f"adapter, {SUMMARY_NAME} and {LOSS_PLOT_NAME} in {cfg.output_dir}")
     return model, tokenizer, summary
 
 
 def plot_losses(history: list[dict[str, Any]], path: str) -> None:
+    """The loss curves of `history`: LM and aux loss, or one LM curve (and a dashed aux curve) per adapter."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,8 +618,14 @@ def plot_losses(history: list[dict[str, Any]], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], label="LM loss (answer tokens)")
-    ax.plot(steps, [h["aux_loss"] for h in history], label="router aux loss")
+    if history and "adapters" in history[0]:
+        for name in history[0]["adapters"]:
+            line, = ax.plot(steps, [h["adapters"][name]["loss"] for h in history], label=f"{name}: LM loss")
+            ax.plot(steps, [h["adapters"][name]["aux_loss"] for h in history], linestyle="--",
+                    color=line.get_color(), label=f"{name}: router aux loss")
+    else:
+        ax.plot(steps, [h["loss"] for h in history], label="LM loss (answer tokens)")
+        ax.plot(steps, [h["aux_loss"] for h in history], label="router aux loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -175,3 +175,12 @@ def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, case, needle):
     line = err.strip().splitlines()[-1]
     assert line.startswith("mixlora: error: ") and err.count("mixlora: error") == 1, err
     assert needle in line, err
+
+
+def test_exponent_floats_parse_as_numbers(tmp_path):
+    from mixlora.cli import _parse_overrides, _read_config_file
+
+    assert _parse_overrides(["--lr", "1e-3", "--r", "8", "--tasks", "a,b"]) == {"lr": 1e-3, "r": 8, "tasks": "a,b"}
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 5E-4\nadapters:\n  a: {lr: 2e-3}\n")
+    assert _read_config_file(str(config)) == {"lr": 5e-4, "adapters": {"a": {"lr": 2e-3}}}
