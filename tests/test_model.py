@@ -170,3 +170,25 @@ def test_gradient_checkpointing_keeps_aux_loss_gradient():
         model.zero_grad()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_dora_magnitudes_are_trained_saved_and_loaded(tmp_path):
+    model = tiny_model("llama")
+    config = MixLoraConfig(r=4, num_experts=3, use_dora=True, lora_dropout=0.0, target_modules=["q_proj", "gate_proj",
+                                                                                               "down_proj"])
+    get_mixlora_model(model, config)
+    randomize_adapters(model)
+    magnitudes = {n for n, p in model.named_parameters() if n.endswith("lora_magnitude_vector") and p.requires_grad}
+    assert len(magnitudes) == 2 * 3  # 2 layers x (q_proj, gate_proj experts, down_proj experts)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(dict(model.named_parameters())[n].grad.abs().sum() > 0 for n in magnitudes)
+    model.eval()
+    save_mixlora(model, tmp_path)
+    config_back, weights = load_adapter(tmp_path)
+    assert "mixlora.layers.1.mlp.gate_proj.experts.2.lora_magnitude_vector" in weights
+    assert weights["mixlora.layers.0.self_attn.q_proj.lora_magnitude_vector"].shape == (32,)
+    loaded = inject_adapter_in_model(tiny_model("llama"), config_back, weights).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
