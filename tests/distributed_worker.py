@@ -73,14 +73,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone()
 
 
-def _train(wrapped: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor, rank: int) -> list[dict]:
+def _train(wrapped: torch.nn.Module, model: torch.nn.Module, batch: torch.Tensor, rank: int, opt=None,
+           backward=None) -> list[dict]:
+    """STEPS steps of `opt` (default: a fresh AdamW over the adapters) on this rank's shards; `backward(loss)`
+    defaults to `loss.backward()` (accelerate_worker.py passes its prepared optimizer and `accelerator.backward`)."""
     params = adapter_state_dict(model)
-    opt = torch.optim.AdamW(params.values(), lr=LR)
+    opt = torch.optim.AdamW(params.values(), lr=LR) if opt is None else opt
+    backward = torch.Tensor.backward if backward is None else backward
     steps = []
     for ids in batch:
         local = shard(ids, rank)
         out = wrapped(input_ids=local, labels=local)
-        out.loss.backward()
+        backward(out.loss)
         grads = {n: _full(p.grad) for n, p in params.items()}
         opt.step()
         opt.zero_grad()

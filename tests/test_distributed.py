@@ -14,10 +14,14 @@ Tolerance: rel ≤ 1e-10 with rel = max|x − ref| / max|ref| per tensor. Everyt
 reference compute the same sums in possibly different orders (DDP divides each rank's gradient by the world size and
 all-reduces, the reference lets autograd accumulate the two halves, FSDP reduce-scatters), so they may differ by a
 few float64 roundings (~1e-16 relative, amplified at most by the three AdamW steps) but never by 1e-10.
+
+A second launch, `accelerate launch` of `accelerate_worker.py`, runs the same DDP training through
+`Accelerator(cpu=True).prepare(model, optimizer)` and `accelerator.backward`, checked against the same reference.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -37,6 +41,7 @@ from distributed_worker import LR, STEPS, build_model, global_batch, shard  # no
 WORLD_SIZE = 2
 RTOL = 1e-10
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
+ACCELERATE_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_worker.py")
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,15 +60,17 @@ def ranks(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}", WORKER,
            str(out)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     print(f"torchrun: {time.perf_counter() - start:.1f} s")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
 
+@functools.cache
 def _reference(router_aux_loss_coef: float, concatenated: bool = False) -> list[dict]:
     """Single-process training of the worker's model: per step, the gradient of mean_r loss(shard_r) (or, with
-    `concatenated`, of the loss of the whole global batch) and the weights after the same AdamW step."""
+    `concatenated`, of the loss of the whole global batch) and the weights after the same AdamW step. Cached (the
+    DDP and accelerate tests share it); callers only read it."""
     model = build_model(router_aux_loss_coef)
     params = adapter_state_dict(model)
     opt = torch.optim.AdamW(params.values(), lr=LR)
@@ -142,3 +149,53 @@ def test_fsdp2_matches_ddp(ranks):
     for step in result:
         assert torch.isfinite(step["loss"])
     _check_run(result, ranks[0]["ddp"], "fsdp2 vs ddp")
+
+
+@pytest.fixture(scope="module")
+def accelerate_ranks(tmp_path_factory):
+    """accelerate_worker.py's records, one dict per process, from one `accelerate launch` of 2 CPU processes.
+
+    `--cpu --num_processes 2` is not the way to get them: with accelerate 1.15 `--cpu` goes to its simple launcher,
+    which starts `num_processes` processes only through `mpirun` (`--mpirun_hostfile`, MPI/oneCCL); without it,
+    it starts ONE plain python process (checked: DistributedType.NO, 1 process). `--multi_gpu` goes to torchrun
+    (torch.distributed.run) and needs no GPU: the worker's `Accelerator(cpu=True)` turns the torchrun-launched
+    processes into a MULTI_CPU gloo group (also on a machine that has GPUs). Everything is passed on the command
+    line; HF_HOME and ACCELERATE_CONFIG_FILE point into a fresh tmp dir and inherited ACCELERATE_* variables are
+    dropped, so no user or machine accelerate config is read. `--main_process_port 0` picks a free port.
+    """
+    out = tmp_path_factory.mktemp("accelerate")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env["HF_HOME"] = str(out / "hf_home")
+    env["ACCELERATE_CONFIG_FILE"] = str(out / "hf_home" / "no_accelerate_config.yaml")  # never created
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD_SIZE}",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0",
+           ACCELERATE_WORKER, str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert proc.returncode == 0, (f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                  f"{proc.stderr[-8000:]}")
+    print(f"accelerate launch: {time.perf_counter() - start:.1f} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+def test_accelerate_launch_runs_two_gloo_ddp_processes(accelerate_ranks):
+    for rank, record in enumerate(accelerate_ranks):
+        state = record["state"]
+        assert state["distributed_type"] == "DistributedType.MULTI_CPU", state
+        assert state["backend"] == "gloo", state
+        assert state["num_processes"] == state["torch_world_size"] == WORLD_SIZE, state
+        assert state["process_index"] == rank, state
+        assert state["device"].startswith("cpu"), state
+        assert state["mixed_precision"] == "no", state
+        # prepare() wrapped the model in DDP and kept the very adapter parameters the optimiser updates.
+        assert state["wrapper"] == "DistributedDataParallel", state
+        assert state["same_params"] and state["model_params_same"], state
+
+
+def test_accelerate_matches_single_process_mean_of_shard_losses(accelerate_ranks):
+    # Same objective as the hand-wrapped DDP run (each rank's own aux loss, gradients averaged over ranks).
+    runs = [{"accelerate": record["steps"]} for record in accelerate_ranks]
+    _check_ranks_identical(runs, "accelerate")
+    for step in runs[0]["accelerate"]:
+        assert torch.isfinite(step["loss"])
+    _check_run(runs[0]["accelerate"], _reference(router_aux_loss_coef=0.1), "accelerate")
