@@ -50,8 +50,13 @@ def _save_tiny_llama(path, hidden: int = 32) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    old = os.environ.get("MIXLORA_CACHE")
-    os.environ["MIXLORA_CACHE"] = str(root / "cache")
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-scoped fixture cannot serve here
+        patch.setenv("MIXLORA_CACHE", str(root / "cache"))
+        yield _train(root)
+
+
+def _train(root) -> dict:
+    """Train the module's adapter under `root`; what the tests need to know about the run."""
     base, data = root / "base", root / "data.jsonl"
     _save_tiny_llama(base)
     data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
@@ -60,11 +65,7 @@ def env(tmp_path_factory):
             "--batch-size", "4", "--max-seq-len", "32", "--eval-size", "4", "--save-every", "2",
             "--keep-checkpoints", "0", "--num-experts", "4", "--top-k", "2", "--r", "4", "--seed", "3"]
     assert main(argv) == 0
-    yield {"root": root, "base": str(base), "data": str(data), "out": str(out), "argv": argv}
-    if old is None:
-        os.environ.pop("MIXLORA_CACHE", None)
-    else:
-        os.environ["MIXLORA_CACHE"] = old
+    return {"root": root, "base": str(base), "data": str(data), "out": str(out), "argv": argv}
 
 
 def test_train_writes_published_adapter_summary_and_plot(env):

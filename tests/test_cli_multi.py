@@ -32,8 +32,13 @@ def _config(root, **adapters) -> str:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_multi")
-    old = os.environ.get("MIXLORA_CACHE")
-    os.environ["MIXLORA_CACHE"] = str(root / "cache")
+    with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-scoped fixture cannot serve here
+        patch.setenv("MIXLORA_CACHE", str(root / "cache"))
+        yield _train(root)
+
+
+def _train(root) -> dict:
+    """Train the module's adapter under `root`; what the tests need to know about the run."""
     base = root / "base"
     _save_tiny_llama(base)
     adapters = {}
@@ -44,11 +49,7 @@ def env(tmp_path_factory):
     out = root / "out"
     argv = ["train", "--config", _config(root, **adapters), "--base-model", str(base), "--output-dir", str(out)]
     assert main(argv) == 0
-    yield {"root": root, "base": str(base), "out": str(out), "argv": argv, "adapters": adapters}
-    if old is None:
-        os.environ.pop("MIXLORA_CACHE", None)
-    else:
-        os.environ["MIXLORA_CACHE"] = old
+    return {"root": root, "base": str(base), "out": str(out), "argv": argv, "adapters": adapters}
 
 
 def test_adapters_train_together_and_save_published(env):
