@@ -50,6 +50,19 @@ def _masked_shrink(x, b_ptr, e_row, i, i_ok, r, r_ok, E, stride_be, stride_bi, s
 
 
 @triton.jit
+def _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T: tl.constexpr, KP: tl.constexpr):
+    """The BLOCK_T * KP slot rows of token block `pid` (KP = K padded to a power of two): token t, validity, slot id
+    t * K + k, expert id (-1 where invalid) and fp32 routing weight (0 where invalid)."""
+    row = tl.arange(0, BLOCK_T * KP)
+    t = pid * BLOCK_T + row // KP
+    k = row % KP
+    ok = (t < T) & (k < K)
+    e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
+    w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
+    return t, ok, t.to(tl.int64) * K + k, e_row, w
+
+
+@triton.jit
 def _sum_slots(x, BLOCK_T: tl.constexpr, KP: tl.constexpr):
     """(BLOCK_T * KP, BLOCK_I) slot rows -> (BLOCK_T, BLOCK_I) per-token sums."""
     return tl.sum(tl.reshape(x, (BLOCK_T, KP, x.shape[1])), axis=1)
@@ -66,13 +79,7 @@ def _expand_act_combine_fwd_kernel(
         BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr, BLOCK_RD: tl.constexpr):
     """One block of BLOCK_T tokens (all their K slots), looping over I: hbar tile by tile, zd accumulated."""
     pid = tl.program_id(0)
-    row = tl.arange(0, BLOCK_T * KP)
-    t = pid * BLOCK_T + row // KP
-    k = row % KP
-    ok = (t < T) & (k < K)
-    slot = t.to(tl.int64) * K + k
-    e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
-    w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
+    t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
     rg = tl.arange(0, BLOCK_RG)
     ru = tl.arange(0, BLOCK_RU)
     rd = tl.arange(0, BLOCK_RD)
@@ -134,13 +141,7 @@ def _expand_act_combine_bwd_kernel(
     ru_ok = ru < Ru
     rd_ok = rd < Rd
     if pid < n_tok:
-        row = tl.arange(0, BLOCK_T * KP)
-        t = pid * BLOCK_T + row // KP
-        k = row % KP
-        ok = (t < T) & (k < K)
-        slot = t.to(tl.int64) * K + k
-        e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
-        w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
+        t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
         zg = tl.load(zg_ptr + slot[:, None] * s_zgs + rg[None, :] * s_zgr, mask=ok[:, None] & rg_ok[None, :],
                      other=0.0).to(tl.float32)
         zu = tl.load(zu_ptr + slot[:, None] * s_zus + ru[None, :] * s_zur, mask=ok[:, None] & ru_ok[None, :],
