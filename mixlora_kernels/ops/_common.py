@@ -1,4 +1,4 @@
-"""Pieces shared by the op references: input checks, activations, the counter-based dropout mask, segments."""
+"""Pieces shared by the op references: activations, the counter-based dropout mask, segments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import torch
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+from mixlora_kernels.checks import ACTIVATIONS
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27, so x * _HASH_MUL stays below 2**63 for 32-bit x: exact in int64, uint32 in kernels
@@ -32,31 +32,6 @@ def reference(fn):
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: fp32 for 16-bit inputs, fp64 when any input is fp64."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def check(cond: bool, op: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"mixlora::{op}: {msg}")
-
-
-def check_float(op: str, name: str, t: torch.Tensor, shape: tuple[int | None, ...]) -> None:
-    """`t` is a floating tensor of the given shape (None = any size); the message names it and the expectation."""
-    check(t.is_floating_point(), op, f"{name} must be a floating-point tensor, got {t.dtype}")
-    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
-    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-    check(ok, op, f"{name} must have shape {want}, got {tuple(t.shape)}")
-
-
-def check_routing(op: str, experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, num_experts: int, device) -> None:
-    """experts (T, K) int, order (S,) int64, offsets (E+1,) int64, all on `device`."""
-    check(experts.dim() == 2 and not experts.is_floating_point(), op,
-          f"experts must be an integer tensor (T, K), got {experts.dtype} {tuple(experts.shape)}")
-    check(order.dtype == torch.int64 and order.shape == (experts.numel(),), op,
-          f"order must be int64 of shape ({experts.numel()},), got {order.dtype} {tuple(order.shape)}")
-    check(offsets.dtype == torch.int64 and offsets.shape == (num_experts + 1,), op,
-          f"offsets must be int64 of shape ({num_experts + 1},), got {offsets.dtype} {tuple(offsets.shape)}")
-    for name, t in (("experts", experts), ("order", order), ("offsets", offsets)):
-        check(t.device == device, op, f"{name} is on {t.device} but the activations are on {device}")
 
 
 def activation(name: str, g: torch.Tensor) -> torch.Tensor:

@@ -8,32 +8,8 @@ from typing import Optional
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import (ACTIVATIONS, acc_dtype, activation, activation_grad, check, check_float,
-                                         check_routing, dropout_scale, reference, segments)
-
-
-def _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, act, dropout_p):
-    op = "expand_act_combine"
-    check_float(op, "G", G, (None, None))
-    T, I = G.shape
-    E = Bg.shape[0]
-    if U is not None:
-        check_float(op, "U", U, (T, I))
-    S = experts.numel()
-    check(experts.shape[0] == T, op, f"experts has {experts.shape[0]} rows but G has T={T} tokens")
-    check_float(op, "zg", zg, (S, None))
-    check_float(op, "Bg", Bg, (None, I, zg.shape[1]))
-    check_float(op, "zu", zu, (S, None))
-    check_float(op, "Bu", Bu, (E, I, zu.shape[1]))
-    check(U is not None or zu.shape[1] == 0, op, "an up LoRA (zu, Bu with R > 0) needs U; got U=None")
-    check_float(op, "Ad", Ad, (E, None, I))
-    check_float(op, "weights", weights, tuple(experts.shape))
-    check_routing(op, experts, order, offsets, E, G.device)
-    for name, t in (("U", U), ("zg", zg), ("Bg", Bg), ("zu", zu), ("Bu", Bu), ("weights", weights), ("Ad", Ad)):
-        if t is not None:
-            check(t.device == G.device, op, f"{name} is on {t.device} but G is on {G.device}")
-    check(act in ACTIVATIONS, op, f"activation must be one of {ACTIVATIONS}, got {act!r}")
-    check(0.0 <= dropout_p < 1.0, op, f"dropout_p must be in [0, 1), got {dropout_p}")
+from mixlora_kernels.checks import check_expand_act_combine
+from mixlora_kernels.ops._common import acc_dtype, activation, activation_grad, dropout_scale, reference, segments
 
 
 def _recompute(G, U, zg, Bg, zu, Bu, e, slots, K, scale, act, acc):
@@ -64,7 +40,7 @@ def expand_act_combine(G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Ten
     Returns:
         hbar (T, I) in G's dtype: Σ_k w_j h_j;  zd (S, Rd) fp32 (fp64 for fp64 input): Ad_e drop_j(h_j).
     """
-    _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
+    check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
     acc = acc_dtype(G, zg, Bg)
     T, K = experts.shape
     h_slots = G.new_zeros(T * K, G.shape[1], dtype=acc)
@@ -99,6 +75,8 @@ def expand_act_combine_backward(
         dh_j = w_j dH̄_t + drop_j(Ad_eᵀ dzd_j);  dw_j = ⟨dH̄_t, h_j⟩;  dg_j = dh_j ⊙ u_j ⊙ σ'(g_j);  du_j = dh_j ⊙ σ(g_j)
     dG, dU sum the K slots of each token (token-major, no atomics); LoRA weight grads are per-expert segment sums.
     """
+    check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p,
+                             grad_hbar, grad_zd)
     acc = acc_dtype(G, zg, Bg)
     T, K = experts.shape
     S, I = T * K, G.shape[1]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, reference, segments
+from mixlora_kernels.checks import check_lora_expand_combine
+from mixlora_kernels.ops._common import acc_dtype, reference, segments
 
 
 @torch.library.custom_op("mixlora::lora_expand_combine", mutates_args=())
@@ -20,13 +21,7 @@ def lora_expand_combine(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor
     Returns:
         (T, H) fp32 (fp64 for fp64 input): s Σ_k w_j B_{e_j} zd_j, to add to the dense W2 h̄.
     """
-    op = "lora_expand_combine"
-    check_float(op, "zd", zd, (experts.numel(), None))
-    check_float(op, "B", B, (None, None, zd.shape[1]))
-    check_float(op, "weights", weights, tuple(experts.shape))
-    check_routing(op, experts, order, offsets, B.shape[0], zd.device)
-    for name, t in (("B", B), ("weights", weights)):
-        check(t.device == zd.device, op, f"{name} is on {t.device} but zd is on {zd.device}")
+    check_lora_expand_combine(zd, B, weights, experts, order, offsets)
     acc = acc_dtype(zd, B)
     T, K = experts.shape
     y_slots = zd.new_zeros(T * K, B.shape[1], dtype=acc)
@@ -48,6 +43,7 @@ def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torc
                                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dzd, dB, dweights) of `lora_expand_combine`, each like its input. With q_j = s B_eᵀ dy_t:
     dzd_j = w_j q_j;  dw_j = ⟨q_j, zd_j⟩;  dB_e = s Σ_{j→e} w_j dy_t zd_jᵀ (per expert segment)."""
+    check_lora_expand_combine(zd, B, weights, experts, order, offsets, grad_y)
     acc = acc_dtype(zd, B)
     K = experts.shape[1]
     dzd = torch.zeros_like(zd, dtype=acc)

@@ -5,17 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float, check_routing, dropout_scale, reference, segments
-
-
-def _check(x, A, experts, order, offsets, dropout_p):
-    check_float("lora_shrink", "x", x, (None, None))
-    check_float("lora_shrink", "A", A, (None, None, x.shape[1]))
-    check(experts.shape[0] == x.shape[0], "lora_shrink",
-          f"experts has {experts.shape[0]} rows but x has T={x.shape[0]} tokens")
-    check(A.device == x.device, "lora_shrink", f"A is on {A.device} but x is on {x.device}")
-    check_routing("lora_shrink", experts, order, offsets, A.shape[0], x.device)
-    check(0.0 <= dropout_p < 1.0, "lora_shrink", f"dropout_p must be in [0, 1), got {dropout_p}")
+from mixlora_kernels.checks import check_lora_shrink
+from mixlora_kernels.ops._common import acc_dtype, dropout_scale, reference, segments
 
 
 @torch.library.custom_op("mixlora::lora_shrink", mutates_args=())
@@ -31,7 +22,7 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: 
     Returns:
         z (S, R) in slot order j = t·K + k, fp32 (fp64 for fp64 input): z_j = A_{e_j} drop_j(x_t).
     """
-    _check(x, A, experts, order, offsets, dropout_p)
+    check_lora_shrink(x, A, experts, order, offsets, dropout_p)
     acc = acc_dtype(x, A)
     K = experts.shape[1]
     z = x.new_zeros(experts.numel(), A.shape[1], dtype=acc)
@@ -58,6 +49,7 @@ def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
 
     dx_t = Σ_k drop_j(A_eᵀ dz_j), summed token-major (no atomics); dA_e = Σ_{j→e} dz_j drop_j(x_t)ᵀ per expert segment.
     """
+    check_lora_shrink(x, A, experts, order, offsets, dropout_p, grad_z)
     acc = acc_dtype(x, A)
     T, K = experts.shape
     dx_slots = x.new_zeros(experts.numel(), x.shape[1], dtype=acc)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, reference
+from mixlora_kernels.checks import check_route, check_route_backward
+from mixlora_kernels.ops._common import acc_dtype, reference
 
 
 @torch.library.custom_op("mixlora::route", mutates_args=())
@@ -20,9 +21,7 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
         weights (T, K) fp32/fp64: softmax probabilities of the chosen experts renormalised to sum to 1;
         experts (T, K) int64: chosen expert ids, in descending probability.
     """
-    check(logits.dim() == 2 and logits.is_floating_point(), "route",
-          f"logits must be a floating (T, E) tensor, got {logits.dtype} {tuple(logits.shape)}")
-    check(1 <= top_k <= logits.shape[1], "route", f"top_k must be in [1, E={logits.shape[1]}], got {top_k}")
+    check_route(logits, top_k)
     probs = torch.softmax(logits.to(acc_dtype(logits)), dim=-1)
     weights, experts = torch.topk(probs, top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), experts
@@ -42,6 +41,7 @@ def route_backward(grad_weights: torch.Tensor, weights: torch.Tensor, experts: t
     The renormalised weights are a softmax over the chosen logits alone, so d logit_{e_k} = w_k (g_k - Σ_k' w_k' g_k')
     and the other logits get zero.
     """
+    check_route_backward(grad_weights, weights, experts, num_experts)
     grad_sel = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
     out = grad_sel.new_zeros(weights.shape[0], num_experts)
     return out.scatter_add_(1, experts.long(), grad_sel)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import acc_dtype, check, check_float, reference
+from mixlora_kernels.checks import check_router_logits
+from mixlora_kernels.ops._common import acc_dtype, reference
 
 
 @torch.library.custom_op("mixlora::router_logits", mutates_args=())
@@ -19,9 +20,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         (T, E) in the router's dtype: x W_gᵀ with x upcast. Backward keeps x as it is and upcasts again, so a bf16
         model does not hold a (T, H) fp32 copy of x per layer until backward.
     """
-    check_float("router_logits", "x", x, (None, None))
-    check_float("router_logits", "weight", weight, (None, x.shape[1]))
-    check(weight.device == x.device, "router_logits", f"weight is on {weight.device} but x is on {x.device}")
+    check_router_logits(x, weight)
     return x.to(acc_dtype(x, weight)) @ weight.to(acc_dtype(x, weight)).T
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixlora_kernels import backend
-from mixlora_kernels.ops._common import check, reference
+from mixlora_kernels.checks import check, check_sort_slots
+from mixlora_kernels.ops._common import reference
 
 
 @torch.library.custom_op("mixlora::sort_slots", mutates_args=())
@@ -21,9 +22,7 @@ def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
         order (S,) int64: order[p] = the slot at expert-sorted position p; stable (token order inside an expert);
         offsets (E+1,) int64: expert e owns positions offsets[e] .. offsets[e+1]-1.
     """
-    check(experts.dim() == 2 and experts.dtype in (torch.int32, torch.int64), "sort_slots",
-          f"experts must be an int32/int64 (T, K) tensor, got {experts.dtype} {tuple(experts.shape)}")
-    check(num_experts >= 1, "sort_slots", f"num_experts must be >= 1, got {num_experts}")
+    check_sort_slots(experts, num_experts)
     flat = experts.reshape(-1).long()
     if flat.numel():
         lo, hi = int(flat.min()), int(flat.max())

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check
+from mixlora_kernels.checks import check
 
 # 3xTF32 keeps fp32 accuracy on tensor cores; "ieee" would fall back to FMA units (unmeasured: no GPU this session).
 FP32_DOT: tl.constexpr = tl.constexpr("tf32x3")

@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check_float
-from mixlora_kernels.ops.expand_act_combine import _check
+from mixlora_kernels.checks import check_expand_act_combine
 from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_supported, dot_block, dropout_keep,
                                             dropout_threshold)
 
@@ -284,7 +283,7 @@ def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: t
     once and zd (a reduction over I) stays in registers. `order` and `offsets` are not needed by this kernel.
     """
     op = "expand_act_combine"
-    _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
+    check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
     check_supported(op, ("G", G), ("U", U), ("zg", zg), ("Bg", Bg), ("zu", zu), ("Bu", Bu), ("weights", weights),
                     ("Ad", Ad))
     (T, I), (_, K), E = G.shape, experts.shape, Bg.shape[0]
@@ -314,9 +313,8 @@ def expand_act_combine_backward(
     then per-(expert, I tile) programs for dBg, dBu, dAd. g, u, h are recomputed by both roles.
     """
     op = "expand_act_combine_backward"
-    _check(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
-    check_float(op, "grad_hbar", grad_hbar, tuple(G.shape))
-    check_float(op, "grad_zd", grad_zd, (experts.numel(), Ad.shape[1]))
+    check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p,
+                             grad_hbar, grad_zd)
     check_supported(op, ("grad_hbar", grad_hbar), ("grad_zd", grad_zd), ("G", G), ("U", U), ("zg", zg), ("Bg", Bg),
                     ("zu", zu), ("Bu", Bu), ("weights", weights), ("Ad", Ad))
     (T, I), (_, K), E = G.shape, experts.shape, Bg.shape[0]

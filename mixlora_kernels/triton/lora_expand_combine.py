@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check, check_float, check_routing
+from mixlora_kernels.checks import check, check_lora_expand_combine
 from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, expert_block,
                                             num_expert_blocks)
 
@@ -114,12 +114,7 @@ def _lora_expand_combine_bwd_kernel(
 
 
 def _check(op, zd, B, weights, experts, order, offsets, grad_y=None):
-    check_float(op, "zd", zd, (experts.numel(), None))
-    check_float(op, "B", B, (None, None, zd.shape[1]))
-    check_float(op, "weights", weights, tuple(experts.shape))
-    check_routing(op, experts, order, offsets, B.shape[0], zd.device)
-    if grad_y is not None:
-        check_float(op, "grad_y", grad_y, (experts.shape[0], B.shape[1]))
+    check_lora_expand_combine(zd, B, weights, experts, order, offsets, grad_y)
     check_supported(op, ("zd", zd), ("B", B), ("weights", weights), ("grad_y", grad_y))
     check(B.shape[2] <= 256, op, f"the Triton kernels support R <= 256, got {B.shape[2]}")
 

@@ -9,8 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check_float
-from mixlora_kernels.ops.lora_shrink import _check
+from mixlora_kernels.checks import check_lora_shrink
 from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, dropout_keep,
                                             dropout_threshold, expert_block, num_expert_blocks)
 
@@ -124,7 +123,7 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
     Grouped GEMM over the expert-sorted slot order; the token gather x[order[p] // K] and the dropout mask are fused
     into the x load. Grid: (expert-homogeneous row blocks, R tiles); each program loops over H.
     """
-    _check(x, A, experts, order, offsets, dropout_p)
+    check_lora_shrink(x, A, experts, order, offsets, dropout_p)
     check_supported("lora_shrink", ("x", x), ("A", A))
     H, (E, R, _) = x.shape[1], A.shape
     S = experts.numel()
@@ -149,10 +148,9 @@ def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
     One launch, grid (cdiv(T, BLOCK_M) + E, cdiv(H, BLOCK_H)): token-major dx programs, then one dA program per
     (expert, H tile). Deterministic, no atomics.
     """
-    _check(x, A, experts, order, offsets, dropout_p)
+    check_lora_shrink(x, A, experts, order, offsets, dropout_p, grad_z)
     check_supported("lora_shrink_backward", ("grad_z", grad_z), ("x", x), ("A", A))
     (T, H), (E, R, _) = x.shape, A.shape
-    check_float("lora_shrink_backward", "grad_z", grad_z, (experts.numel(), R))
     dx = torch.empty(T, H, dtype=x.dtype, device=x.device)
     dA = torch.empty(E, R, H, dtype=A.dtype, device=A.device)
     if R == 0 or T == 0 or H == 0 or experts.shape[1] == 0:

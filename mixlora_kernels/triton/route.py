@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check, check_float
+from mixlora_kernels.checks import check_route, check_route_backward
 from mixlora_kernels.triton._common import check_supported
 
 # Rows per program: E is small (8-64), so a (64, next_pow2(E)) tile of logits is a few KB of registers. Untuned.
@@ -67,10 +67,8 @@ def _route_bwd_kernel(gw_ptr, w_ptr, e_ptr, out_ptr, T, K, E, stride_gt, stride_
 def route_forward(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `mixlora::route`: logits (T, E) -> (weights (T, K) fp32, experts (T, K) int64), descending probability
     (ties go to the lower expert id). Grid (cdiv(T, BLOCK_T),), the whole E row in one tile."""
-    check(logits.dim() == 2 and logits.is_floating_point(), "route",
-          f"logits must be a floating (T, E) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    check_route(logits, top_k)
     T, E = logits.shape
-    check(1 <= top_k <= E, "route", f"top_k must be in [1, E={E}], got {top_k}")
     check_supported("route", ("logits", logits))
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
@@ -86,12 +84,7 @@ def route_backward(grad_weights: torch.Tensor, weights: torch.Tensor, experts: t
     """Triton `mixlora::route_backward`: (T, K) grads of the renormalised weights -> (T, E) logits grad, dtype
     promoted from weights and grad_weights like the reference. Grid (cdiv(T, BLOCK_T),)."""
     op = "route_backward"
-    check_float(op, "weights", weights, (None, None))
-    check_float(op, "grad_weights", grad_weights, tuple(weights.shape))
-    check(experts.shape == weights.shape and not experts.is_floating_point(), op,
-          f"experts must be an integer tensor of shape {tuple(weights.shape)}, got {experts.dtype} "
-          f"{tuple(experts.shape)}")
-    check(num_experts >= 1, op, f"num_experts must be >= 1, got {num_experts}")
+    check_route_backward(grad_weights, weights, experts, num_experts)
     check_supported(op, ("grad_weights", grad_weights), ("weights", weights), ("experts", experts))
     T, K = weights.shape
     out = torch.empty(T, num_experts, dtype=torch.result_type(weights, grad_weights), device=weights.device)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.ops._common import check
+from mixlora_kernels.checks import check_sort_slots
 
 # Slots per block: the in-block rank is a cumsum over a (BLOCK_S, next_pow2(E)) one-hot tile. Untuned.
 _BLOCK_S = 256
@@ -52,9 +52,7 @@ def sort_slots_forward(experts: torch.Tensor, num_experts: int) -> tuple[torch.T
     Out-of-range expert ids are caught by a device-side `torch._assert_async` (the reference reads them on the host;
     a launcher must not synchronise). Grid (cdiv(S, BLOCK_S),) for both kernels.
     """
-    check(experts.dim() == 2 and experts.dtype in (torch.int32, torch.int64), "sort_slots",
-          f"experts must be an int32/int64 (T, K) tensor, got {experts.dtype} {tuple(experts.shape)}")
-    check(num_experts >= 1, "sort_slots", f"num_experts must be >= 1, got {num_experts}")
+    check_sort_slots(experts, num_experts)
     T, K = experts.shape
     S, E = T * K, num_experts
     device = experts.device
