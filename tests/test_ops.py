@@ -145,3 +145,13 @@ def test_errors_name_the_tensor_and_expectation():
         ops.lora_expand_combine(P["zd"], P["Bd"][..., :3], P["weights"], e, o, off, 1.0)
     with pytest.raises(ValueError, match=r"weights must have shape \(6, 2\), got \(6, 3\)"):
         ops.lora_expand_combine(P["zd"], P["Bd"], torch.ones(6, 3, dtype=torch.float64), e, o, off, 1.0)
+
+
+def test_route_ties_and_nan_rows():
+    """Ties go to the lower expert id; a NaN row routes to experts 0..K-1 with NaN weights (never an invalid id)."""
+    logits = torch.tensor([[0.0, 1.0, 1.0, 0.5], [float("nan"), 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                          dtype=torch.float64)
+    w, e = ops.route(logits, 2)
+    assert e.tolist() == [[1, 2], [0, 1], [0, 1]]
+    assert torch.isnan(w[1]).all()
+    torch.testing.assert_close(w[[0, 2]], torch.full((2, 2), 0.5, dtype=torch.float64), rtol=0, atol=1e-15)

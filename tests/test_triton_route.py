@@ -57,3 +57,18 @@ def test_route_noncontiguous():
 def test_route_rejects_bad_top_k():
     with pytest.raises(ValueError, match="top_k must be in"):
         route_forward(torch.randn(4, 3), 4)
+
+
+# A row with a NaN logit (a diverged model) must route to valid experts, as the reference does: experts 0..K-1 with
+# NaN weights; rows without NaN are unaffected. An out-of-range id would trip a device assert and kill the context.
+def test_route_nan_rows_get_valid_experts_like_the_reference():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 5)
+    logits[1, 3] = float("nan")
+    logits[4] = float("nan")
+    w, e = route_forward(logits, 2)
+    w64, e64 = torch.ops.mixlora.route(logits.double(), 2)
+    assert torch.equal(e, e64)
+    assert e[1].tolist() == [0, 1] and e[4].tolist() == [0, 1]
+    assert torch.isnan(w[[1, 4]]).all() and not torch.isnan(w[[0, 2, 3, 5]]).any()
+    assert_close(w[[0, 2, 3, 5]], w64[[0, 2, 3, 5]], name="weights")

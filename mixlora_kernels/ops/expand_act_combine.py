@@ -20,12 +20,12 @@ def _recompute(G, U, zg, Bg, zu, Bu, e, slots, K, scale, act, acc):
     return g, u, activation(act, g)
 
 
-@torch.library.custom_op("mixlora::expand_act_combine", mutates_args=())
 @reference
-def expand_act_combine(G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor, Bg: torch.Tensor,
-                       zu: torch.Tensor, Bu: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                       order: torch.Tensor, offsets: torch.Tensor, Ad: torch.Tensor, scale: float, activation_name: str,
-                       dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expand_act_combine_reference(
+        G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor, Bg: torch.Tensor, zu: torch.Tensor,
+        Bu: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+        Ad: torch.Tensor, scale: float, activation_name: str, dropout_p: float,
+        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The expert part of a MixLoRA FFN between the dense gate/up GEMMs and the dense down GEMM.
 
     Per slot j = (token t, expert e, weight w):
@@ -57,14 +57,17 @@ def expand_act_combine(G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Ten
     return hbar.to(G.dtype), zd
 
 
+expand_act_combine = torch.library.custom_op(
+    "mixlora::expand_act_combine", expand_act_combine_reference, mutates_args=())
+
+
 @expand_act_combine.register_fake
 def _(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, scale, activation_name, dropout_p, seed):
     return torch.empty_like(G), G.new_empty(experts.numel(), Ad.shape[1], dtype=acc_dtype(G, zg, Bg))
 
 
-@torch.library.custom_op("mixlora::expand_act_combine_backward", mutates_args=())
 @reference
-def expand_act_combine_backward(
+def expand_act_combine_backward_reference(
         grad_hbar: torch.Tensor, grad_zd: torch.Tensor, G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor,
         Bg: torch.Tensor, zu: torch.Tensor, Bu: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
         order: torch.Tensor, offsets: torch.Tensor, Ad: torch.Tensor, scale: float, activation_name: str,
@@ -117,6 +120,10 @@ def expand_act_combine_backward(
             dweights.to(weights.dtype), dAd.to(Ad.dtype))
 
 
+expand_act_combine_backward = torch.library.custom_op(
+    "mixlora::expand_act_combine_backward", expand_act_combine_backward_reference, mutates_args=())
+
+
 @expand_act_combine_backward.register_fake
 def _(grad_hbar, grad_zd, G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, scale, activation_name,
       dropout_p, seed):
@@ -141,5 +148,5 @@ def _backward(ctx, grad_hbar, grad_zd):
 
 expand_act_combine.register_autograd(_backward, setup_context=_setup_context)
 
-backend.install(expand_act_combine, "expand_act_combine")
-backend.install(expand_act_combine_backward, "expand_act_combine_backward")
+backend.install(expand_act_combine, "expand_act_combine", expand_act_combine_reference)
+backend.install(expand_act_combine_backward, "expand_act_combine_backward", expand_act_combine_backward_reference)

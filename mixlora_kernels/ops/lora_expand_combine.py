@@ -9,10 +9,9 @@ from mixlora_kernels.checks import check_lora_expand_combine
 from mixlora_kernels.ops._common import acc_dtype, reference, segments
 
 
-@torch.library.custom_op("mixlora::lora_expand_combine", mutates_args=())
 @reference
-def lora_expand_combine(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                        order: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_expand_combine_reference(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                                  order: torch.Tensor, offsets: torch.Tensor, scale: float) -> torch.Tensor:
     """Down-projection LoRA of all slots, combined per token.
 
     Args:
@@ -31,16 +30,20 @@ def lora_expand_combine(zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor
     return scale * (y_slots.view(T, K, -1) * weights.to(acc).unsqueeze(-1)).sum(1)
 
 
+lora_expand_combine = torch.library.custom_op(
+    "mixlora::lora_expand_combine", lora_expand_combine_reference, mutates_args=())
+
+
 @lora_expand_combine.register_fake
 def _(zd, B, weights, experts, order, offsets, scale):
     return zd.new_empty(experts.shape[0], B.shape[1], dtype=acc_dtype(zd, B))
 
 
-@torch.library.custom_op("mixlora::lora_expand_combine_backward", mutates_args=())
 @reference
-def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torch.Tensor, weights: torch.Tensor,
-                                 experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_expand_combine_backward_reference(grad_y: torch.Tensor, zd: torch.Tensor, B: torch.Tensor,
+                                           weights: torch.Tensor, experts: torch.Tensor, order: torch.Tensor,
+                                           offsets: torch.Tensor,
+                                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dzd, dB, dweights) of `lora_expand_combine`, each like its input. With q_j = s B_eᵀ dy_t:
     dzd_j = w_j q_j;  dw_j = ⟨q_j, zd_j⟩;  dB_e = s Σ_{j→e} w_j dy_t zd_jᵀ (per expert segment)."""
     check_lora_expand_combine(zd, B, weights, experts, order, offsets, grad_y)
@@ -62,6 +65,10 @@ def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torc
     return dzd.to(zd.dtype), dB.to(B.dtype), dweights.to(weights.dtype)
 
 
+lora_expand_combine_backward = torch.library.custom_op(
+    "mixlora::lora_expand_combine_backward", lora_expand_combine_backward_reference, mutates_args=())
+
+
 @lora_expand_combine_backward.register_fake
 def _(grad_y, zd, B, weights, experts, order, offsets, scale):
     return torch.empty_like(zd), torch.empty_like(B), torch.empty_like(weights)
@@ -81,5 +88,5 @@ def _backward(ctx, grad_y):
 
 lora_expand_combine.register_autograd(_backward, setup_context=_setup_context)
 
-backend.install(lora_expand_combine, "lora_expand_combine")
-backend.install(lora_expand_combine_backward, "lora_expand_combine_backward")
+backend.install(lora_expand_combine, "lora_expand_combine", lora_expand_combine_reference)
+backend.install(lora_expand_combine_backward, "lora_expand_combine_backward", lora_expand_combine_backward_reference)

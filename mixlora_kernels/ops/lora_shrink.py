@@ -9,10 +9,9 @@ from mixlora_kernels.checks import check_lora_shrink
 from mixlora_kernels.ops._common import acc_dtype, dropout_scale, reference, segments
 
 
-@torch.library.custom_op("mixlora::lora_shrink", mutates_args=())
 @reference
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                dropout_p: float, seed: int) -> torch.Tensor:
+def lora_shrink_reference(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: torch.Tensor,
+                          offsets: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     """Per-slot LoRA shrink with the token gather fused in.
 
     Args:
@@ -35,16 +34,18 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor, order: 
     return z
 
 
+lora_shrink = torch.library.custom_op("mixlora::lora_shrink", lora_shrink_reference, mutates_args=())
+
+
 @lora_shrink.register_fake
 def _(x, A, experts, order, offsets, dropout_p, seed):
     return x.new_empty(experts.numel(), A.shape[1], dtype=acc_dtype(x, A))
 
 
-@torch.library.custom_op("mixlora::lora_shrink_backward", mutates_args=())
 @reference
-def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
-                         order: torch.Tensor, offsets: torch.Tensor, dropout_p: float,
-                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_shrink_backward_reference(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
+                                   experts: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, dropout_p: float,
+                                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (dx (T, H) like x, dA (E, R, H) like A) of `lora_shrink` from grad_z (S, R).
 
     dx_t = Σ_k drop_j(A_eᵀ dz_j), summed token-major (no atomics); dA_e = Σ_{j→e} dz_j drop_j(x_t)ᵀ per expert segment.
@@ -67,6 +68,10 @@ def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
     return dx_slots.view(T, K, -1).sum(1).to(x.dtype), dA.to(A.dtype)
 
 
+lora_shrink_backward = torch.library.custom_op(
+    "mixlora::lora_shrink_backward", lora_shrink_backward_reference, mutates_args=())
+
+
 @lora_shrink_backward.register_fake
 def _(grad_z, x, A, experts, order, offsets, dropout_p, seed):
     return torch.empty_like(x), torch.empty_like(A)
@@ -86,5 +91,5 @@ def _backward(ctx, grad_z):
 
 lora_shrink.register_autograd(_backward, setup_context=_setup_context)
 
-backend.install(lora_shrink, "lora_shrink")
-backend.install(lora_shrink_backward, "lora_shrink_backward")
+backend.install(lora_shrink, "lora_shrink", lora_shrink_reference)
+backend.install(lora_shrink_backward, "lora_shrink_backward", lora_shrink_backward_reference)

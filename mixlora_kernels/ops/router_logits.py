@@ -9,9 +9,8 @@ from mixlora_kernels.checks import check_router_logits
 from mixlora_kernels.ops._common import acc_dtype, reference
 
 
-@torch.library.custom_op("mixlora::router_logits", mutates_args=())
 @reference
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def router_logits_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits.
 
     Args:
@@ -22,6 +21,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     check_router_logits(x, weight)
     return x.to(acc_dtype(x, weight)) @ weight.to(acc_dtype(x, weight)).T
+
+
+router_logits = torch.library.custom_op("mixlora::router_logits", router_logits_reference, mutates_args=())
 
 
 @router_logits.register_fake
@@ -43,4 +45,4 @@ def _backward(ctx, grad):
 
 router_logits.register_autograd(_backward, setup_context=_setup_context)
 
-backend.install(router_logits, "router_logits")
+backend.install(router_logits, "router_logits", router_logits_reference)

@@ -9,9 +9,8 @@ from mixlora_kernels.checks import check, check_sort_slots
 from mixlora_kernels.ops._common import reference
 
 
-@torch.library.custom_op("mixlora::sort_slots", mutates_args=())
 @reference
-def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_slots_reference(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group the S = T·K routing slots by expert.
 
     Slot j = t·K + k is token t's k-th choice.
@@ -33,9 +32,12 @@ def sort_slots(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     return torch.argsort(flat, stable=True), offsets
 
 
+sort_slots = torch.library.custom_op("mixlora::sort_slots", sort_slots_reference, mutates_args=())
+
+
 @sort_slots.register_fake
 def _(experts, num_experts):
     return experts.new_empty(experts.numel(), dtype=torch.int64), experts.new_empty(num_experts + 1, dtype=torch.int64)
 
 
-backend.install(sort_slots, "sort_slots")
+backend.install(sort_slots, "sort_slots", sort_slots_reference)

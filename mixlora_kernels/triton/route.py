@@ -26,14 +26,16 @@ def _route_fwd_kernel(logits_ptr, w_ptr, e_ptr, T, E, stride_lt, stride_le,
     x = tl.where(col_ok[None, :], x, float("-inf"))  # rows past T stay finite (0): no NaN in dead rows
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    p = tl.where(col_ok[None, :], p, -1.0)  # padding columns can never win
+    # NaN (a row with a NaN logit) ranks above every probability, ties to the lower id, as in the reference: the
+    # key 2.0 (> any probability) selects it and the weight comes back as NaN. Padding columns can never win.
+    p = tl.where(col_ok[None, :], tl.where(p != p, 2.0, p), -1.0)
     kcol = tl.arange(0, BLOCK_K)
     sel_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     sel_e = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     for k in tl.static_range(K):
         best = tl.max(p, axis=1)
         idx = tl.min(tl.where(p == best[:, None], col[None, :], BLOCK_E), axis=1)
-        sel_w = tl.where(kcol[None, :] == k, best[:, None], sel_w)
+        sel_w = tl.where(kcol[None, :] == k, tl.where(best > 1.5, float("nan"), best)[:, None], sel_w)
         sel_e = tl.where(kcol[None, :] == k, idx.to(tl.int64)[:, None], sel_e)
         p = tl.where(col[None, :] == idx[:, None], -2.0, p)
     sel_w = sel_w / tl.sum(sel_w, axis=1)[:, None]
