@@ -45,19 +45,19 @@ def _route_fwd_kernel(logits_ptr, w_ptr, e_ptr, T, E, stride_lt, stride_le,
 
 
 @triton.jit
-def _route_bwd_kernel(gw_ptr, w_ptr, e_ptr, out_ptr, T, K, E, stride_gt, stride_gk, stride_wt, stride_wk,
-                      stride_et, stride_ek, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_bwd_kernel(gw_ptr, w_ptr, e_ptr, out_ptr, T, E, stride_gt, stride_gk, stride_wt, stride_wk,
+                      stride_et, stride_ek, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     """dlogits[t, e_k] += w_k (g_k - sum_k' w_k' g_k'); other logits 0. Token-major, written once (no atomics)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     col = tl.arange(0, BLOCK_E)
     wg = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         g = tl.load(gw_ptr + t * stride_gt + k * stride_gk, mask=t_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + t * stride_wt + k * stride_wk, mask=t_ok, other=0.0).to(tl.float32)
         wg += w * g
     out = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         g = tl.load(gw_ptr + t * stride_gt + k * stride_gk, mask=t_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + t * stride_wt + k * stride_wk, mask=t_ok, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + t * stride_et + k * stride_ek, mask=t_ok, other=-1)
@@ -92,7 +92,7 @@ def route_backward(grad_weights: torch.Tensor, weights: torch.Tensor, experts: t
     out = torch.empty(T, num_experts, dtype=torch.result_type(weights, grad_weights), device=weights.device)
     if T:
         _route_bwd_kernel[(triton.cdiv(T, _BLOCK_T),)](
-            grad_weights, weights, experts, out, T, K, num_experts, grad_weights.stride(0), grad_weights.stride(1),
+            grad_weights, weights, experts, out, T, num_experts, grad_weights.stride(0), grad_weights.stride(1),
             weights.stride(0), weights.stride(1), experts.stride(0), experts.stride(1),
-            BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(num_experts))
+            K=K, BLOCK_T=_BLOCK_T, BLOCK_E=triton.next_power_of_2(num_experts))
     return out
