@@ -225,15 +225,17 @@ def fallbacks() -> list[dict[str, str]]:
 
 @contextlib.contextmanager
 def use(backend: str) -> Iterator[dict[str, str]]:
-    """Serve every op with `backend` (`torch`, or a loaded `cuda`/`triton`/`cpu`) where it has the op, the reference
-    elsewhere, inside the block; yields op -> backend for CUDA tensors (or CPU for `cpu`). The import-time choice
-    comes back on exit. For comparing backends in one process (benchmarks, tests); model code never calls it."""
+    """Inside the block, serve the tensors of `backend`'s device (CUDA for `cuda`/`triton`, CPU for `cpu`, both for
+    `torch`) with its kernels where it has the op and the reference elsewhere; yields op -> backend for that device.
+    The import-time choice comes back on exit. For comparing backends in one process (benchmarks, tests); model code
+    never calls it."""
     if backend != "torch" and backend not in _LOADED:
         raise ValueError(f"backend {backend!r} is not loaded here; loaded: {sorted(_LOADED) or 'none'}")
     saved_chains, saved_chosen = dict(_CHAINS), dict(_CHOSEN)
+    device_types = {"torch": ("cuda", "cpu"), "cpu": ("cpu",)}.get(backend, ("cuda",))
     for name in _OPS:
         chain = _chain(name, [backend]) if backend != "torch" else []
-        for device_type in ("cuda", "cpu"):
+        for device_type in device_types:
             _serve(name, device_type, chain)
     try:
         yield selected("cpu" if backend == "cpu" else "cuda")

@@ -1,10 +1,11 @@
-"""The whole MixLoRA FFN on a GPU, through the op registry, for every loaded kernel backend.
+"""The whole MixLoRA FFN on a GPU, through the op registry, for every kernel backend.
 
 The layer runs on CUDA with each backend installed (`mixlora_kernels.backend.use`) and is compared, output and every
 gradient (x, router, each expert A/B), with the loop-simple float64 oracle (tests/reference.py) on CPU copies of the
 same parameters. The 16-bit rule of tests/test_cuda_ops.py applies: error ≤ 2× the torch reference's own error in
 the same dtype (the `torch` backend on the same GPU) + a small atol. `opcheck` runs every op with CUDA inputs under
-each backend. Marked `cuda`: skipped without a GPU.
+each backend. Marked `cuda`: skipped without a GPU. On a GPU every backend must have loaded: the list is fixed here,
+not taken from the registry under test, so a backend that fails to load fails these tests instead of vanishing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from mixlora_kernels import backend, ops
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-BACKENDS = ["torch", *backend.loaded()]
+BACKENDS = ["torch", "triton", "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def _backend_loaded(request):
+    name = request.node.callspec.params.get("backend_name", "torch") if hasattr(request.node, "callspec") else "torch"
+    if name != "torch" and name not in backend.loaded():
+        pytest.fail(f"backend {name!r} did not load on this GPU machine: {backend.load_errors().get(name)}")
 
 
 def _layer(H=96, I=160, E=5, K=2, R=8, dropout=0.0, seed=0):
