@@ -1,7 +1,11 @@
-"""Markdown table from a pytest-benchmark JSON: `python -m benchmarks.report results.json [-o table.md]`.
+"""Markdown table from a pytest-benchmark JSON: `python -m benchmarks.report results.json [-o table.md]
+[--measured-cost cost.json]`.
 
 One table per group (shape and mode): median and IQR of the timed rounds, saved-for-backward MiB, CUDA peak MiB,
 time and saved-memory ratios against peft_lora and against the naive (published) loop of the same group.
+`--measured-cost` also writes, from a GPU run of bench_ffn, backend -> {T: median fwd+bwd ms} of our kernel
+backends: committed as `mixlora_kernels/measured_cost.json`, it is the evidence `MIXLORA_BACKEND=auto` orders the
+GPU backends by.
 """
 
 from __future__ import annotations
@@ -84,14 +88,30 @@ def render(data: dict, note: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_cost(data: dict) -> dict[str, dict[str, float]]:
+    """Kernel backend -> {str(T): median ms} of the FFN fwd+bwd rows measured on CUDA (empty for a CPU run)."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        on_gpu = not str(info.get("device", "CPU")).startswith("CPU")
+        if on_gpu and info.get("mode") == "fwd_bwd" and info.get("provider") in ("triton", "cuda"):
+            out[info["provider"]][str(info["shape"]["T"])] = bench["stats"]["median"] * 1e3
+    return dict(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("-o", "--output", help="markdown file to write (default: stdout)")
     parser.add_argument("--note", help="a line for the header, e.g. the machine's load during the run")
+    parser.add_argument("--measured-cost", help="JSON to write: kernel backend -> {T: fwd+bwd ms} (GPU runs)")
     args = parser.parse_args(argv)
     with open(args.results) as f:
-        text = render(json.load(f), args.note)
+        data = json.load(f)
+    text = render(data, args.note)
+    if args.measured_cost:
+        with open(args.measured_cost, "w") as f:
+            json.dump(measured_cost(data), f, indent=1)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)

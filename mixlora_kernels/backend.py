@@ -218,6 +218,21 @@ def selected(device: str = "cuda") -> dict[str, str]:
     return {name: next((b for b, _ in _CHAINS.get((name, device), [])), "torch") for name in _OPS}
 
 
+def check_all(device: str = "cuda", dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> dict[str, dict]:
+    """Run the first-use self-check now for every op on `device` in each of `dtypes` (what the first calls would do);
+    returns op -> {dtype name: the backend that serves it}. Failures land in `fallbacks()`, with a warning each."""
+    device = torch.device(device)
+    out = {}
+    for name in _OPS:
+        out[name] = {}
+        for dtype in dtypes:
+            key = (name, device, None if name == "sort_slots" else dtype)
+            if key not in _CHOSEN:
+                _CHOSEN[key] = _choose(*key)
+            out[name][str(dtype).removeprefix("torch.")] = _CHOSEN[key][0]
+    return out
+
+
 def fallbacks() -> list[dict[str, str]]:
     """The self-check failures of this process: op, backend, device, dtype and the error, in order."""
     return list(_FALLBACKS)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (docs: /work/shared/docs/gpu.md): build the CUDA extension against that
-# machine's torch, run the CUDA and Triton tests, run the benchmarks, write everything under $OUT and print a short
-# table last. Needs no network. Fits in ~8 minutes: every stage runs under `timeout`, cut to what is left of
+# One prepared check for a lent GPU machine: build the CUDA extension against that machine's torch, run every
+# backend's first-use self-check (fails loudly on any fallback), the CUDA and Triton tests against the float64
+# oracle, the benchmarks, write everything under $OUT (measured_cost.json: commit it as
+# mixlora_kernels/measured_cost.json, the evidence `auto` orders the GPU backends by) and print the measured table
+# beside the predicted one last. Needs no network. Fits in ~8 minutes: every stage runs under `timeout`, cut to what is left of
 # GPU_CHECK_BUDGET_S (default 480 s) so a slow stage cannot starve the ones after it of their reserve.
 #
 #   OUT=/path/to/results bash scripts/gpu_check.sh        # on the device: OUT is set by the device tool
@@ -64,11 +66,18 @@ print(subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=Tru
 # Build in place against this machine's torch (gpu.md: pip -e needs network here; build_ext does not).
 run_stage build 200 250 "$PYTHON" setup.py build_ext --inplace
 
-run_stage backends 30 240 env MIXLORA_BACKEND=auto "$PYTHON" -c "
-import torch, mixlora_kernels._C
+# Every op on every dtype through its first-use self-check: any fallback (a kernel that errs or is off the
+# reference beyond the tolerance rule) fails this stage and is listed.
+run_stage selfcheck 60 240 env MIXLORA_BACKEND=auto MIXLORA_SELFTEST=1 "$PYTHON" -c "
+import json, sys, torch, mixlora_kernels._C
 from mixlora_kernels import backend
-print(torch.ops.mixlora_cuda.lora_shrink)
-print('selected:', backend.selected())
+print('loaded:', backend.loaded(), 'load errors:', backend.load_errors())
+print(json.dumps(backend.check_all('cuda'), indent=1))
+missing = [b for b in ('cuda', 'triton') if b not in backend.loaded()]
+if backend.fallbacks() or missing:
+    print('SELF-CHECK FAILED: fallbacks', json.dumps(backend.fallbacks(), indent=1), 'not loaded', missing)
+    sys.exit(1)
+print('self-check: every kernel passed')
 "
 
 # The extension against the float64 references (tests marked cuda: tests/test_cuda_ops.py and any other).
@@ -84,7 +93,8 @@ run_stage bench 200 10 "$PYTHON" -m pytest -q --benchmark-only benchmarks/bench_
   -p no:cacheprovider --benchmark-json "$OUT/bench.json"
 
 if [[ -s "$OUT/bench.json" ]]; then
-  run_stage report 15 0 "$PYTHON" -m benchmarks.report "$OUT/bench.json" -o "$OUT/bench.md"
+  run_stage report 15 0 "$PYTHON" -m benchmarks.report "$OUT/bench.json" -o "$OUT/bench.md" \
+    --measured-cost "$OUT/measured_cost.json"
 else
   printf 'report\tskipped (no bench.json)\t0\t-\n' >> "$SUMMARY"
 fi
@@ -92,7 +102,14 @@ fi
 echo
 echo "=== results in $OUT (logs/, *.xml, bench.json, bench.md); total ${SECONDS}s of ${BUDGET}s"
 if [[ -s "$OUT/bench.md" ]]; then
+  echo "--- measured on this GPU"
   cat "$OUT/bench.md"
+  echo
+fi
+predicted="$(ls benchmarks/results/sm90-cost-*.md 2> /dev/null | tail -n 1 || true)"
+if [[ -n "$predicted" ]]; then
+  echo "--- predicted without a GPU ($predicted)"
+  cat "$predicted"
   echo
 fi
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"

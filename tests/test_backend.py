@@ -229,3 +229,13 @@ def test_tolerance_rule():
     assert "1 of 3 entries off" in tolerance_violation(ref64.float() + torch.tensor([0.0, 1e-5, 0.0]), same, ref64)
     assert "1 of 3 entries off" in tolerance_violation(torch.tensor([1.0, float("nan"), 3.0]), same, ref64)
     assert "shape (2,)" in tolerance_violation(ref64[:2].float(), same, ref64)
+
+
+def test_check_all_reports_what_serves_each_op_and_dtype(serve):
+    serve("lora_expand_combine", [("bad", lambda *a: backend._REFERENCES["lora_expand_combine"](*a).neg())])
+    with pytest.warns(backend.BackendWarning, match="mixlora::lora_expand_combine: backend 'bad' failed"):
+        served = backend.check_all("cpu", (torch.float32, torch.bfloat16))
+    assert set(served) == OPS
+    assert served["lora_expand_combine"] == {"float32": "torch", "bfloat16": "torch"}
+    assert [f["dtype"] for f in backend.fallbacks()[-2:]] == ["torch.float32", "torch.bfloat16"]
+    assert served["route"] == {"float32": "torch", "bfloat16": "torch"}  # no kernel backend has route on the CPU
