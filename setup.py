@@ -6,8 +6,15 @@ torch, so install without build isolation:
     pip install --no-build-isolation -e .          # editable; the .so lands next to mixlora_kernels/__init__.py
     python setup.py build_ext --inplace             # rebuild the extension in place
 
+The extension is built when a CUDA GPU is visible (`nvidia-smi -L` lists one, or /dev/nvidia0 exists), or when asked
+with MIXLORA_BUILD_CUDA=1 (CI does, as a compile check): on a machine without a GPU it could not run, and compiling
+it takes 10+ minutes of two CPU cores. The decision is printed (pip shows it with -v). Object files are kept in
+build/cuda-ext/ under the repository, so a re-install (pip's editable build starts in a fresh temporary directory)
+recompiles only the sources that changed; that needs ninja (`pip install ninja`), without it torch rebuilds all.
+
 Environment:
-    MIXLORA_SKIP_CUDA_BUILD=1   install as pure Python, without the extension
+    MIXLORA_BUILD_CUDA=1        build the extension even when no GPU is visible (needs nvcc)
+    MIXLORA_SKIP_CUDA_BUILD=1   install as pure Python, without the extension (wins over MIXLORA_BUILD_CUDA)
     MIXLORA_CUDA_ARCHS="80;90"  compute capabilities to build SASS for (also "8.0", "90a"; ";", "," or space
                                 separated); PTX of the highest one is embedded so newer GPUs can JIT it
     MAX_JOBS=N                  parallel compile jobs (read by torch's ninja build)
@@ -20,6 +27,7 @@ backends of the ops still work then.
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +36,8 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 EXTENSION = "mixlora_kernels._C"
 DEFAULT_CUDA_ARCHS = "80;90"
+# Kept between installs so that ninja recompiles only changed sources; `build/` is in .gitignore.
+BUILD_TEMP = ROOT / "build" / "cuda-ext"
 
 
 def warn(message):
@@ -79,11 +89,44 @@ def gencode_flags(spec):
     return flags
 
 
-def cuda_extension():
-    """(ext_modules, cmdclass) for the CUDA extension, or empty ones with a warning saying why not."""
+def visible_gpu():
+    """A description of the first CUDA GPU this machine shows (`nvidia-smi -L`, else /dev/nvidia0), or None."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is not None:
+        try:
+            result = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            result = None
+        if result is not None and result.returncode == 0:
+            gpus = [line.strip() for line in result.stdout.splitlines() if line.startswith("GPU ")]
+            if gpus:
+                return gpus[0]
+    if os.path.exists("/dev/nvidia0"):
+        return "/dev/nvidia0"
+    return None
+
+
+def build_decision():
+    """(build the CUDA extension?, why), from MIXLORA_SKIP_CUDA_BUILD, MIXLORA_BUILD_CUDA and the visible GPUs."""
     if os.environ.get("MIXLORA_SKIP_CUDA_BUILD", "0") == "1":
-        print("mixlora-kernels: MIXLORA_SKIP_CUDA_BUILD=1, installing without the CUDA extension", file=sys.stderr)
+        return False, "MIXLORA_SKIP_CUDA_BUILD=1"
+    if os.environ.get("MIXLORA_BUILD_CUDA", "0") == "1":
+        return True, "MIXLORA_BUILD_CUDA=1"
+    gpu = visible_gpu()
+    if gpu is not None:
+        return True, f"a CUDA GPU is visible ({gpu})"
+    return False, ("no CUDA GPU is visible (nvidia-smi -L lists none, no /dev/nvidia0); set MIXLORA_BUILD_CUDA=1 to "
+                   "build it anyway")
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for the CUDA extension, or empty ones with a message saying why not."""
+    build, why = build_decision()
+    if not build:
+        print(f"mixlora-kernels: not building the CUDA extension {EXTENSION}: {why}; installing as pure Python "
+              "(the torch and Triton backends of the ops remain)", file=sys.stderr)
         return [], {}
+    print(f"mixlora-kernels: building the CUDA extension {EXTENSION}: {why}", file=sys.stderr)
 
     cuda_home = find_cuda_home()
     if cuda_home is None:
@@ -120,7 +163,15 @@ def cuda_extension():
             "nvcc": ["-O3", "-lineinfo"] + gencode_flags(archs),
         },
     )
-    return [extension], {"build_ext": BuildExtension}
+
+    class PersistentBuildExtension(BuildExtension):
+        """BuildExtension with its objects in BUILD_TEMP (not pip's temporary directory), for incremental builds."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(BUILD_TEMP)
+
+    return [extension], {"build_ext": PersistentBuildExtension}
 
 
 ext_modules, cmdclass = cuda_extension()

@@ -1,9 +1,33 @@
-"""MixLoRA: sparse mixtures of LoRA experts on a frozen dense LLM, on fused kernels (arXiv 2404.15159)."""
+"""MixLoRA: sparse mixtures of LoRA experts on a frozen dense LLM, on fused kernels (arXiv 2404.15159).
 
-from mixlora.config import MixLoraConfig
-from mixlora.model import (MixLoraModelForCausalLM, adapter_state_dict, get_mixlora_model, inject_adapter_in_model,
-                           moe_layers, router_aux_loss, save_mixlora)
-from mixlora.moe import MixLoraSparseMoe
+The public names are loaded on first use (PEP 562), so that `import mixlora.cli` (the `mixlora` command) does not
+import torch and transformers before it knows what it has to do: `mixlora --help` answers in a fraction of a second.
+"""
 
-__all__ = ["MixLoraConfig", "MixLoraModelForCausalLM", "MixLoraSparseMoe", "adapter_state_dict", "get_mixlora_model",
-           "inject_adapter_in_model", "moe_layers", "router_aux_loss", "save_mixlora"]
+import importlib
+
+_EXPORTS = {
+    "MixLoraConfig": "mixlora.config",
+    "MixLoraModelForCausalLM": "mixlora.model",
+    "MixLoraSparseMoe": "mixlora.moe",
+    "adapter_state_dict": "mixlora.model",
+    "get_mixlora_model": "mixlora.model",
+    "inject_adapter_in_model": "mixlora.model",
+    "moe_layers": "mixlora.model",
+    "router_aux_loss": "mixlora.model",
+    "save_mixlora": "mixlora.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mixlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

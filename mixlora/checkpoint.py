@@ -26,20 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 
+import safetensors
 import safetensors.torch
 import torch
 
-from .config import CONFIG_NAME, LEGACY_PROJECTION_NAMES, MixLoraConfig, write_file_atomically
+from .config import CONFIG_NAME, LEGACY_PROJECTION_NAMES, AdapterFileError, MixLoraConfig, write_file_atomically
 
 __all__ = [
+    "AdapterFileError",
     "CONFIG_NAME",
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "from_published_state_dict",
     "load_adapter",
+    "read_torch_file",
     "save_adapter",
     "to_published_state_dict",
 ]
@@ -231,7 +236,9 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[MixLoraConfig, dict[str,
 
     Raises:
         FileNotFoundError: the path does not exist, or the directory lacks the config or a weights file.
-        ValueError: the config is invalid, or the weights file does not hold a dict of tensors.
+        AdapterFileError: (a ValueError) a file cannot be read: truncated or corrupt weights, a config that is not
+            JSON, weights that are not a dict of tensors. The message names the file and what is wrong.
+        ValueError: the config is invalid.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -255,15 +262,46 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[MixLoraConfig, dict[str,
 
     config = MixLoraConfig.from_pretrained(directory)
     if weights_file.endswith(".safetensors"):
-        weights = safetensors.torch.load_file(weights_file, device="cpu")
+        try:
+            weights = safetensors.torch.load_file(weights_file, device="cpu")
+        except (safetensors.SafetensorError, OSError) as e:
+            raise AdapterFileError(weights_file, f"is truncated or not a safetensors file ({_first_line(e)})") from e
     else:
-        weights = torch.load(weights_file, map_location="cpu", weights_only=True)
+        weights = read_torch_file(weights_file, weights_only=True)
     if not isinstance(weights, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
     ):
-        raise ValueError(f"{weights_file} does not hold a dict of str -> tensor")
+        raise AdapterFileError(weights_file, "does not hold a dict of str -> tensor")
     # Published .bin files may hold nn.Parameters; hand back plain tensors.
     return config, {key: value.detach() for key, value in weights.items()}
+
+
+def read_torch_file(path: str | os.PathLike[str], weights_only: bool = True):
+    """`torch.load(path)` onto the CPU; a file that cannot be read raises `AdapterFileError` saying why (truncated,
+    not a PyTorch file, objects a weights-only load refuses) instead of the error of whichever layer noticed
+    (PytorchStreamReader, OSError, EOFError, UnpicklingError)."""
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # unpickling a corrupt file fails with almost any type (IndexError, KeyError, ...)
+        complete = zipfile.is_zipfile(path)  # torch.save writes a zip archive whose directory is at the end
+        if isinstance(e, pickle.UnpicklingError) and weights_only and complete:
+            # torch's message is a page of advice; its "WeightsUnpickler error: ..." line names the object.
+            reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line),
+                          _first_line(e))
+            problem = f"holds objects other than tensors, which a weights-only load refuses ({reason})"
+        elif os.path.getsize(path) == 0:
+            problem = "is empty"
+        elif not complete:
+            problem = f"is truncated or not a PyTorch file ({os.path.getsize(path)} bytes, no zip directory at its end)"
+        else:
+            problem = f"is corrupt ({type(e).__name__}: {_first_line(e)})"
+        raise AdapterFileError(path, problem) from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _plan(name: str, shape: tuple[int, ...]) -> tuple[list[str], tuple[int, ...], bool] | None:

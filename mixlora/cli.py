@@ -1,7 +1,9 @@
 """The `mixlora` command: train, eval, generate, inspect (also `python -m mixlora`).
 
 Bad input (an invalid config value, an unknown task, a data file with wrong fields, an unsupported base model, an
-adapter built for another base) ends with one line `mixlora: error: ...` on stderr and exit code 2.
+adapter built for another base, a truncated or corrupt file) ends with one line `mixlora: error: ...` on stderr and
+exit code 2. torch and transformers are imported only by the command that runs, after its arguments and files have
+been checked, so `--help` and those errors answer at once.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def _read_config_file(path: str) -> dict[str, object]:
     with open(path, encoding="utf-8") as f:
         try:
             values = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_YamlLoader)
+        except UnicodeDecodeError:
+            raise UsageError(f"config file {path} is not a text file (expected JSON or YAML)") from None
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             raise UsageError(f"config file {path}: {' '.join(str(e).split())}") from None
     if values is None:
@@ -91,24 +95,54 @@ def _cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
+def _adapter_config(path: str):
+    """The MixLoraConfig of the adapter directory `path`, read before anything heavy is imported; a file where the
+    directory is expected, or a missing one, is an error naming it."""
+    from mixlora.config import CONFIG_NAME, AdapterFileError, MixLoraConfig
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter directory {path} does not exist")
+    if not os.path.isdir(path):
+        folder = os.path.dirname(path) or "."
+        hint = (f"pass the adapter directory {folder}" if os.path.isfile(os.path.join(folder, CONFIG_NAME))
+                else f"pass the adapter directory (the one that holds {CONFIG_NAME})")
+        raise AdapterFileError(path, f"is a file, not an adapter directory: {hint}")
+    return MixLoraConfig.from_pretrained(path)
+
+
 def _load_adapter_model(args):
     """(model, tokenizer, adapter config) for eval/generate/inspect."""
+    config = _adapter_config(args.adapter)
+    base = args.base_model or config.base_model_name_or_path
+    if not base:
+        raise UsageError(f"{args.adapter}: the adapter records no base model; pass --base-model")
+    print(f"mixlora {args.command}: loading the adapter {args.adapter} on {base} ...", file=sys.stderr, flush=True)
     from transformers import AutoTokenizer
 
     from mixlora.base_models import resolve_base_model
-    from mixlora.config import MixLoraConfig
     from mixlora.model import MixLoraModelForCausalLM
 
-    config = MixLoraConfig.from_pretrained(args.adapter)
-    base = resolve_base_model(args.base_model) if args.base_model else config.base_model_name_or_path
-    if not base:
-        raise UsageError(f"{args.adapter}: the adapter records no base model; pass --base-model")
     base = resolve_base_model(base)
     model, config = MixLoraModelForCausalLM.from_pretrained(args.adapter, base_model_name_or_path=base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, config
+
+
+def _recorded_config(summary_path: str) -> dict:
+    """The training config recorded in a train_summary.json."""
+    from mixlora.config import AdapterFileError
+
+    try:
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(summary_path, f"is not valid JSON ({e}); pass --data or --tasks to evaluate "
+                                             "without it") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise AdapterFileError(summary_path, "records no training config (no 'config' mapping)")
+    return summary["config"]
 
 
 def _eval_examples(args, adapter_dir: str):
@@ -122,15 +156,13 @@ def _eval_examples(args, adapter_dir: str):
         trained = recorded = None
         summary_path = os.path.join(adapter_dir, SUMMARY_NAME)
         if os.path.isfile(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                trained = recorded = json.load(f)["config"]
+            trained = recorded = _recorded_config(summary_path)
         else:
             # An adapter of a multi-adapter run is OUTPUT_DIR/NAME; OUTPUT_DIR's summary records its data.
             parent, name = os.path.split(os.path.normpath(adapter_dir))
             summary_path = os.path.join(parent, SUMMARY_NAME)
             if os.path.isfile(summary_path):
-                with open(summary_path, encoding="utf-8") as f:
-                    trained = json.load(f)["config"]
+                trained = _recorded_config(summary_path)
                 recorded = (trained.get("adapters") or {}).get(name)
         if recorded is not None:
             data, tasks, seed = recorded["data"], recorded["tasks"], trained["seed"]
@@ -147,34 +179,47 @@ def _eval_examples(args, adapter_dir: str):
 
 
 def _cmd_eval(args, extra) -> int:
+    _adapter_config(args.adapter)  # a bad path fails here, before any data is read or torch is imported
+    examples = _eval_examples(args, args.adapter)
+    model, tokenizer, _ = _load_adapter_model(args)
     from mixlora.evaluate import accuracy, format_accuracy_table
 
-    model, tokenizer, _ = _load_adapter_model(args)
-    result = accuracy(model, tokenizer, _eval_examples(args, args.adapter), args.max_seq_len, args.batch_size)
+    result = accuracy(model, tokenizer, examples, args.max_seq_len, args.batch_size, desc="eval")
     print(format_accuracy_table(None, result))
     return 0
 
 
 def _cmd_generate(args, extra) -> int:
+    model, tokenizer, _ = _load_adapter_model(args)
     from mixlora.evaluate import generate
 
-    model, tokenizer, _ = _load_adapter_model(args)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
     return 0
 
 
 def _cmd_inspect(args, extra) -> int:
-    from mixlora.evaluate import format_router_table, heatmap_path, plot_expert_load, router_statistics
-
-    model, tokenizer, _ = _load_adapter_model(args)
+    _adapter_config(args.adapter)  # a bad path fails here, before any data is read or torch is imported
     grouped = _eval_examples(args, args.adapter)
     examples = [e for v in grouped.values() for e in v]
-    stats = router_statistics(model, tokenizer, examples, args.max_seq_len, args.batch_size)
+    model, tokenizer, _ = _load_adapter_model(args)
+    from mixlora.evaluate import format_router_table, heatmap_path, plot_expert_load, router_statistics
+
+    stats = router_statistics(model, tokenizer, examples, args.max_seq_len, args.batch_size, desc="inspect")
     print(format_router_table(stats))
     path = heatmap_path(args.adapter)
     plot_expert_load(stats, path)
     print(f"heatmap: {path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,16 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
         if data:
             p.add_argument("--data", help="JSON/JSONL file (default: the data the adapter was trained on)")
             p.add_argument("--tasks", help="comma-separated task names")
-            p.add_argument("--limit", type=int, default=None, help="held-out examples per task")
-            p.add_argument("--max-seq-len", type=int, default=256)
-            p.add_argument("--batch-size", type=int, default=16)
+            p.add_argument("--limit", type=_positive_int, default=None, help="held-out examples per task")
+            p.add_argument("--max-seq-len", type=_positive_int, default=256)
+            p.add_argument("--batch-size", type=_positive_int, default=16)
         p.set_defaults(func=func)
         return p
 
     adapter_command("eval", "per-task multiple-choice accuracy", _cmd_eval)
     gen = adapter_command("generate", "generate text with the adapter", _cmd_generate, data=False)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     adapter_command("inspect", "per-layer expert load and router entropy, with a heatmap", _cmd_inspect)
     return parser
 
@@ -225,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:
         # One line: messages of nested errors (e.g. a config file path prefixed to a MixLoraConfig error) included.
+        # OSError: a file that cannot be read or written (missing, a directory, no permission), named by its message.
         print(f"mixlora: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

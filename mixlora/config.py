@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -10,8 +11,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
-
-from transformers.activations import ACT2FN
 
 # The file name of the configuration inside an adapter directory. The weight file names live in
 # `mixlora.checkpoint`, which re-exports this one; it is defined here so that `checkpoint` can depend on
@@ -54,6 +53,28 @@ def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
         raise
+
+
+
+class AdapterFileError(ValueError):
+    """A file of an adapter (or of a training checkpoint) that cannot be read: truncated, corrupt, of the wrong
+    kind, or a file where a directory is expected. `path` is the file, `problem` what is wrong with it; the
+    message is "PATH: PROBLEM". A ValueError, so callers that catch bad input already catch it."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def close_matches(name: str, known: list[str] | tuple[str, ...]) -> list[str]:
+    """The (at most 3) names of `known` closest to a mistyped `name`, best first (difflib, ratio >= 0.6)."""
+    return difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """"; did you mean 'x' or 'y'?" for the names of `known` closest to `name`, or "" when none is close."""
+    close = close_matches(name, known)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,10 @@ class MixLoraConfig:
         if self.act_fn is not None:
             if not isinstance(self.act_fn, str):
                 _fail_type("act_fn", "a str or None", self.act_fn)
+            # Imported here: transformers (with torch) takes seconds to import, and the `mixlora` command reads
+            # this module's fields for its --help.
+            from transformers.activations import ACT2FN
+
             _check_choice("act_fn", self.act_fn, tuple(sorted(ACT2FN)))
         _check_real("router_aux_loss_coef", self.router_aux_loss_coef, ">= 0", lambda x: x >= 0)
         _check_real("router_z_loss_coef", self.router_z_loss_coef, ">= 0", lambda x: x >= 0)
@@ -234,9 +259,11 @@ class MixLoraConfig:
         known = [f.name for f in fields(cls)]
         unknown = [key for key in values if key not in known]
         if unknown:
+            hints = [f"{key!r}: did you mean {' or '.join(map(repr, close))}?" for key in unknown
+                     if (close := close_matches(key, known))]
             raise ValueError(
                 f"MixLoraConfig.from_dict got unknown key(s) {', '.join(map(repr, unknown))}; "
-                f"known keys: {', '.join(known)}"
+                f"known keys: {', '.join(known)}" + (f" ({'; '.join(hints)})" if hints else "")
             )
         expert_lora = values.get("expert_lora")
         if isinstance(expert_lora, Mapping):
@@ -291,11 +318,17 @@ class MixLoraConfig:
         file = path if os.path.isfile(path) else os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no MixLoRA config in {path!r}: expected the file {CONFIG_NAME!r} there")
-        with open(file, encoding="utf-8") as f:
-            try:
+        try:
+            with open(file, encoding="utf-8") as f:
                 config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from e
+        except UnicodeDecodeError:
+            # E.g. the weights file given instead of the adapter directory.
+            raise AdapterFileError(file, f"is not a text file, so not a MixLoRA config ({CONFIG_NAME}); pass the "
+                                         "adapter directory that holds it") from None
+        except json.JSONDecodeError as e:
+            raise AdapterFileError(file, f"is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise AdapterFileError(file, f"holds a JSON {type(config).__name__}, not the mapping of a MixLoRA config")
         try:
             return cls.from_dict(config)
         except ValueError as e:

@@ -10,18 +10,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from mixlora.base_models import cache_root
-from mixlora.config import write_file_atomically
+from mixlora.config import did_you_mean, write_file_atomically
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+BIGBENCH_SDIST_BYTES = 358_249_635  # its size on PyPI: the total of the download's progress bar
 _TASKS_DIR = "bigbench/benchmark_tasks/"
 _TASK_INDEX = "tasks.json"
 # pip >= 25.1 refuses to download this sdist: its metadata names a `file://` URL for bleurt, and pip now rejects
@@ -67,25 +70,98 @@ def _bigbench_sdist() -> str:
         return path
     os.makedirs(folder, exist_ok=True)
     download = ["download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQUIREMENT, "-d", folder, "-q"]
-    result = subprocess.run([sys.executable, "-m", "pip", *download], capture_output=True, text=True)
-    if result.returncode != 0 and "direct URL dependencies" in result.stderr:
+    result = None
+    if _pip_version() < (25, 1):
+        result = _pip_with_progress([sys.executable, "-m", "pip", *download], folder)
+    # A newer pip downloads the sdist, prepares its metadata and then refuses (about a minute spent for nothing).
+    if result is None or result.returncode != 0 and "direct URL dependencies" in result.stderr:
         pip_dir = os.path.join(folder, "pip")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", _FALLBACK_PIP, "-d", pip_dir, "-q"],
                        check=True, capture_output=True, text=True)
         wheel = next(os.path.join(pip_dir, n) for n in os.listdir(pip_dir) if n.endswith(".whl"))
-        result = subprocess.run([sys.executable, os.path.join(wheel, "pip"), *download], capture_output=True,
-                                text=True)
+        result = _pip_with_progress([sys.executable, os.path.join(wheel, "pip"), *download], folder)
     if result.returncode != 0 or not os.path.isfile(path):
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise DataError(f"could not download the {BIGBENCH_REQUIREMENT} sdist with pip: {last}")
     return path
 
 
+def _pip_version() -> tuple[int, ...]:
+    """The version of the pip in this environment, e.g. (25, 1); (0,) when it has none."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("pip")
+    except metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def _pip_with_progress(command: list[str], folder: str) -> subprocess.CompletedProcess:
+    """Run a `pip download` of the sdist with a progress bar on stderr. pip draws no bar when its output is not a
+    terminal (it is captured here, to read its errors), so the bar follows the size of the sdist that pip writes
+    into its temporary directory, which is pointed (TMPDIR) at a folder of the cache."""
+    from tqdm.auto import tqdm
+
+    scratch = tempfile.mkdtemp(prefix=".pip-", dir=folder)
+    try:
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+                tqdm(total=BIGBENCH_SDIST_BYTES, unit="B", unit_scale=True, desc=f"download {BIGBENCH_SDIST}",
+                     dynamic_ncols=True) as bar:
+            process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env={**os.environ, "TMPDIR": scratch})
+            while process.poll() is None:
+                time.sleep(0.5)
+                done = _downloaded_bytes(scratch)
+                bar.update(max(0, done - bar.n))
+                if done >= bar.total:  # pip still unpacks the sdist to read its metadata (10-30 s)
+                    bar.set_postfix_str("pip checks the sdist", refresh=True)
+            if process.returncode == 0:
+                bar.update(bar.total - bar.n)
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _downloaded_bytes(scratch: str) -> int:
+    """Size of the partly downloaded sdist somewhere under `scratch` (0 before it appears)."""
+    sizes = [0]
+    for root, _, names in os.walk(scratch):
+        if BIGBENCH_SDIST in names:
+            try:
+                sizes.append(os.path.getsize(os.path.join(root, BIGBENCH_SDIST)))
+            except FileNotFoundError:  # pip moved it between the listing and the stat
+                pass
+    return max(sizes)
+
+
+class _ReadProgress:
+    """A binary file whose reads advance a tqdm bar by the bytes read (for reading the sdist with tarfile)."""
+
+    def __init__(self, file, bar) -> None:
+        self.file, self.bar = file, bar
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.bar.update(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
 def _extract_tasks(wanted: set[str]) -> list[str]:
     """One pass over the sdist: cache the task.json of every wanted task and the index of all task names."""
+    from tqdm.auto import tqdm
+
     folder = bigbench_dir()
     known = []
-    with tarfile.open(_bigbench_sdist(), "r:gz") as tar:
+    sdist = _bigbench_sdist()
+    with open(sdist, "rb") as raw, \
+            tqdm(total=os.path.getsize(sdist), unit="B", unit_scale=True, desc=f"read {BIGBENCH_SDIST}",
+                 dynamic_ncols=True) as bar, \
+            tarfile.open(fileobj=_ReadProgress(raw, bar), mode="r:gz") as tar:
         for member in tar:
             parts = member.name.split("/")
             # bigbench-1.0.0/bigbench/benchmark_tasks/<task>/task.json (subtasks are one level deeper)
@@ -138,8 +214,15 @@ def load_bigbench_tasks(tasks: list[str]) -> dict[str, list[Example]]:
 
 
 def _unknown_tasks(unknown: list[str], known: list[str]) -> DataError:
-    return DataError(f"unknown BIG-bench task(s) {', '.join(unknown)}; known tasks ({len(known)}): "
-                     f"{', '.join(known)}")
+    return DataError(f"unknown BIG-bench task {_unknown_names(unknown, known)} ({len(known)} tasks are listed in "
+                     f"{os.path.join(bigbench_dir(), _TASK_INDEX)})")
+
+
+def _unknown_names(unknown: list[str], known: list[str]) -> str:
+    """"'a'; did you mean 'b'?" for each unknown name; the known names themselves when there are at most 12."""
+    hints = [f"{name!r}{did_you_mean(name, known)}" for name in unknown]
+    listed = f"; known: {', '.join(known)}" if len(known) <= 12 else ""
+    return "; ".join(hints) + listed
 
 
 # ------------------------------------------------------------------------------------------------- data files
@@ -152,9 +235,13 @@ def load_data_file(path: str) -> dict[str, list[Example]]:
     correct choice's text or index). A bad record raises `DataError` naming the file, the line and the fields.
     """
     if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise DataError(f"data file {path!r} " + ("is a directory, not a JSON/JSONL file" if os.path.isdir(path)
+                                                   else "does not exist"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON or JSONL file") from None
     stripped = text.lstrip()
     records: list[tuple[int, object]] = []
     if stripped.startswith("["):
@@ -216,7 +303,7 @@ def load_examples(data: str | None, tasks: list[str]) -> dict[str, list[Example]
     if tasks:
         unknown = [t for t in tasks if t not in grouped]
         if unknown:
-            raise DataError(f"task(s) {', '.join(unknown)} not in {data}; its tasks: {', '.join(sorted(grouped))}")
+            raise DataError(f"{data} has no task {_unknown_names(unknown, sorted(grouped))}")
         grouped = {t: grouped[t] for t in tasks}
     return grouped
 
@@ -253,8 +340,10 @@ def encode(tokenizer, prompt: str, answer: str, max_len: int, add_eos: bool) -> 
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding)."""
+def collate(sequences: list[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on prompt and padding), (B, L) int64 tensors."""
+    import torch  # here, so that reading data (and its errors) does not wait for torch to load
+
     width = max(len(ids) for ids, _ in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

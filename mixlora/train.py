@@ -29,23 +29,17 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-from transformers import Trainer
+from mixlora.config import AdapterFileError, MixLoraConfig, did_you_mean, write_file_atomically
 
-from mixlora.checkpoint import from_published_state_dict, load_adapter
-from mixlora.config import MixLoraConfig, write_file_atomically
-from mixlora.model import adapter_state_dict, get_mixlora_model, save_mixlora
-from mixlora.multi import (
-    adapter_named_parameters,
-    batch_adapters,
-    get_multi_mixlora_model,
-    save_adapter,
-)
+# torch, transformers and the model modules are imported inside the functions that use them: this module holds the
+# settings that `mixlora --help` and the argument checks read, and those should answer before torch (1-2 s) and
+# transformers (several s) have loaded.
 
 DEFAULT_TASKS = ["social_iqa", "strategyqa", "sports_understanding", "winowhy"]
 DEFAULT_ADAPTER = {"num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
@@ -82,6 +76,9 @@ class TrainConfig:
         eval_batch_size: Sequences per evaluation forward.
         save_every: Checkpoint every N steps (0 disables); keep_checkpoints: how many to keep (0 = all).
         resume: Continue from the latest checkpoint in output_dir.
+        overwrite: Replace the outputs of an earlier run in a non-empty output_dir (the adapter files, summary,
+            plots and checkpoints it wrote; other files stay). Without it (or `resume`), a non-empty output_dir is
+            refused.
         seed: Seed of the data split, the batch order, the adapter init and dropout.
         device: "auto" (cuda if available), "cpu" or "cuda". dtype: "auto" (bf16 on cuda, fp32 on cpu),
             "float32" or "bfloat16" for the frozen base weights.
@@ -108,12 +105,15 @@ class TrainConfig:
     save_every: int | None = field(default=None, metadata={"help": "checkpoint every N steps (0: never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
 
     def resolved(self) -> TrainConfig:
         """A copy with the device-dependent defaults filled in and the adapter defaults merged; validated."""
+        import torch
+
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,6 +136,8 @@ class TrainConfig:
         return out
 
     def validate(self) -> None:
+        import torch
+
         for name in ("steps", "batch_size", "max_seq_len", "eval_batch_size"):
             _check_int(name, getattr(self, name), 1)
         for name in ("eval_size", "save_every", "keep_checkpoints"):
@@ -164,6 +166,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.tasks is empty and no data file is given: nothing to train on")
         if not isinstance(self.adapter, dict):
             raise ValueError(f"TrainConfig.adapter must be a dict of MixLoraConfig fields, got {self.adapter!r}")
+        if self.adapters is None:
+            MixLoraConfig.from_dict(self.adapter)  # a bad adapter value fails now, before a base model is loaded
 
     def _validate_adapters(self) -> None:
         if self.data is not None or self.tasks:
@@ -204,6 +208,11 @@ def _resolve_adapters(adapters: Any, shared: dict[str, Any], lr: float) -> dict[
         nested = spec.pop("adapter", {})
         if not isinstance(nested, dict):
             raise ValueError(f"adapter {name!r}: 'adapter' must be a mapping of MixLoraConfig fields, got {nested!r}")
+        known = list(ADAPTER_RUN_KEYS) + list(ADAPTER_FIELDS)
+        for key in [*nested, *spec]:
+            if key not in known:
+                raise ValueError(f"adapter {name!r}: unknown key {key!r}{did_you_mean(key, known)} (`mixlora train "
+                                 "--help` lists the keys)")
         settings.update(nested)
         settings.update({k: v for k, v in spec.items() if k not in ADAPTER_RUN_KEYS})
         if isinstance(settings.get("target_modules"), str):
@@ -236,15 +245,17 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
                 raise ValueError(f"'adapter' must be a mapping of MixLoraConfig fields, got {value!r}")
             for sub in value:
                 if sub not in ADAPTER_FIELDS:
-                    raise ValueError(f"unknown adapter key {sub!r}; known: {', '.join(ADAPTER_FIELDS)}")
+                    raise ValueError(f"unknown adapter key {sub!r}{did_you_mean(sub, ADAPTER_FIELDS)} (`mixlora "
+                                     "train --help` lists the keys)")
             adapter.update(value)
         elif key in TRAIN_FIELDS:
             train[key] = value
         elif key in ADAPTER_FIELDS:
             adapter[key] = value
         else:
-            known = ", ".join(f for f in TRAIN_FIELDS if f != "adapter")
-            raise ValueError(f"unknown config key {key!r}; known: {known} and adapter keys {', '.join(ADAPTER_FIELDS)}")
+            known = [f for f in TRAIN_FIELDS if f != "adapter"] + list(ADAPTER_FIELDS)
+            raise ValueError(f"unknown config key {key!r}{did_you_mean(key, known)} (`mixlora train --help` lists "
+                             "the keys)")
     for key in ("tasks",):
         if isinstance(train.get(key), str):
             train[key] = [t for t in train[key].split(",") if t]
@@ -257,6 +268,8 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def _seed_all(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -281,6 +294,8 @@ def _lr_lambda(steps: int, warmup: int):
 
 
 def _rng_state() -> dict[str, Any]:
+    import torch
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -288,6 +303,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -296,17 +313,95 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    checkpoints = _checkpoint_steps(output_dir)
+    return checkpoints[0] if checkpoints else None
+
+
+def _checkpoint_steps(output_dir: str) -> list[str]:
+    """The checkpoint directories `checkpoints/step-*` with a trainer state, latest first."""
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
     if not os.path.isdir(folder):
-        return None
+        return []
     done = [n for n in os.listdir(folder) if n.startswith("step-")
             and os.path.isfile(os.path.join(folder, n, TRAINER_STATE_NAME))]
-    return os.path.join(folder, max(done)) if done else None
+    return [os.path.join(folder, n) for n in sorted(done, reverse=True)]
+
+
+def _read_checkpoint(checkpoint: str, runs: list[_Run]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(trainer state, each run's published adapter weights) of a checkpoint directory; `AdapterFileError` names
+    the file that cannot be read."""
+    from mixlora.checkpoint import load_adapter, read_torch_file
+
+    state = read_torch_file(os.path.join(checkpoint, TRAINER_STATE_NAME), weights_only=False)
+    if not isinstance(state, dict) or "step" not in state:
+        raise AdapterFileError(os.path.join(checkpoint, TRAINER_STATE_NAME), "is not a `mixlora train` trainer state")
+    return state, [load_adapter(run.directory(checkpoint))[1] for run in runs]
+
+
+def _resume_state(output_dir: str, runs: list[_Run]):
+    """(checkpoint directory, trainer state, weights per run) of the latest checkpoint, or (None, None, None). A
+    damaged latest checkpoint raises `AdapterFileError` that says what is damaged and whether an earlier
+    checkpoint can be read (nothing is skipped silently: resuming from an older step is the user's choice)."""
+    checkpoints = _checkpoint_steps(output_dir)
+    if not checkpoints:
+        return None, None, None
+    latest = checkpoints[0]
+    try:
+        return (latest, *_read_checkpoint(latest, runs))
+    except (AdapterFileError, FileNotFoundError) as error:
+        damage = str(error)
+    usable = None
+    for earlier in checkpoints[1:]:
+        try:
+            _read_checkpoint(earlier, runs)
+        except (AdapterFileError, FileNotFoundError):
+            continue
+        usable = earlier
+        break
+    if usable is not None:
+        advice = (f"the earlier checkpoint {os.path.basename(usable)} is intact: delete {latest} to resume from it")
+    else:
+        advice = "no earlier checkpoint is intact: train again with --overwrite instead of --resume"
+    raise AdapterFileError(latest, f"checkpoint is damaged ({damage}); {advice}")
+
+
+# Files and directories a `mixlora train` run writes into its output directory (a multi-adapter run also writes one
+# adapter directory per name); `overwrite` removes exactly these.
+def _run_outputs(cfg: TrainConfig) -> list[str]:
+    from mixlora.checkpoint import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+    from mixlora.config import CONFIG_NAME
+    from mixlora.evaluate import EXPERT_LOAD_PLOT_NAME
+
+    names = [CONFIG_NAME, WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME, SUMMARY_NAME, LOSS_PLOT_NAME, EXPERT_LOAD_PLOT_NAME,
+             CHECKPOINTS_DIR, *(cfg.adapters or {})]
+    return [os.path.join(cfg.output_dir, name) for name in names]
+
+
+def _prepare_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a file, or a non-empty directory without `overwrite`/`resume`; with `overwrite`, remove an earlier
+    run's outputs."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AdapterFileError(out, "is a file; --output-dir must be a directory (it is created if missing)")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if not entries or cfg.resume:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"output directory {out} is not empty ({shown}): pass --overwrite to replace an earlier "
+                         "run's outputs there, --resume to continue its checkpoints, or another --output-dir")
+    for path in _run_outputs(cfg):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _save_checkpoint(output_dir: str, save, state: dict[str, Any], keep: int) -> str:
     """`save(directory)` (the adapters) + trainer state into checkpoints/step-NNNNNN, atomically (temp dir, then
     os.replace)."""
+    import torch
+
     folder = os.path.join(output_dir, CHECKPOINTS_DIR)
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{state['step']:06d}")
@@ -326,13 +421,24 @@ def _save_checkpoint(output_dir: str, save, state: dict[str, Any], keep: int) ->
     return final
 
 
-def load_adapter_weights(model, path: str, params: dict[str, torch.Tensor] | None = None) -> None:
+def load_adapter_weights(model, path: str, params: dict[str, Any] | None = None) -> None:
     """Copy the adapter weights saved in `path` (published layout) into the MixLoRA `model`.
 
     `params`: the parameters to fill, under single-adapter names (default: `adapter_state_dict(model)`); for one
     adapter of a multi-adapter model, `mixlora.multi.adapter_named_parameters(model, name)`.
     """
-    _, weights = load_adapter(path)
+    from mixlora.checkpoint import load_adapter
+
+    _copy_adapter_weights(model, load_adapter(path)[1], params)
+
+
+def _copy_adapter_weights(model, weights: dict[str, Any], params: dict[str, Any] | None = None) -> None:
+    """Copy published adapter `weights` into `params` (default: the single adapter of `model`)."""
+    import torch
+
+    from mixlora.checkpoint import from_published_state_dict
+    from mixlora.model import adapter_state_dict
+
     ours = adapter_state_dict(model) if params is None else params
     loaded = from_published_state_dict(weights, ours)
     with torch.no_grad():
@@ -360,9 +466,14 @@ class _Run:
 
     def active(self, model):
         """Context in which `model` runs this adapter on every row (needed for a multi-adapter model)."""
+        from mixlora.multi import batch_adapters
+
         return contextlib.nullcontext() if self.name is None else batch_adapters(model, self.name)
 
     def save(self, model, root: str) -> None:
+        from mixlora.model import save_mixlora
+        from mixlora.multi import save_adapter
+
         if self.name is None:
             save_mixlora(model, root, safe_serialization=False)
         else:
@@ -393,15 +504,16 @@ def _load_runs(cfg: TrainConfig, base: str) -> list[_Run]:
     return runs
 
 
-def _evaluate(model, tokenizer, runs: list[_Run], cfg: TrainConfig):
-    """Per-task accuracy of each adapter on its held-out examples: `accuracy`'s result for a single-adapter run,
-    adapter name -> that for several."""
+def _evaluate(model, tokenizer, runs: list[_Run], cfg: TrainConfig, when: str):
+    """Per-task accuracy and answer loss of each adapter on its held-out examples: `accuracy`'s result for a
+    single-adapter run, adapter name -> that for several. `when` labels the progress bar ("before", "after")."""
     from mixlora.evaluate import accuracy
 
     out = {}
     for run in runs:
         with run.active(model):
-            out[run.name] = accuracy(model, tokenizer, run.eval, cfg.max_seq_len, cfg.eval_batch_size)
+            desc = f"eval {when}" if run.name is None else f"eval {when} ({run.name})"
+            out[run.name] = accuracy(model, tokenizer, run.eval, cfg.max_seq_len, cfg.eval_batch_size, desc)
     return out.get(None, out)  # key None: the single adapter of a plain run
 
 
@@ -437,14 +549,18 @@ def train(config: TrainConfig, log=print) -> dict[str, Any]:
 def fit(config: TrainConfig, log=print):
     """`train`, returning (trained MixLoRA model, tokenizer, summary); with `adapters`, the model is a
     multi-adapter model (`mixlora.multi`)."""
+    import torch
     from tqdm.auto import tqdm
 
     from mixlora.base_models import load_base, resolve_base_model
     from mixlora.data import collate, encode
-    from mixlora.evaluate import format_accuracy_table
+    from mixlora.evaluate import compare, format_accuracy_table
+    from mixlora.model import get_mixlora_model
+    from mixlora.multi import adapter_named_parameters, batch_adapters, get_multi_mixlora_model
 
     started = time.perf_counter()
     cfg = config.resolved()
+    _prepare_output_dir(cfg)
     base = resolve_base_model(cfg.base_model)
     runs = _load_runs(cfg, base)
     multi = cfg.adapters is not None
@@ -479,13 +595,12 @@ def fit(config: TrainConfig, log=print):
             f"{sum(p.numel() for p in runs[0].params):,} trainable parameters")
 
     start_step, history, before, tokens, train_time = 0, [], None, 0, 0.0
-    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint, state, checkpoint_weights = _resume_state(cfg.output_dir, runs) if cfg.resume else (None,) * 3
     if cfg.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
     if checkpoint is not None:
-        state = torch.load(os.path.join(checkpoint, TRAINER_STATE_NAME), map_location="cpu", weights_only=False)
-        for run in runs:
-            load_adapter_weights(model, run.directory(checkpoint), run.named_params)
+        for run, weights in zip(runs, checkpoint_weights):
+            _copy_adapter_weights(model, weights, run.named_params)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history, before = state["step"], state["history"], state["before"]
@@ -495,7 +610,7 @@ def fit(config: TrainConfig, log=print):
     eval_time = 0.0
     if before is None:
         t = time.perf_counter()
-        before = _evaluate(model, tokenizer, runs, cfg)
+        before = _evaluate(model, tokenizer, runs, cfg, "before")
         eval_time += time.perf_counter() - t
     if checkpoint is not None:
         _set_rng_state(state["rng"])
@@ -555,7 +670,7 @@ def fit(config: TrainConfig, log=print):
 
     save_all(cfg.output_dir)
     t = time.perf_counter()
-    after = _evaluate(model, tokenizer, runs, cfg)
+    after = _evaluate(model, tokenizer, runs, cfg, "after")
     eval_time += time.perf_counter() - t
 
     summary: dict[str, Any] = {"config": _config_dict(cfg)}
@@ -566,6 +681,7 @@ def fit(config: TrainConfig, log=print):
         "device": torch.cuda.get_device_name() if cfg.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "steps": cfg.steps,
         "resumed_from_step": start_step if checkpoint is not None else None,
+        "commit": _commit(),
     })
     if multi:
         summary["adapters"] = {run.name: {
@@ -575,6 +691,7 @@ def fit(config: TrainConfig, log=print):
             "eval_examples": {task: len(v) for task, v in run.eval.items()},
             **_loss_summary(_run_history(history, run.name)),
             "accuracy": {"before": before[run.name], "after": after[run.name]},
+            "held_out": compare(before[run.name], after[run.name]),
         } for run in runs}
     else:
         summary.update({
@@ -582,6 +699,7 @@ def fit(config: TrainConfig, log=print):
             "eval_examples": {task: len(v) for task, v in runs[0].eval.items()},
             **_loss_summary(history),
             "accuracy": {"before": before, "after": after},
+            "held_out": compare(before, after),
         })
     summary.update({
         "time_s": {"total": time.perf_counter() - started, "train": train_time, "eval": eval_time},
@@ -591,7 +709,7 @@ def fit(config: TrainConfig, log=print):
     })
     write_file_atomically(os.path.join(cfg.output_dir, SUMMARY_NAME),
                           lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(summary, indent=2) + "\n"))
-    plot_losses(history, os.path.join(cfg.output_dir, LOSS_PLOT_NAME))
+    plot_losses(history, os.path.join(cfg.output_dir, LOSS_PLOT_NAME), _plot_title(summary, runs))
     timing = (f"{cfg.steps} steps in {train_time:.0f} s ({summary['tokens_per_s']:.0f} tokens/s); "
               f"total {summary['time_s']['total']:.0f} s on {summary['device']}")
     if multi:
@@ -609,53 +727,90 @@ def fit(config: TrainConfig, log=print):
     return model, tokenizer, summary
 
 
-def plot_losses(history: list[dict[str, Any]], path: str) -> None:
-    """The loss curves of `history`: LM and aux loss, or one LM curve (and a dashed aux curve) per adapter."""
+def _commit() -> str | None:
+    """The short git commit of this package's checkout (with "+changes" when the tree has uncommitted changes to
+    tracked files), or None when it is not in a git checkout or git is not installed."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "diff", "--quiet", "HEAD"], capture_output=True)
+    except FileNotFoundError:  # no git executable: the commit is optional information
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.returncode == 1 else "")
+
+
+def _plot_title(summary: dict[str, Any], runs: list[_Run]) -> str:
+    """Two lines: base model, E/K/R (or the adapters), steps, commit and date; the held-out answer loss."""
+    if len(runs) == 1 and runs[0].name is None:
+        c = runs[0].config
+        setup = f"E {c.num_experts}, K {c.top_k}, R {c.r}"
+        held = summary["held_out"].get("all")
+    else:
+        setup = ", ".join(f"{r.name} (E {r.config.num_experts}, K {r.config.top_k}, R {r.config.r})" for r in runs)
+        held = None
+    first = (f"{os.path.basename(os.path.normpath(summary['base_model']))} · {setup} · {summary['steps']} steps · "
+             f"{summary['commit'] or 'no commit'} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if held is None:
+        return first
+    return (f"{first}\nheld-out answer loss {held['answer_loss_before']:.3f} → {held['answer_loss_after']:.3f} "
+            f"nats/token over {held['n']} questions")
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Centred running mean over `window` points (odd), shrinking to the points there are at both ends. Centred,
+    not trailing like an EMA, so that the curve does not lag behind a loss that falls fast."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
+# Smoothing of the loss curve: 9 steps average out most of the per-batch noise of 4-sequence batches and still
+# follow the fall over a 90-step run.
+LOSS_SMOOTHING_WINDOW = 9
+
+
+def plot_losses(history: list[dict[str, Any]], path: str, title: str | None = None) -> None:
+    """The loss curves of `history` as a PNG: the LM loss per step (points) with its running mean (line), the router
+    aux loss on its own axis below; one colour per adapter for a multi-adapter history. `title`: run information."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, aux_ax) = plt.subplots(2, 1, figsize=(7, 4.8), sharex=True, height_ratios=[3, 1.2])
     steps = [h["step"] for h in history]
     if history and "adapters" in history[0]:
-        for name in history[0]["adapters"]:
-            line, = ax.plot(steps, [h["adapters"][name]["loss"] for h in history], label=f"{name}: LM loss")
-            ax.plot(steps, [h["adapters"][name]["aux_loss"] for h in history], linestyle="--",
-                    color=line.get_color(), label=f"{name}: router aux loss")
+        curves = {name: [h["adapters"][name] for h in history] for name in history[0]["adapters"]}
     else:
-        ax.plot(steps, [h["loss"] for h in history], label="LM loss (answer tokens)")
-        ax.plot(steps, [h["aux_loss"] for h in history], label="router aux loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+        curves = {None: history}
+    for name, entries in curves.items():
+        label = "LM loss (answer tokens)" if name is None else f"{name}: LM loss"
+        losses = [e["loss"] for e in entries]
+        points = ax.scatter(steps, losses, s=8, alpha=0.35, label=f"{label}, per step")
+        ax.plot(steps, running_mean(losses, LOSS_SMOOTHING_WINDOW), color=points.get_facecolor()[0][:3],
+                linewidth=2, label=f"{label}, running mean of {LOSS_SMOOTHING_WINDOW} steps")
+        aux_ax.plot(steps, [e["aux_loss"] for e in entries], color=points.get_facecolor()[0][:3], linewidth=1,
+                    label="router aux loss" if name is None else f"{name}: router aux loss")
+    ax.set_ylabel("LM loss (nats/token)")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    aux_ax.set_xlabel("step")
+    aux_ax.set_ylabel("aux loss")
+    aux_ax.legend(fontsize=7)
+    aux_ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
+def __getattr__(name: str):
+    # MixLoraTrainer lives in mixlora.hf_trainer: importing transformers.Trainer takes seconds, which `mixlora
+    # --help` and the argument checks of `mixlora train` should not wait for.
+    if name == "MixLoraTrainer":
+        from mixlora.hf_trainer import MixLoraTrainer
 
-# ---------------------------------------------------------------------------------------------- HF Trainer
-
-
-class MixLoraTrainer(Trainer):
-    """`transformers.Trainer` that saves and resumes MixLoRA adapters in the published format.
-
-    `Trainer._save` calls `model.save_pretrained`, which writes the full base model; here every save (`save_model`
-    and the `save_steps` checkpoints) writes `adapter_config.json` + `adapter_model.bin` via `save_mixlora`, plus
-    the tokenizer and training args as Trainer does. `resume_from_checkpoint` loads the adapter weights back.
-    Reload a saved directory with `MixLoraModelForCausalLM.from_pretrained(dir)`.
-    """
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        save_mixlora(self.accelerator.unwrap_model(self.model), output_dir, safe_serialization=False)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
+        return MixLoraTrainer
+    raise AttributeError(f"module 'mixlora.train' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """Adapter checkpoints: our parameter names <-> published keys (mixlora.md §4), and the files on disk."""
 
+import datetime
 import json
 import os
 import re
@@ -380,3 +381,42 @@ def test_failed_save_leaves_the_previous_files_intact(tmp_path, monkeypatch, saf
     assert sorted(os.listdir(tmp_path)) == sorted(before)  # no temporary file left behind
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert load_adapter(tmp_path)[0] == config
+
+
+def _cut(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+@pytest.mark.parametrize("safe_serialization, damage, problem", [
+    (False, _cut, "is truncated or not a PyTorch file"),  # PytorchStreamReader / OSError underneath
+    (False, lambda data: b"", "is empty"),  # EOFError underneath
+    (False, lambda data: os.urandom(len(data)), "is truncated or not a PyTorch file"),  # UnpicklingError underneath
+    (True, _cut, "is truncated or not a safetensors file (Error while deserializing header"),  # SafetensorError
+    (True, lambda data: os.urandom(len(data)), "is truncated or not a safetensors file"),
+])
+def test_unreadable_weights_raise_adapter_file_error_naming_the_file(tmp_path, safe_serialization, damage, problem):
+    from mixlora.checkpoint import AdapterFileError
+
+    path = save_adapter(tmp_path, config_for_tiny_model(), to_published_state_dict(make_ours()),
+                        safe_serialization=safe_serialization)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    with pytest.raises(AdapterFileError) as info:
+        load_adapter(tmp_path)
+    assert str(info.value).startswith(f"{path}: {problem}"), info.value
+    assert info.value.path == path and isinstance(info.value, ValueError)
+
+
+def test_pickled_objects_and_a_binary_config_raise_adapter_file_error(tmp_path):
+    from mixlora.checkpoint import AdapterFileError
+
+    config_for_tiny_model().save_pretrained(tmp_path)
+    torch.save({"a": torch.zeros(1), "b": datetime.date(2026, 12, 1)}, tmp_path / WEIGHTS_NAME)  # not a tensor
+    with pytest.raises(AdapterFileError, match="holds objects other than tensors, which a weights-only load refuses"):
+        load_adapter(tmp_path)
+    # The weights file given where the config is expected (MixLoraConfig.from_pretrained reads a file path as is).
+    torch.save(to_published_state_dict(make_ours()), tmp_path / WEIGHTS_NAME)
+    with pytest.raises(AdapterFileError, match=re.escape(f"{tmp_path / WEIGHTS_NAME}: is not a text file")):
+        MixLoraConfig.from_pretrained(tmp_path / WEIGHTS_NAME)

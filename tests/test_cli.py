@@ -133,7 +133,7 @@ def _bad(env, tmp_path, case: str) -> list[str]:
     if case == "config_value":
         return train + ["--top-k", "9", "--num-experts", "4"]
     if case == "config_key":
-        return train + ["--no-such-key", "1"]
+        return train + ["--num-expert", "4"]
     if case == "config_file":
         (tmp_path / "c.yaml").write_text("lora_dropout: 1.5\n")
         return train + ["--config", str(tmp_path / "c.yaml")]
@@ -142,7 +142,7 @@ def _bad(env, tmp_path, case: str) -> list[str]:
         os.makedirs(cache, exist_ok=True)
         with open(os.path.join(cache, "tasks.json"), "w") as f:  # the task index, so that nothing is downloaded
             json.dump(["social_iqa", "winowhy"], f)
-        return ["train", "--base-model", base, "--tasks", "no_such_task", "--output-dir", str(tmp_path / "o")]
+        return ["train", "--base-model", base, "--tasks", "social_iq", "--output-dir", str(tmp_path / "o")]
     if case == "data_fields":
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(_records()[0]) + "\n" + json.dumps({"prompt": "x", "completion": "y"}) + "\n")
@@ -162,9 +162,9 @@ def _bad(env, tmp_path, case: str) -> list[str]:
 
 @pytest.mark.parametrize("case, needle", [
     ("config_value", "MixLoraConfig.top_k"),
-    ("config_key", "unknown config key 'no_such_key'"),
+    ("config_key", "unknown config key 'num_expert'; did you mean 'num_experts'?"),
     ("config_file", "MixLoraConfig.lora_dropout"),
-    ("unknown_task", "known tasks (2): social_iqa, winowhy"),
+    ("unknown_task", "unknown BIG-bench task 'social_iq'; did you mean 'social_iqa'?"),
     ("data_fields", "bad.jsonl: line 2: has fields 'prompt', 'completion'; expected fields instruction/input/output"),
     ("architecture", "supported architectures"),
     ("other_base", "has shape"),
@@ -185,3 +185,165 @@ def test_exponent_floats_parse_as_numbers(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("lr: 5E-4\nadapters:\n  a: {lr: 2e-3}\n")
     assert _read_config_file(str(config)) == {"lr": 5e-4, "adapters": {"a": {"lr": 2e-3}}}
+
+
+def _one_error_line(capsys) -> str:
+    """The single `mixlora: error:` line on stderr (no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mixlora: error: ") and err.count("mixlora: error") == 1, err
+    return line
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:int(len(data) * keep)])
+
+
+def _damage(env, tmp_path, case: str) -> tuple[list[str], str]:
+    """A copy of the trained adapter with one bad file, the command that reads it and the text its error must
+    hold."""
+    from mixlora.checkpoint import save_adapter
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(env["out"], adapter)
+    eval_ = ["eval", str(adapter), "--data", env["data"], "--limit", "2"]
+    if case == "bin_truncated":
+        _truncate(adapter / "adapter_model.bin")
+        return eval_, f"{adapter / 'adapter_model.bin'}: is truncated or not a PyTorch file"
+    if case == "bin_empty":
+        _truncate(adapter / "adapter_model.bin", 0)
+        return eval_, f"{adapter / 'adapter_model.bin'}: is empty"
+    if case.startswith("safetensors"):
+        config, weights = load_adapter(str(adapter))
+        save_adapter(str(adapter), config, weights, safe_serialization=True)
+        path = adapter / "adapter_model.safetensors"
+        if case == "safetensors_truncated":
+            _truncate(path)
+        else:
+            path.write_bytes(os.urandom(4096))
+        return eval_, f"{path}: is truncated or not a safetensors file"
+    if case == "weights_file_for_dir":
+        path = adapter / "adapter_model.bin"
+        return ["inspect", str(path)], f"{path}: is a file, not an adapter directory: pass the adapter directory " \
+                                       f"{adapter}"
+    if case == "config_not_text":
+        (adapter / "adapter_config.json").write_bytes(b"\x80\x02" + os.urandom(64))
+        return ["generate", str(adapter), "--prompt", "hi"], f"{adapter / 'adapter_config.json'}: is not a text file"
+    if case == "summary_not_json":
+        (adapter / "train_summary.json").write_text('{"config": ')
+        return ["eval", str(adapter)], f"{adapter / 'train_summary.json'}: is not valid JSON"
+    if case == "data_not_text":
+        data = tmp_path / "data.jsonl"
+        data.write_bytes(b'{"question": "\xff\xfe"}\n')
+        return ["eval", str(adapter), "--data", str(data)], f"{data}: not UTF-8 text"
+    if case == "output_dir_is_file":
+        path = tmp_path / "out"
+        path.write_text("x")
+        argv = [a if a != env["out"] else str(path) for a in env["argv"]]
+        return argv, f"{path}: is a file; --output-dir must be a directory"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["bin_truncated", "bin_empty", "safetensors_truncated", "safetensors_garbage",
+                                  "weights_file_for_dir", "config_not_text", "summary_not_json", "data_not_text",
+                                  "output_dir_is_file"])
+def test_bad_file_is_one_line_naming_it_exit_2(env, tmp_path, capsys, case):
+    argv, needle = _damage(env, tmp_path, case)
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert needle in line, line
+
+
+def _resumable_copy(env, tmp_path):
+    """A copy of the trained run with checkpoints step-000002 and (the same state) step-000003."""
+    out = tmp_path / "run"
+    shutil.copytree(env["out"], out)
+    shutil.copytree(out / "checkpoints" / "step-000002", out / "checkpoints" / "step-000003")
+    return out, [a if a != env["out"] else str(out) for a in env["argv"]] + ["--resume"]
+
+
+def test_resume_names_a_damaged_checkpoint_and_the_intact_earlier_one(env, tmp_path, capsys):
+    out, argv = _resumable_copy(env, tmp_path)
+    latest = out / "checkpoints" / "step-000003"
+    _truncate(latest / "trainer_state.pt")
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"{latest}: checkpoint is damaged ({latest / 'trainer_state.pt'}: is truncated" in line, line
+    assert f"the earlier checkpoint step-000002 is intact: delete {latest} to resume from it" in line, line
+    shutil.rmtree(latest)
+    assert main(argv) == 0  # as the message says
+
+
+def test_resume_says_when_no_checkpoint_is_intact(env, tmp_path, capsys):
+    out, argv = _resumable_copy(env, tmp_path)
+    _truncate(out / "checkpoints" / "step-000003" / "adapter_model.bin")
+    _truncate(out / "checkpoints" / "step-000002" / "trainer_state.pt", 0.9)
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "step-000003: checkpoint is damaged" in line and "adapter_model.bin: is truncated" in line, line
+    assert "no earlier checkpoint is intact: train again with --overwrite instead of --resume" in line, line
+
+
+def test_train_refuses_a_non_empty_output_dir_unless_overwrite(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(env["out"], out)
+    stale = out / "checkpoints" / "step-000099"  # a checkpoint of the earlier run that must not survive
+    shutil.copytree(out / "checkpoints" / "step-000002", stale)
+    (out / "notes.txt").write_text("mine")
+    argv = [a if a != env["out"] else str(out) for a in env["argv"]] + ["--save-every", "0"]
+    before = open(out / "adapter_model.bin", "rb").read()
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"output directory {out} is not empty (adapter_config.json, adapter_model.bin, checkpoints, ...): pass " \
+           "--overwrite" in line, line
+    assert open(out / "adapter_model.bin", "rb").read() == before  # untouched
+    assert main(argv + ["--overwrite"]) == 0
+    assert not stale.exists() and not (out / "checkpoints").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not an output of a run: kept
+    assert json.load(open(out / "train_summary.json"))["config"]["overwrite"] is True
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_limit_must_be_a_positive_int(env, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", env["out"], "--limit", value])
+    assert exit_info.value.code == 2
+    assert "argument --limit: " in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_transformers():
+    code = ("import sys, mixlora.cli as cli\n"
+            "try:\n    cli.main(['train', '--num-expert', '4'])\nexcept SystemExit:\n    pass\n"
+            "cli.build_parser().format_help()\n"
+            "cli.main(['inspect', '/no/such/adapter'])\n"
+            "heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "did you mean 'num_experts'?" in result.stderr
+    assert "adapter directory /no/such/adapter does not exist" in result.stderr
+
+
+def test_train_summary_has_answer_loss_and_accuracy_intervals(env):
+    summary = json.load(open(os.path.join(env["out"], "train_summary.json")))
+    held = summary["held_out"]
+    assert set(held) == {"animals", "colors", "all"}
+    for task in ("animals", "colors"):
+        row, before, after = held[task], summary["accuracy"]["before"][task], summary["accuracy"]["after"][task]
+        assert row["n"] == 4 and len(before["answer_nll"]) == len(after["answer_nll"]) == 4
+        assert row["answer_loss_before"] == pytest.approx(sum(before["answer_nll"]) / 4)
+        change = [a - b for a, b in zip(after["answer_nll"], before["answer_nll"])]
+        assert row["answer_loss_change"] == pytest.approx(sum(change) / 4)
+        low, high = row["accuracy_ci95_after"]
+        assert 0 <= low <= row["accuracy_after"] <= high <= 1
+    assert held["all"]["n"] == 8
+    assert summary["commit"] is None or len(summary["commit"]) >= 7
+
+
+def test_loss_curve_smoothing_is_a_centred_running_mean():
+    from mixlora.train import running_mean
+
+    assert running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
+    assert running_mean([4.0, 0.0], 9) == [2.0, 2.0]

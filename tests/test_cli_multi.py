@@ -106,7 +106,7 @@ def test_eval_finds_the_adapter_data_in_the_run_summary(env, capsys):
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("unknown_field", "adapter 'animals': MixLoraConfig.from_dict got unknown key(s) 'num_expert'"),
+    ("unknown_field", "adapter 'animals': unknown key 'num_expert'; did you mean 'num_experts'?"),
     ("bad_value", "adapter 'colors': MixLoraConfig.top_k must be in [1, num_experts=4], got 5"),
     ("no_data", "adapter 'animals' has no data: give it 'data'"),
 ])
