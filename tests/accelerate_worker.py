@@ -42,9 +42,10 @@ def main(out_dir: str) -> None:
     # prepare() must neither copy the adapters nor re-create the optimiser: the steps below read the gradients and
     # weights from `params`, the objects the prepared optimiser updates.
     opt_params = [p for group in prepared_opt.optimizer.param_groups for p in group["params"]]
-    state["same_params"] = len(opt_params) == len(params) and all(a is b for a, b in zip(opt_params, params.values()))
+    state["same_params"] = len(opt_params) == len(params) and all(
+        a is b for a, b in zip(opt_params, params.values(), strict=True))
     unwrapped = adapter_state_dict(accelerator.unwrap_model(wrapped)).values()
-    state["model_params_same"] = all(a is b for a, b in zip(unwrapped, params.values()))
+    state["model_params_same"] = all(a is b for a, b in zip(unwrapped, params.values(), strict=True))
     steps = _train(wrapped, model, global_batch(world), rank, opt=prepared_opt, backward=accelerator.backward)
     torch.save({"state": state, "steps": steps}, os.path.join(out_dir, f"rank{rank}.pt"))
     accelerator.wait_for_everyone()

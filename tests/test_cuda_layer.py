@@ -78,7 +78,7 @@ def test_layer_matches_oracle_on_gpu(backend_name, dtype, T, K):
         assert backend_name == "torch" or backend_name in used.values()
         ours = _run(gpu, xg, gg)
     names = ["y", "x"] + [n for n, p in gpu.named_parameters() if p.requires_grad]
-    for name, a, t, r in zip(names, ours, same_dtype, oracle):
+    for name, a, t, r in zip(names, ours, same_dtype, oracle, strict=True):
         if K == 1 and name == "moe_gate.weight":  # a single renormalised weight is 1: no router gradient
             assert a.abs().max() <= 1e-6, name
             continue
@@ -101,7 +101,7 @@ def test_dropout_is_the_same_mask_on_every_backend(backend_name):
     torch.manual_seed(7)  # the same dropout seeds: the hashed masks must agree bit for bit, so results agree closely
     with backend.use(backend_name):
         got = _run(gpu, x, grad)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert _err(a, b) <= 1e-4 * b.abs().max().item() + 1e-6
 
 

@@ -91,7 +91,7 @@ def _reference(router_aux_loss_coef: float, concatenated: bool = False) -> list[
 
 def _check_run(run: list[dict], ref: list[dict], what: str) -> None:
     assert len(run) == len(ref) == STEPS
-    for step, (got, want) in enumerate(zip(run, ref)):
+    for step, (got, want) in enumerate(zip(run, ref, strict=True)):
         assert got["grads"].keys() == want["grads"].keys()
         for key in ("grads", "weights"):
             for name, ref_tensor in want[key].items():

@@ -112,7 +112,7 @@ def test_legacy_checkpoint_loads(tmp_path):
     config = MixLoraConfig.from_dict({**PUBLISHED_CONFIG, "routing_strategy": "mixtral"})
     a = inject_adapter_in_model(tiny_model("llama"), config, weights)
     b = inject_adapter_in_model(tiny_model("llama"), config, legacy)
-    for (n, p), (_, q) in zip(adapter_state_dict(a).items(), adapter_state_dict(b).items()):
+    for (n, p), (_, q) in zip(adapter_state_dict(a).items(), adapter_state_dict(b).items(), strict=True):
         assert torch.equal(p, q), n
 
 

@@ -60,7 +60,7 @@ def test_layer_matches_oracle(arch, top_k, num_experts, T, r):
     torch.manual_seed(seed)
     g_ref = _layer_grads(moe, x, ref)
     names = ["x"] + [n for n, p in moe.named_parameters() if p.requires_grad]
-    for name, a, b in zip(names, g_ours, g_ref):
+    for name, a, b in zip(names, g_ours, g_ref, strict=True):
         if top_k == 1 and name == "moe_gate.weight":  # renormalised single weight is 1: no router gradient
             assert a.abs().max() <= 1e-12 and b.abs().max() <= 1e-12
         else:
@@ -106,7 +106,7 @@ def test_dora_experts_and_attention_match_oracle():
     assert _rel(ours, ref) <= 1e-9
     g = torch.randn_like(ours)
     params = [x] + [p for p in moe.parameters() if p.requires_grad]
-    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g)):
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g), strict=True):
         assert _rel(a, b) <= 1e-9
     assert moe.experts["gate_proj"].lora_magnitude_vector.shape == (4, 45)
     q = model.model.layers[0].self_attn.q_proj
@@ -147,7 +147,7 @@ def test_model_logits_loss_and_every_adapter_grad_match_oracle(arch, monkeypatch
         ref, g_ref = run()
     assert _rel(ours.logits, ref.logits) <= 1e-9
     assert _rel(ours.loss, ref.loss) <= 1e-12
-    for name, a, b in zip(params, g_ours, g_ref):
+    for name, a, b in zip(params, g_ours, g_ref, strict=True):
         assert _rel(a, b) <= 1e-9, name
 
 
