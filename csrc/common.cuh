@@ -1,22 +1,15 @@
-// Device helpers shared by the LoRA kernels (lora_shrink, lora_expand_combine, expand_act_combine, route):
-// dtype dispatch, the counter-based dropout mask, activations, a deterministic block reduction, the mapping of a
-// block to a tile of one expert's segment, and the register-tile FMA loop of the small grouped GEMMs.
+// Device helpers shared by the LoRA kernels (lora_shrink, lora_expand_combine, expand_act_combine, route): the
+// block shape, the counter-based dropout mask, activations, a deterministic block reduction, the mapping of a
+// block to a tile of one expert's segment, the register-tile FMA loop of the small grouped GEMMs, and the dynamic
+// shared memory. Free of torch (the dtype dispatch of the launch code is in dispatch.h), so that tests/cuda_cpu can
+// compile the kernels for the CPU.
 #pragma once
 
 #include <cstdint>
 
-#include <ATen/Dispatch.h>
 #include <c10/macros/Macros.h>
 
 namespace mixlora {
-
-// The I/O dtypes of the big (T, H) / (T, I) activations. fp64 is rejected in api.cpp (the torch reference serves
-// it), so no double instantiation is compiled.
-#define MIXLORA_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 // Every kernel of these files runs 256 threads (8 warps) per block: enough warps to hide the L2 latency of the
 // rank-R weight reads in the bandwidth-bound token-major kernels; the tile shapes below assume it.
@@ -178,6 +171,14 @@ __device__ __forceinline__ void tile_fma(const float* P, const float* Q, int ldq
       }
     }
   }
+}
+
+// The launch's dynamic shared memory (its `smem` bytes) as T*. One `extern __shared__` declaration for every
+// kernel (float4: 16-byte aligned for any T), which the CPU harness (tests/cuda_cpu/cuda_cpu.h) supplies.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ float4 mixlora_dynamic_smem[];
+  return reinterpret_cast<T*>(mixlora_dynamic_smem);
 }
 
 }  // namespace mixlora

@@ -1,0 +1,115 @@
+// C ABI launchers of csrc/expand_act_combine/expand_act_combine_kernels.cuh, mirroring
+// expand_act_combine_forward_launch / expand_act_combine_backward_launch (and make_args, checked_smem) of
+// csrc/expand_act_combine/expand_act_combine.cu (see launchers.h).
+#include "expand_act_combine/expand_act_combine_kernels.cuh"
+#include "launchers.h"
+
+using namespace mixlora;
+using cuda_cpu::ceil_div;
+
+namespace {
+
+// The inputs of both directions, as the layouts of expand_act_combine.h prepared by cuda_cpu_harness.py:
+//   ptrs: G, U (nullptr: ungated), zg, zu, Bg, Bu, Ad, weights, experts, order, offsets
+//   ints: G_stride, U_stride, zg_stride, zu_stride, Bg_stride0, Bg_stride1, Bu_stride0, Bu_stride1, Ad_stride0,
+//         Ad_stride1, T, K, I, E, Rg, Ru, Rd
+template <typename scalar_t>
+Args<scalar_t> make_args(const void* const* ptrs, const int64_t* ints, double scale, int act, double dropout_p,
+                         int64_t seed) {
+  Args<scalar_t> a;
+  a.G = static_cast<const scalar_t*>(ptrs[0]);
+  a.U = static_cast<const scalar_t*>(ptrs[1]);
+  a.zg = static_cast<const float*>(ptrs[2]);
+  a.zu = static_cast<const float*>(ptrs[3]);
+  a.Bg = static_cast<const float*>(ptrs[4]);
+  a.Bu = static_cast<const float*>(ptrs[5]);
+  a.Ad = static_cast<const float*>(ptrs[6]);
+  a.weights = static_cast<const float*>(ptrs[7]);
+  a.experts = static_cast<const int64_t*>(ptrs[8]);
+  a.order = static_cast<const int64_t*>(ptrs[9]);
+  a.offsets = static_cast<const int64_t*>(ptrs[10]);
+  a.G_stride = ints[0];
+  a.U_stride = ints[1];
+  a.zg_stride = ints[2];
+  a.zu_stride = ints[3];
+  a.Bg_stride0 = ints[4];
+  a.Bg_stride1 = ints[5];
+  a.Bu_stride0 = ints[6];
+  a.Bu_stride1 = ints[7];
+  a.Ad_stride0 = ints[8];
+  a.Ad_stride1 = ints[9];
+  a.T = ints[10];
+  a.K = ints[11];
+  a.I = ints[12];
+  a.E = ints[13];
+  a.Rg = ints[14];
+  a.Ru = ints[15];
+  a.Rd = ints[16];
+  a.scale = static_cast<float>(scale);
+  a.act = act;
+  a.drop = make_dropout(dropout_p, seed);
+  return a;
+}
+
+size_t checked_smem(const char* op, int64_t floats, size_t static_bytes) {
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  if (bytes + static_bytes > kMaxSmem) {
+    throw cuda_cpu::Error(std::string(op) + ": the ranks need more shared memory than the kernel supports");
+  }
+  return bytes;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Writes hbar (T, I) in dtype and zd (S, Rd) fp32, contiguous.
+int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, const int64_t* ints, double scale,
+                                        int act, double dropout_p, int64_t seed, void* hbar, float* zd) {
+  return cuda_cpu::guarded([&] {
+    const int64_t T = ints[10], K = ints[11];
+    const int64_t Rz = ints[14] + ints[15];
+    if (T == 0) {
+      return;
+    }
+    const size_t smem = checked_smem("expand_act_combine", K * Rz, kTokenStaticSmem);
+    cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      CUDA_CPU_LAUNCH(eac_fwd_kernel<scalar_t>, static_cast<unsigned int>(T), kBlock, smem,
+                      make_args<scalar_t>(ptrs, ints, scale, act, dropout_p, seed), static_cast<scalar_t*>(hbar),
+                      zd);
+    });
+  });
+}
+
+// grad_hbar (T, I) in dtype, row stride gh_stride; grad_zd (S, Rd) fp32, row stride gzd_stride. Writes, contiguous:
+// dG, dU (T, I) in dtype (dU nullptr when ungated); fp32 dzg (S, Rg), dBg (E, I, Rg), dzu (S, Ru), dBu (E, I, Ru),
+// dweights (T, K), dAd (E, Rd, I).
+int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, const int64_t* ints, double scale,
+                                         int act, double dropout_p, int64_t seed, const void* grad_hbar,
+                                         int64_t gh_stride, const float* grad_zd, int64_t gzd_stride, void* dG,
+                                         void* dU, float* dzg, float* dBg, float* dzu, float* dBu, float* dweights,
+                                         float* dAd) {
+  return cuda_cpu::guarded([&] {
+    const int64_t T = ints[10], K = ints[11], I = ints[12], E = ints[13];
+    const int64_t Rall = ints[14] + ints[15] + ints[16];
+    cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const Args<scalar_t> args = make_args<scalar_t>(ptrs, ints, scale, act, dropout_p, seed);
+      if (T > 0) {
+        const size_t smem = checked_smem("expand_act_combine_backward", K * Rall, kTokenStaticSmem);
+        CUDA_CPU_LAUNCH(eac_bwd_token_kernel<scalar_t>, static_cast<unsigned int>(T), kBlock, smem, args,
+                        static_cast<const scalar_t*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
+                        static_cast<scalar_t*>(dG), static_cast<scalar_t*>(dU), dzg, dzu, dweights);
+      }
+      if (E > 0 && I > 0 && Rall > 0) {
+        const size_t smem = checked_smem("expand_act_combine_backward", kChunkSlots * Rall, kWeightStaticSmem);
+        const dim3 grid(ceil_div(I, kTileM), static_cast<unsigned int>(E), ceil_div(Rall, kTileN));
+        CUDA_CPU_LAUNCH(eac_bwd_weight_kernel<scalar_t>, grid, kBlock, smem, args,
+                        static_cast<const scalar_t*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu, dAd);
+      }
+    });
+  });
+}
+
+}  // extern "C"

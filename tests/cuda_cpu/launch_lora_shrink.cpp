@@ -1,0 +1,60 @@
+// C ABI launchers of csrc/lora_shrink/lora_shrink_kernels.cuh, mirroring lora_shrink_forward_launch /
+// lora_shrink_backward_launch of csrc/lora_shrink/lora_shrink.cu (see launchers.h).
+#include "launchers.h"
+#include "lora_shrink/lora_shrink_kernels.cuh"
+
+using namespace mixlora;
+using cuda_cpu::ceil_div;
+
+extern "C" {
+
+// x (T, H) in dtype, row stride x_stride; A (E, R, H) fp32, strides A_stride0, A_stride1; order (S,), offsets
+// (E+1,) int64. Writes z (S, R) fp32.
+int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int64_t H, const float* A,
+                                 int64_t A_stride0, int64_t A_stride1, int64_t E, int64_t R, const int64_t* order,
+                                 const int64_t* offsets, int64_t S, int64_t K, double dropout_p, int64_t seed,
+                                 float* z) {
+  return cuda_cpu::guarded([&] {
+    if (S == 0 || R == 0 || H == 0) {
+      return;
+    }
+    const dim3 grid(ceil_div(S, kTileM) + static_cast<unsigned int>(E), ceil_div(R, kTileN));
+    const Dropout drop = make_dropout(dropout_p, seed);
+    cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      CUDA_CPU_LAUNCH(lora_shrink_fwd_kernel<scalar_t>, grid, kBlock, 0, static_cast<const scalar_t*>(x), x_stride,
+                      A, A_stride0, A_stride1, order, offsets, E, S, K, H, R, drop, z);
+    });
+  });
+}
+
+// grad_z (S, R) fp32, row stride gz_stride; x, A, order, offsets as above; experts (T, K) int64.
+// Writes dx (T, H) in dtype and dA (E, R, H) fp32.
+int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_stride, const void* x,
+                                  int64_t x_stride, int64_t T, int64_t H, const float* A, int64_t A_stride0,
+                                  int64_t A_stride1, int64_t E, int64_t R, const int64_t* experts, int64_t K,
+                                  const int64_t* order, const int64_t* offsets, double dropout_p, int64_t seed,
+                                  void* dx, float* dA) {
+  return cuda_cpu::guarded([&] {
+    const int64_t S = T * K;
+    const Dropout drop = make_dropout(dropout_p, seed);
+    cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      if (T > 0 && H > 0) {
+        const size_t smem = static_cast<size_t>(K * R) * sizeof(float);
+        if (smem > 48 * 1024) {
+          throw cuda_cpu::Error("lora_shrink_backward: K * R floats of grad_z per token exceed 48 KiB");
+        }
+        CUDA_CPU_LAUNCH(lora_shrink_bwd_dx_kernel<scalar_t>, static_cast<unsigned int>(T), kBlock, smem, grad_z,
+                        gz_stride, A, A_stride0, A_stride1, experts, E, K, H, R, drop, static_cast<scalar_t*>(dx));
+      }
+      if (E > 0 && R > 0 && H > 0) {
+        const dim3 grid(ceil_div(H, kTileM), static_cast<unsigned int>(E), ceil_div(R, kTileN));
+        CUDA_CPU_LAUNCH(lora_shrink_bwd_dA_kernel<scalar_t>, grid, kBlock, 0, grad_z, gz_stride,
+                        static_cast<const scalar_t*>(x), x_stride, order, offsets, S, K, H, R, drop, dA);
+      }
+    });
+  });
+}
+
+}  // extern "C"

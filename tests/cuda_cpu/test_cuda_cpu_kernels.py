@@ -1,0 +1,241 @@
+"""Every CUDA kernel of csrc/, forward and backward, executed on the CPU by the harness (cuda_cpu_harness.py)
+against the float64 reference (mixlora_kernels/ops/<op>.py: <op>_reference, the pure-torch default of
+`torch.ops.mixlora.<op>`; called directly, so that no CPU kernel backend stands in for it).
+
+The ops are called as `torch.ops.mixlora_cuda.*` would be (same arguments, same input preparation and launches);
+the tolerance rule is that of the GPU tests, tests/test_cuda_ops.py::assert_matches (fp32: fp32 accumulation noise;
+bf16/fp16: at most twice the error of the torch reference run in the same dtype, plus a small atol). The problems
+are tests/test_cuda_ops.py::make_problem's, smaller: every CUDA thread is a fiber here (~20 us per warp-shuffle
+round of a block), so T stays in the tens where the reason allows.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from cuda_cpu_harness import KernelError, have_compiler, load
+from test_cuda_ops import assert_matches, make_problem
+
+pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs a host C++ compiler (g++) for the CPU harness")
+
+
+@pytest.fixture(scope="module")
+def cuda_cpu():
+    return load()
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def reference(name):
+    """The pure-torch reference of op `name` (mixlora_kernels/ops/<op>.py)."""
+    module = importlib.import_module(f"mixlora_kernels.ops.{name.removesuffix('_backward')}")
+    return getattr(module, f"{name}_reference")
+
+
+def check_op(kernels, name, *args, input_dtype):
+    """Run op `name` on the harness and its reference in float64 and in the inputs' dtypes; apply the rule."""
+    out = _as_tuple(getattr(kernels, name)(*args))
+    as64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    ref = _as_tuple(reference(name)(*as64))
+    same = _as_tuple(reference(name)(*args))
+    assert_matches(name, out, ref, same, input_dtype)
+    return out
+
+
+def eac_args(P, act="silu", dropout_p=0.0, seed=99):
+    return (P["G"], P["U"], P["zg"], P["Bg"], P["zu"], P["Bu"], P["weights"], P["experts"], P["order"],
+            P["offsets"], P["Ad"], 0.7, act, dropout_p, seed)
+
+
+def shrink_args(P, dropout_p):
+    return (P["x"], P["A"], P["experts"], P["order"], P["offsets"], dropout_p, 1234)
+
+
+def expand_args(P):
+    return (P["zd"], P["Bd"], P["weights"], P["experts"], P["order"], P["offsets"], 0.7)
+
+
+# Shapes, each with its reason (make_problem's defaults: H=33, I=45, E=5, K=2, R=16).
+SHAPES = [
+    pytest.param(dict(T=1, K=2), id="T=1"),
+    pytest.param(dict(T=21), id="T-below-one-tile"),  # < the 64-row tiles and < the 256 threads of a block
+    pytest.param(dict(T=33, H=97, I=173, E=7), id="odd-H-I-prime-E"),  # H, I: several 64-column tiles, ragged
+    pytest.param(dict(T=30, K=1), id="K=1"),
+    pytest.param(dict(T=20, E=3, K=3), id="K=E"),
+    pytest.param(dict(T=30, E=6, routing="empty"), id="empty-expert"),  # its weight-gradient tiles must be zeros
+    pytest.param(dict(T=70, K=1, routing="one"), id="all-slots-one-expert"),  # 2 row tiles of one expert
+    pytest.param(dict(T=20, Rg=8, Ru=8, Rd=8), id="R=8"),
+    pytest.param(dict(T=12, Rg=64, Ru=64, Rd=64), id="R=64"),  # Rg+Ru = 128: two rank tiles in the shrink
+    pytest.param(dict(T=20, Rg=0, Ru=0, Rd=0), id="R=0"),  # projections without expert LoRA
+    pytest.param(dict(T=20, Rg=16, Ru=8, Rd=41), id="mixed-ranks"),  # Rg+Ru+Rd = 65: a 1-wide 2nd rank tile
+]
+# (dtype, dropout_p): p > 0 checks that the kernels regenerate the reference's mask; p = 0 is the unmasked path.
+MODES = [pytest.param(torch.float32, 0.0, id="fp32"), pytest.param(torch.float32, 0.3, id="fp32-dropout"),
+         pytest.param(torch.bfloat16, 0.3, id="bf16-dropout")]
+
+
+@pytest.mark.parametrize("dtype, dropout_p", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_shrink(cuda_cpu, shape, dtype, dropout_p):
+    P = make_problem(dtype=dtype, **shape)
+    check_op(cuda_cpu, "lora_shrink", *shrink_args(P, dropout_p), input_dtype=dtype)
+    check_op(cuda_cpu, "lora_shrink_backward", P["grad_z"], *shrink_args(P, dropout_p), input_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_expand_combine(cuda_cpu, shape, dtype):
+    P = make_problem(dtype=dtype, **shape)
+    check_op(cuda_cpu, "lora_expand_combine", *expand_args(P), input_dtype=dtype)
+    check_op(cuda_cpu, "lora_expand_combine_backward", P["grad_y"], *expand_args(P), input_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, dropout_p", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expand_act_combine(cuda_cpu, shape, dtype, dropout_p):
+    P = make_problem(dtype=dtype, **shape)
+    args = eac_args(P, "silu", dropout_p)
+    check_op(cuda_cpu, "expand_act_combine", *args, input_dtype=dtype)
+    check_op(cuda_cpu, "expand_act_combine_backward", P["grad_hbar"], P["grad_zd"], *args, input_dtype=dtype)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])  # silu: test_expand_act_combine
+@pytest.mark.parametrize("variant", [
+    pytest.param(dict(gated=True), id="gated"),
+    pytest.param(dict(gated=False, Rg=16, Rd=8), id="U-None"),  # Phi fc1/fc2: h = act(g), no up LoRA
+    pytest.param(dict(gated=True, fused=True), id="fused-views"),  # Bg, Bu: non-contiguous views of one B
+])
+def test_expand_act_combine_activations(cuda_cpu, act, variant):
+    P = make_problem(T=9, I=77, dtype=torch.bfloat16, **variant)
+    args = eac_args(P, act, 0.2)
+    check_op(cuda_cpu, "expand_act_combine", *args, input_dtype=torch.bfloat16)
+    out = check_op(cuda_cpu, "expand_act_combine_backward", P["grad_hbar"], P["grad_zd"], *args,
+                   input_dtype=torch.bfloat16)
+    if P["U"] is None:
+        assert out[1].numel() == 0  # dU is empty for an ungated FFN
+
+
+def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t with the same values in a non-contiguous layout: "rows" keeps a unit inner stride (the kernels read the row
+    stride), "columns" does not (api.cpp makes a contiguous copy first)."""
+    if layout == "rows":
+        wide = torch.full((*t.shape[:-1], t.shape[-1] + 7), float("nan"), dtype=t.dtype)
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_non_contiguous_inputs(cuda_cpu, layout):
+    """Every (T, *) input and every weight in a non-contiguous layout; fp16 covers the Half instantiations."""
+    dtype = torch.float16
+    P = make_problem(T=13, dtype=dtype)
+    for key in ("x", "G", "U", "grad_y", "grad_hbar", "zd", "grad_z", "grad_zd", "A", "Bd", "Ad", "Bg", "Bu"):
+        P[key] = _strided(P[key], layout)
+        assert not P[key].is_contiguous()
+    check_op(cuda_cpu, "lora_shrink", *shrink_args(P, 0.3), input_dtype=dtype)
+    check_op(cuda_cpu, "lora_shrink_backward", P["grad_z"], *shrink_args(P, 0.3), input_dtype=dtype)
+    check_op(cuda_cpu, "lora_expand_combine", *expand_args(P), input_dtype=dtype)
+    check_op(cuda_cpu, "lora_expand_combine_backward", P["grad_y"], *expand_args(P), input_dtype=dtype)
+    args = eac_args(P, "silu", 0.3)
+    check_op(cuda_cpu, "expand_act_combine", *args, input_dtype=dtype)
+    check_op(cuda_cpu, "expand_act_combine_backward", P["grad_hbar"], P["grad_zd"], *args, input_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, E, K", [(1, 8, 2), (300, 8, 2), (77, 7, 1), (40, 5, 5), (33, 64, 6)])
+def test_route(cuda_cpu, T, E, K, dtype):
+    """route (ids identical, weights within the rule) and route_backward. The logits of a row are a permutation of
+    0, 1/16, ..., (E-1)/16: exact in bf16/fp16 and distinct, so the top-k order is unique. T=300 > 2 blocks of 128."""
+    g = torch.Generator().manual_seed(T + E)
+    logits = (torch.argsort(torch.rand(T, E, generator=g), dim=1).double() / 16).to(dtype)
+    weights, experts = check_op(cuda_cpu, "route", logits, K, input_dtype=dtype)
+    grad_w = torch.randn(T, K, generator=g)
+    check_op(cuda_cpu, "route_backward", grad_w, weights, experts, E, input_dtype=torch.float32)
+
+
+def test_route_nan_logits(cuda_cpu):
+    """A row with a NaN logit (or +inf, or all -inf: softmax is NaN) gets experts 0..K-1 with NaN weights, the
+    reference's rule (NaN ranks above every number, ties go to the lower id); other rows are unaffected, and the
+    ids pass sort_slots and the backward without a device assertion."""
+    T, E, K = 6, 7, 3
+    logits = torch.randn(T, E)
+    logits[1, 4] = float("nan")
+    logits[2] = float("nan")
+    logits[3, 0] = float("inf")
+    logits[4] = float("-inf")
+    weights, experts = cuda_cpu.route(logits, K)
+    bad, good = [1, 2, 3, 4], [0, 5]
+    assert torch.equal(experts[bad], torch.arange(K).expand(len(bad), K))
+    assert weights[bad].isnan().all()
+    ref_w, ref_e = reference("route")(logits.double(), K)
+    assert torch.equal(experts, ref_e)
+    assert torch.allclose(weights[good].double(), ref_w[good], atol=1e-6) and ref_w[bad].isnan().all()
+    order, offsets = cuda_cpu.sort_slots(experts, E)
+    assert offsets[-1] == T * K
+    grad = cuda_cpu.route_backward(torch.randn(T, K), weights, experts, E)
+    assert grad[good].isfinite().all()
+
+
+@pytest.mark.parametrize("routing", [
+    pytest.param(dict(T=1, K=2), id="T=1"),
+    pytest.param(dict(T=300, E=7), id="T>block-prime-E"),  # 600 slots: 3 blocks of 256
+    pytest.param(dict(T=30, E=6, routing="empty"), id="empty-expert"),
+    pytest.param(dict(T=40, E=3, K=3), id="K=E"),
+    pytest.param(dict(T=20, K=1, routing="one"), id="all-slots-one-expert"),
+])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sort_slots(cuda_cpu, routing, index_dtype):
+    P = make_problem(**routing)
+    experts = P["experts"].to(index_dtype)
+    order, offsets = cuda_cpu.sort_slots(experts, P["E"])
+    ref_order, ref_offsets = reference("sort_slots")(experts, P["E"])
+    assert torch.equal(order, ref_order) and torch.equal(offsets, ref_offsets)
+
+
+def test_sort_slots_no_slots(cuda_cpu):
+    order, offsets = cuda_cpu.sort_slots(torch.zeros(0, 2, dtype=torch.int64), 4)
+    assert order.numel() == 0 and torch.equal(offsets, torch.zeros(5, dtype=torch.int64))
+
+
+def test_schedule_does_not_change_results(cuda_cpu):
+    """Deterministic kernels (no float atomics, no races): another thread and block schedule gives bit-identical
+    outputs."""
+    P = make_problem(T=30, H=40, I=70, E=5, dtype=torch.bfloat16)
+    calls = [("lora_shrink", shrink_args(P, 0.1)), ("lora_shrink_backward", (P["grad_z"], *shrink_args(P, 0.1))),
+             ("lora_expand_combine", expand_args(P)), ("lora_expand_combine_backward", (P["grad_y"], *expand_args(P))),
+             ("expand_act_combine", eac_args(P, "gelu", 0.1)),
+             ("expand_act_combine_backward", (P["grad_hbar"], P["grad_zd"], *eac_args(P, "gelu", 0.1))),
+             ("route", (P["logits"], 2)), ("route_backward", (P["grad_weights"], P["weights"], P["experts"], P["E"])),
+             ("sort_slots", (P["experts"], P["E"]))]
+    other = load(schedule_seed=12345)
+    for name, args in calls:
+        for a, b in zip(_as_tuple(getattr(cuda_cpu, name)(*args)), _as_tuple(getattr(other, name)(*args))):
+            assert torch.equal(a, b), f"{name}: the result depends on the thread schedule"
+
+
+@pytest.mark.parametrize("op", ["sort_slots", "lora_shrink_backward", "lora_expand_combine",
+                                "lora_expand_combine_backward", "expand_act_combine", "expand_act_combine_backward",
+                                "route_backward"])
+def test_out_of_range_expert_id_is_a_device_assert(cuda_cpu, op):
+    """An expert id >= E trips the kernels' CUDA_KERNEL_ASSERT (on a GPU: "device-side assert triggered")."""
+    P = make_problem(T=5)
+    bad = P["experts"].clone()
+    bad[3, 1] = P["E"]
+    route = (bad, P["order"], P["offsets"])
+    args = {
+        "sort_slots": (bad, P["E"]),
+        "lora_shrink_backward": (P["grad_z"], P["x"], P["A"], *route, 0.0, 0),
+        "lora_expand_combine": (P["zd"], P["Bd"], P["weights"], *route, 0.5),
+        "lora_expand_combine_backward": (P["grad_y"], P["zd"], P["Bd"], P["weights"], *route, 0.5),
+        "expand_act_combine": eac_args(dict(P, experts=bad)),
+        "expand_act_combine_backward": (P["grad_hbar"], P["grad_zd"], *eac_args(dict(P, experts=bad))),
+        "route_backward": (P["grad_weights"], P["weights"], bad, P["E"]),
+    }[op]
+    with pytest.raises(KernelError, match=r"device assertion `e >= 0 && e < (num_experts|E)"):
+        getattr(cuda_cpu, op)(*args)
