@@ -108,7 +108,8 @@ def _pip_with_progress(command: list[str], folder: str) -> subprocess.CompletedP
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
                 tqdm(total=BIGBENCH_SDIST_BYTES, unit="B", unit_scale=True, desc=f"download {BIGBENCH_SDIST}",
                      dynamic_ncols=True) as bar:
-            process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env={**os.environ, "TMPDIR": scratch})
+            process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                       env={**os.environ, "TMPDIR": scratch})
             while process.poll() is None:
                 time.sleep(0.5)
                 done = _downloaded_bytes(scratch)

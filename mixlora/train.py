@@ -3,8 +3,10 @@
 `train(TrainConfig)` trains the adapter parameters only (router, attention LoRA, expert LoRA) with AdamW on the
 answer tokens (prompt masked), the router aux loss included, and writes into `output_dir`:
     adapter_config.json, adapter_model.bin     the adapter in the published format (`save_mixlora`)
-    train_summary.json                         config, losses, per-task accuracy before/after, time, device, tokens/s
-    loss.png                                   training loss curve
+    train_summary.json                         config, losses, per-task held-out accuracy (Wilson 95 % interval) and
+                                               answer loss before/after ("held_out": paired change), commit, time,
+                                               device, tokens/s
+    loss.png                                   LM loss per step with its running mean, aux loss, run information
     checkpoints/step-NNNNNN/                   adapter + trainer_state.pt (optimizer, scheduler, RNG, step, history)
 Batches are a pure function of (seed, step), and the RNG state is checkpointed, so `resume=True` continues from the
 latest checkpoint with the same next loss as an uninterrupted run.
@@ -16,9 +18,12 @@ gets the update it would get trained alone on the same rows (dropout draws aside
 `output_dir/<name>/` in the published format (checkpoints hold one such directory per adapter), `train_summary.json`
 has the per-adapter losses and accuracies under "adapters", and `loss.png` one curve per adapter.
 
-`MixLoraTrainer` is `transformers.Trainer` whose saves (`save_model`, checkpoints) write the adapter only, in the
-published format, instead of the full model that `PreTrainedModel.save_pretrained` would write; it also resumes from
-such checkpoints. The aux loss needs nothing special: the MixLoRA model adds it to `loss` itself.
+A non-empty `output_dir` is refused unless `overwrite` (the earlier run's outputs are removed) or `resume`.
+
+`MixLoraTrainer` (defined in `mixlora.hf_trainer`, loaded from here on first use) is `transformers.Trainer` whose
+saves (`save_model`, checkpoints) write the adapter only, in the published format, instead of the full model that
+`PreTrainedModel.save_pretrained` would write; it also resumes from such checkpoints. The aux loss needs nothing
+special: the MixLoRA model adds it to `loss` itself.
 """
 
 from __future__ import annotations
