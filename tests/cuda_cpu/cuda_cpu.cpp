@@ -139,6 +139,7 @@ struct Runtime {
   size_t smem = 0;
   const std::function<void()>* body = nullptr;
   std::string error;  // set by a faulting fiber
+  std::vector<Fiber*> ready, released, waiting;  // run_block's work lists, kept to avoid allocations
   std::mt19937_64 rng{0};
 };
 
@@ -186,9 +187,10 @@ void switch_to(Fiber* f) {
   }
 }
 
-void shuffle_into(std::vector<Fiber*>& ready, std::vector<Fiber*> released) {
+void shuffle_into(std::vector<Fiber*>& ready, std::vector<Fiber*>& released) {
   std::shuffle(released.begin(), released.end(), rt.rng);
   ready.insert(ready.end(), released.begin(), released.end());
+  released.clear();
 }
 
 int lane_of(const Fiber* f) {
@@ -320,12 +322,18 @@ SharedMemory find_shared_memory() {
 
 void run_block(std::vector<Fiber*>& threads, const SharedMemory& shared) {
   std::memset(shared.data, kPoison, shared.size);
-  for (Fiber* f : threads) {
-    f->state = State::kRunnable;
-    start_context(f->context, f->stack, kStackBytes, fiber_main);
+  for (size_t t = 0; t < threads.size(); ++t) {
+    threads[t]->state = State::kRunnable;
+    // Stack tops staggered by 64 bytes per thread (mod 4 KiB): at equal offsets every thread's hot stack lines
+    // would compete for the same cache sets.
+    start_context(threads[t]->context, threads[t]->stack, kStackBytes - 64 * (t % 64), fiber_main);
   }
-  std::vector<Fiber*> ready;
-  shuffle_into(ready, threads);
+  std::vector<Fiber*>& ready = rt.ready;
+  std::vector<Fiber*>& released = rt.released;
+  std::vector<Fiber*>& waiting = rt.waiting;
+  ready.clear();
+  released.assign(threads.begin(), threads.end());
+  shuffle_into(ready, released);
   while (true) {
     while (!ready.empty()) {
       Fiber* f = ready.back();
@@ -333,7 +341,6 @@ void run_block(std::vector<Fiber*>& threads, const SharedMemory& shared) {
       switch_to(f);
     }
     // Everybody is blocked or done: warp collectives first.
-    std::vector<Fiber*> released;
     for (size_t w = 0; w < threads.size(); w += 32) {
       Fiber* lanes[32] = {};
       for (size_t l = 0; l < 32 && w + l < threads.size(); ++l) {
@@ -345,7 +352,7 @@ void run_block(std::vector<Fiber*>& threads, const SharedMemory& shared) {
       shuffle_into(ready, released);
       continue;
     }
-    std::vector<Fiber*> waiting;
+    waiting.clear();
     const Fiber* exited = nullptr;
     for (Fiber* f : threads) {
       if (f->state == State::kAtBarrier) {
@@ -502,7 +509,9 @@ void run_grid(const char* name, dim3 grid, dim3 block, size_t smem, const std::f
 }  // namespace cuda_cpu
 
 // -fsanitize=bounds reports an out-of-bounds index into an array of known size (the static shared arrays and the
-// kernels' local arrays) here; the runtime is not linked, these handlers turn the report into a kernel fault.
+// kernels' local arrays), -fsanitize=object-size an access through a pointer that the compiler can trace to such an
+// array (a shared tile handed to an inlined device helper). The sanitizer runtime is not linked: these handlers
+// turn the reports into kernel faults.
 namespace {
 struct SourceLocation {
   const char* file;
@@ -513,6 +522,12 @@ struct OutOfBoundsData {
   SourceLocation location;
   const void* array_type;
   const void* index_type;
+};
+struct TypeMismatchData {  // object-size is the only check of this kind enabled
+  SourceLocation location;
+  const void* type;
+  unsigned char log_alignment;
+  unsigned char kind;  // 0 load, 1 store, others: reference binding, member access, ...
 };
 }  // namespace
 
@@ -525,6 +540,16 @@ extern "C" {
 
 [[noreturn]] void __ubsan_handle_out_of_bounds_abort(OutOfBoundsData* data, void* index) {
   __ubsan_handle_out_of_bounds(data, index);
+}
+
+[[noreturn]] void __ubsan_handle_type_mismatch_v1(TypeMismatchData* data, void* /*pointer*/) {
+  cuda_cpu::fault(std::string(data->kind == 0 ? "load" : data->kind == 1 ? "store" : "access") +
+                  " outside the array it points into at " + data->location.file + ":" +
+                  std::to_string(data->location.line));
+}
+
+[[noreturn]] void __ubsan_handle_type_mismatch_v1_abort(TypeMismatchData* data, void* pointer) {
+  __ubsan_handle_type_mismatch_v1(data, pointer);
 }
 
 // The C ABI of the harness library (tests/cuda_cpu/cuda_cpu_harness.py): the schedule seed and the last error.

@@ -34,11 +34,11 @@ CSRC = ROOT / "csrc"
 SOURCES = ["cuda_cpu.cpp", "launch_route.cpp", "launch_sort_slots.cpp", "launch_lora_shrink.cpp",
            "launch_lora_expand_combine.cpp", "launch_expand_act_combine.cpp", "selftest.cu"]
 CXX = os.environ.get("CXX", "g++")
-# -fsanitize=bounds: an out-of-bounds index into a shared (or local) array of known size calls the handler in
-# cuda_cpu.cpp (the sanitizer runtime is not linked). -fno-extern-tls-init: the thread_local shared arrays have no
-# dynamic initialiser, so an access needs no TLS wrapper call.
-CXXFLAGS = ["-x", "c++", "-std=c++17", "-O1", "-fPIC", "-fno-extern-tls-init", "-fsanitize=bounds",
-            "-fno-sanitize-recover=bounds", "-Wall", "-Wno-unknown-pragmas", "-include", str(HERE / "cuda_cpu.h"),
+# -fsanitize=bounds,object-size: an out-of-bounds access to a shared (or local) array, by index or through a pointer
+# the compiler traces to it, calls a handler in cuda_cpu.cpp (the sanitizer runtime is not linked).
+# -fno-extern-tls-init: the thread_local shared arrays have no dynamic initialiser, so an access needs no TLS wrapper.
+CXXFLAGS = ["-x", "c++", "-std=c++17", "-O1", "-fPIC", "-fno-extern-tls-init", "-fsanitize=bounds,object-size",
+            "-fno-sanitize-recover=all", "-Wall", "-Wno-unknown-pragmas", "-include", str(HERE / "cuda_cpu.h"),
             f"-I{HERE}", f"-I{CSRC}", f"-I{Path(torch.__file__).parent / 'include'}"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -12,12 +12,17 @@ enum Case : int {
   kBarrierAfterExit,     // half of the block returns, the other half waits at __syncthreads
   kTwoBarriers,          // odd and even threads wait at different __syncthreads
   kSharedOutOfBounds,    // s[t + 1] of a shared array of n
+  kSharedOutOfBoundsByPointer,  // the same through a device function that gets the array as a pointer
   kDynamicOutOfBounds,   // d[t + 1] of the launch's n floats of dynamic shared memory
   kDeviceAssert,         // CUDA_KERNEL_ASSERT(in[t] >= 0)
   kShuffleAfterExit,     // lane 5 returns, the others shuffle with the full mask
 };
 
 constexpr int kMaxThreads = 256;
+
+__device__ __forceinline__ void store(float* p, int i, float v) {
+  p[i] = v;
+}
 
 __global__ void selftest_kernel(int which, const float* __restrict__ in, float* __restrict__ out, int n) {
   __shared__ float s[kMaxThreads];
@@ -63,6 +68,11 @@ __global__ void selftest_kernel(int which, const float* __restrict__ in, float* 
     case kSharedOutOfBounds: {
       __shared__ float small[64];
       small[t + 1] = in[t];
+      break;
+    }
+    case kSharedOutOfBoundsByPointer: {
+      __shared__ float small[64];
+      store(small, t + 1, in[t]);
       break;
     }
     case kDynamicOutOfBounds:

@@ -14,8 +14,8 @@ from cuda_cpu_harness import have_compiler, load
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs a host C++ compiler (g++) for the CPU harness")
 
 # The cases of selftest.cu::Case.
-EXCHANGE, EXCHANGE_NO_BARRIER, WARP_OPS, BARRIER_AFTER_EXIT, TWO_BARRIERS, SHARED_OOB, DYNAMIC_OOB, DEVICE_ASSERT, \
-    SHUFFLE_AFTER_EXIT = range(9)
+(EXCHANGE, EXCHANGE_NO_BARRIER, WARP_OPS, BARRIER_AFTER_EXIT, TWO_BARRIERS, SHARED_OOB, SHARED_OOB_BY_POINTER,
+ DYNAMIC_OOB, DEVICE_ASSERT, SHUFFLE_AFTER_EXIT) = range(10)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_warp_shuffles_and_votes(selftest):
     (BARRIER_AFTER_EXIT, r"__syncthreads at .*selftest.cu:\d+ while thread \(\d+, 0, 0\) has exited"),
     (TWO_BARRIERS, r"__syncthreads at .*selftest.cu:\d+ while thread \(\d+, 0, 0\) waits in __syncthreads at "),
     (SHARED_OOB, r"thread \(63, 0, 0\): array index 64 out of bounds at .*selftest.cu"),
+    (SHARED_OOB_BY_POINTER, r"thread \(63, 0, 0\): store outside the array it points into at .*selftest.cu"),
     (DYNAMIC_OOB, r"wrote byte 256 of dynamic shared memory, past the 256 bytes of the launch"),
     (DEVICE_ASSERT, r"device assertion `in\[t\] >= 0.0f && \"selftest: negative input\"` failed at .*selftest.cu"),
     (SHUFFLE_AFTER_EXIT, r"__shfl_xor_sync: lane 5 of the mask has exited"),
