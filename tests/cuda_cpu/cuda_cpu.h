@@ -4,10 +4,11 @@
 // Force-included (-include cuda_cpu.h) before a kernel header. What it supplies, and nothing else:
 //   - qualifiers: __global__, __device__, __host__, __forceinline__, __launch_bounds__ (no-ops on the CPU);
 //   - __shared__: block-scope thread_local, i.e. one instance shared by all threads of the running block (the
-//     harness runs one block at a time, on one OS thread); `extern __shared__` (dynamic shared memory, see
-//     mixlora::dynamic_smem in csrc/common.cuh) is a buffer of which the launch's bytes are followed by a canary
-//     checked after every block. All shared memory is filled with NaN (0xff bytes) before every block. Static
-//     shared arrays are bounds-checked by -fsanitize=bounds;
+//     harness runs one block at a time, on one OS thread). `extern __shared__` (dynamic shared memory) has one
+//     declaration, mixlora::dynamic_smem in csrc/common.cuh (a kernel's own `extern __shared__` array would not
+//     link): a buffer whose launch's bytes are followed by a canary checked after every block. All shared memory
+//     is filled with NaN (0xff bytes) before every block; an out-of-bounds access to a shared array, by index or
+//     through a pointer the compiler traces to it, is a fault (-fsanitize=bounds,object-size);
 //   - threadIdx, blockIdx, blockDim, gridDim, warpSize, dim3, uint3, float4;
 //   - __syncthreads(): a barrier over the block's threads; all of them must reach the same call site;
 //   - warp collectives (__shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync, __ballot_sync,

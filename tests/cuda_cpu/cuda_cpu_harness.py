@@ -11,6 +11,10 @@ a contiguous copy when the innermost stride is not 1, int64 experts), the output
 of csrc/<op>/<op>.cu (mirrored in launch_<op>.cpp). On top, for the tests: outputs start as NaN (integers as
 _INT_FILL) so that an element no kernel writes shows up as a mismatch, floating inputs sit between NaN guard bands
 so that a read out of bounds poisons the result, and a write past an output's end is reported.
+
+A new kernel runs here once its device code is in a torch-free csrc/<op>/<op>_kernels.cuh (dynamic shared memory
+through mixlora::dynamic_smem), its launch function is mirrored in a launch_<op>.cpp listed in SOURCES, and `Kernels`
+has a method for its op; a CUDA built-in it uses that cuda_cpu.h lacks fails the build and belongs in cuda_cpu.h.
 """
 
 from __future__ import annotations
