@@ -1,0 +1,1304 @@
+"""Predicted H200 (sm_90) cost of every MixLoRA kernel, from the compiled code, without a GPU: PREDICTION, not a
+measurement (method and constants: kernel-cost.md of the project's shared docs; a GPU measurement overrides this).
+
+    python -m benchmarks.sm90_cost --json benchmarks/results/sm90-cost-DATE.json [--md ...] [--predicted PATH]
+
+What it does, per backend, for the LLaMA-2-7B FFN (H 4096, I 11008, E 8, K 2, R 16, bf16) at T 4096 and 16384,
+LoRA dropout 0 and 0.05:
+- Triton: calls the real launchers of `mixlora_kernels.triton` (the op pipeline of one MoE FFN, forward then
+  backward) on `meta` tensors, with a stub driver that reports sm_90 and a `JITFunction.run` that compiles only.
+  Constexprs, integer specialisation, num_warps / num_stages and the grid are exactly a run's.
+- CUDA: every `csrc/**/*.cu` with nvcc `-cubin -O3 -lineinfo -arch=sm_90 -Xptxas -v` and setup.py's / torch's
+  extension flags (device code only: the host side does not change the kernels); the bf16 instantiation of each
+  templated kernel; grids from `CUDA_LAUNCHES` (transcribed from the `*_launch` functions, shape formulas).
+- Each kernel's SASS (nvdisasm with line info) is read: registers / stack (cuobjdump -res-usage, ptxas -v for
+  CUDA), spills (STL/LDL), MMA kinds (HGMMA = wgmma, HMMA = mma.sync, with the operand type from the opcode and the
+  PTX), and dynamic counts (see `profile_sass`): loops are backward branches; each SASS loop is matched to the
+  source `for` whose lines its instructions carry, and its trip count is that loop's `range(...)` (Triton) or
+  `for (...)` header (CUDA) evaluated at the launch's arguments. Data-dependent bounds (an expert's segment of the
+  sorted slots) are taken at balanced routing, S / E slots per expert. Two-role Triton kernels (`if pid < n:` at
+  the top level) charge each role's instructions to the programs that take it.
+- Cost model per kernel, H200 constants below: lower bound = max(HBM / 4.3 TB/s, L2 / 8 TB/s, tensor-core FLOPs /
+  peak of the MMA kind, SIMT FLOPs / 67 TFLOP/s, warp-instructions / (132 * 4 * 1.755 GHz)), each divided by the
+  fraction of SMs the grid can fill; central = CENTRAL_LOW_OCC x bound where at most 8 warps per SM are resident
+  (kernel-cost.md's 1.5-2x, we take the middle), else CENTRAL_HIGH_OCC x bound; plus LAUNCH_S per launch.
+- Whole FFN fwd+bwd per backend = the measured dense frozen FFN (3.41 / 14.22 ms) + router_logits (torch/cuBLAS,
+  modelled as a GEMM at HBM bandwidth) + every kernel the backend's pipeline launches in fwd+bwd.
+
+HBM bytes are the compulsory traffic: every distinct tensor a launch touches, read or written once (Triton: the
+launch's tensor arguments; CUDA: `CUDA_LAUNCHES` formulas). L2 bytes are the dynamic global load/store bytes of the
+SASS (every lane of every executed LDG/STG/LDGSTS, at its access width) beyond the HBM bytes: what is re-read from
+L2 (Triton: divided by the replication of the load's layout, lanes that load the same element; predicated-off
+lanes and same-address lanes of CUDA's scalar loads are counted, so it is an upper estimate).
+
+Approximate, and how: a loop's trip count is taken at its source bounds (mean over programs where they depend on
+the program id); unrolled loops are recognised as main + remainder copies of one source loop, and unswitched copies
+of a CUDA kernel's loop as versions of which one runs, but versions that nvcc does not emit as sibling loops are
+all counted; branches inside a loop are counted as if taken (CUDA's dropout hash at dropout 0, an untaken
+activation case is removed); early exits of spare programs are not modelled. Not modelled at all: the few torch
+glue ops between kernels (sort_slots' cumsum, the split-sum of an I-split reduction, dtype casts of the down delta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREDICTED_COST_PATH = ROOT / "mixlora_kernels" / "predicted_cost.json"
+LABEL = "PREDICTION, not a measurement: static analysis of the sm_90 code compiled on a CPU machine (no GPU ran)"
+
+# H200 constants (kernel-cost.md): 132 SMs, 4 schedulers per SM at 1.755 GHz, 4.3 TB/s HBM copy (measured),
+# ~790 TFLOP/s bf16 dense GEMM (measured, = wgmma), L2->SM 7-10 TB/s (assumed 8), tf32 mma.sync ~250 TFLOP/s
+# (assumed), fp32 SIMT 67 TFLOP/s, 228 KB shared memory and 65 536 registers per SM.
+SMS = 132
+SCHEDULERS = 4
+CLOCK_HZ = 1.755e9
+HBM_BPS = 4.3e12
+L2_BPS = 8.0e12
+SIMT_FLOPS = 67e12
+# Tensor-core peak by (instruction, operand type). HMMA bf16/fp16 (mma.sync) is not in kernel-cost.md: assumed
+# 2x its tf32 figure (the operand is half as wide), i.e. ~63 % of wgmma, as commonly seen on Hopper.
+TC_PEAK = {("HGMMA", "bf16"): 790e12, ("HGMMA", "f16"): 790e12, ("HGMMA", "tf32"): 395e12,
+           ("HMMA", "bf16"): 500e12, ("HMMA", "f16"): 500e12, ("HMMA", "tf32"): 250e12}
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_CTAS_PER_SM = 32
+CENTRAL_LOW_OCC = 1.75   # <= 8 resident warps per SM: latency-bound, kernel-cost.md's 1.5-2x
+CENTRAL_HIGH_OCC = 1.25  # well-occupied kernels reach ~80 % of their bound
+LAUNCH_S = 2e-6          # launch + tail of one kernel (not in the bound)
+
+# Measured on an H200, bf16, fwd+bwd, LLaMA-2-7B FFN (kernel-cost.md): the anchors the predictions compare to.
+MEASURED_MS = {"dense": {4096: 3.41, 16384: 14.22}, "peft_lora": {4096: 4.56, 16384: 17.54},
+               "published_loop": {4096: 27.66, 16384: 47.67}}
+GOAL_MS = {4096: 4.8, 16384: 18.4}
+# Predictions of the review of commit 19e494c at T 4096 (kernel-cost.md), for calibration.
+REVIEW_19E494C_MS = {"triton": 14.0, "cuda": 33.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One FFN layer: T tokens, H hidden, I intermediate, E experts, K top-k, R rank, LoRA dropout p."""
+    T: int
+    H: int = 4096   # LLaMA-2-7B FFN
+    I: int = 11008
+    E: int = 8
+    K: int = 2
+    R: int = 16
+    dropout: float = 0.0
+
+    @property
+    def S(self) -> int:
+        return self.T * self.K
+
+
+TARGET_TOKENS = (4096, 16384)
+TARGET_DROPOUTS = (0.0, 0.05)
+
+
+# ----------------------------------------------------------------------------------------------------- tools
+def _triton_bin(name: str) -> str:
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.is_file() else (shutil.which(name) or name)
+
+
+def _run(cmd: list[str], **kw) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out.stdout + out.stderr
+
+
+def disassemble(cubin: bytes | str) -> str:
+    """nvdisasm text of a cubin (bytes or path) with inlined line info (`//## File ..., line N inlined at ...`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cubin
+        if isinstance(cubin, bytes):
+            path = os.path.join(tmp, "k.cubin")
+            Path(path).write_bytes(cubin)
+        cmd = [_triton_bin("nvdisasm"), "-c", "-g", "-gi", path]
+        return subprocess.run(cmd, capture_output=True, text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, dict[str, int]]:
+    """cuobjdump -res-usage: function -> {REG, STACK, SHARED, LOCAL}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        Path(path).write_bytes(cubin)
+        text = _run([_triton_bin("cuobjdump"), "-res-usage", path])
+    out, fn = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            fn = m.group(1)
+        elif fn and "REG:" in line:
+            out[fn] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ SASS and loops
+@dataclass
+class Instr:
+    addr: int
+    op: str            # opcode with modifiers, predicate stripped: "HGMMA.64x32x16.F32.BF16"
+    text: str
+    locs: frozenset    # {(file, line)}: every level of the inlining chain
+    target: str | None = None  # branch label
+
+
+@dataclass
+class SourceLoop:
+    """A source loop: lines [first, last] of `file`, trip count per entry (None: unknown at this shape)."""
+    file: str
+    first: int
+    last: int
+    trips: float | None
+    text: str
+
+
+def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
+    instrs, labels, pending, locs = [], {}, [], frozenset()
+    chain: set = set()
+    fresh = True
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("//##"):
+            if fresh:
+                chain, fresh = set(), False
+            for f, n in re.findall(r'File "([^"]+)", line (\d+)', s):
+                chain.add((f, int(n)))
+            locs = frozenset(chain)
+            continue
+        m = re.match(r"\s*(\.L\w+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);?\s*$", line)
+        if not m:
+            continue
+        fresh = True
+        addr, body = int(m.group(1), 16), m.group(2).strip().rstrip(";").strip()
+        if not body or body.startswith("."):
+            continue
+        words = body.split()
+        if words[0].startswith("@"):
+            words = words[1:]
+        if not words:
+            continue
+        op = words[0]
+        t = re.search(r"`\((\.L\w+)\)", body)
+        for lab in pending:
+            labels[lab] = addr
+        pending = []
+        instrs.append(Instr(addr, op, body, locs, t.group(1) if t and op.startswith("BRA") else None))
+    return instrs, labels
+
+
+def sass_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """Address ranges [head, back-branch] of the loops: one per backward branch target, outermost end kept."""
+    ends: dict[int, int] = {}
+    for ins in instrs:
+        # a branch to itself is the trap after EXIT, never executed
+        if ins.target in labels and labels[ins.target] < ins.addr:
+            head = labels[ins.target]
+            ends[head] = max(ends.get(head, 0), ins.addr)
+    return sorted(ends.items())
+
+
+def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[SourceLoop] = ()) -> SourceLoop | None:
+    """The source loop of a SASS loop: among the source loops that are neither one of the source loops already
+    matched to the SASS loops nested in it nor nested inside one of them, the innermost one whose lines carry at
+    least half of the SASS loop's own instructions (those not in a nested SASS loop); the best-scoring one when
+    none reaches half."""
+    def within(a: SourceLoop, b: SourceLoop) -> bool:
+        return a is b or (a.file == b.file and b.first <= a.first and a.last <= b.last)
+
+    scored = []
+    for sl in source_loops:
+        if any(within(sl, i) for i in inner):
+            continue
+        score = sum(1 for ins in own if any(f == sl.file and sl.first <= n <= sl.last for f, n in ins.locs))
+        if score:
+            scored.append((score, sl))
+    if not scored:
+        return None
+    half = [sl for score, sl in scored if score * 2 >= len(own)]
+    if half:
+        return min(half, key=lambda sl: sl.last - sl.first)
+    return max(scored, key=lambda p: p[0])[1]
+
+
+# Global-memory instructions and their bytes per lane (access width in the opcode; 32 bits by default).
+_GLOBAL_MEM = re.compile(r"^(LDG|STG|LDGSTS|RED|ATOM|ATOMG)(\.|$)")
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+_SIMT_FLOPS = {"FFMA": 2, "FADD": 1, "FMUL": 1, "FMNMX": 1, "HFMA2": 4, "HADD2": 2, "HMUL2": 2, "FFMA2": 4,
+               "FADD2": 2, "FMUL2": 2}
+
+
+def _lane_bytes(op: str) -> int:
+    width = 4
+    for part in op.split(".")[1:]:
+        width = _WIDTH.get(part, width)
+    return width
+
+
+def _mma_flops(op: str) -> tuple[str, str, int] | None:
+    """(kind, operand type, FLOPs per warp-instruction) of an MMA opcode, None otherwise.
+
+    HMMA.16816.F32.BF16: one warp, 2*16*8*16 FLOPs. HGMMA.64x32x16.F32.BF16: one warpgroup instruction issued by
+    its 4 warps, 2*64*32*16 FLOPs, so a quarter per warp-instruction.
+    """
+    parts = op.split(".")
+    kind = parts[0]
+    if kind not in ("HMMA", "HGMMA"):
+        return None
+    dtype = {"BF16": "bf16", "F16": "f16", "TF32": "tf32"}.get(parts[-1], parts[-1].lower())
+    if kind == "HMMA":
+        m, n, k = {"16816": (16, 8, 16), "1688": (16, 8, 8), "1684": (16, 8, 4)}.get(parts[1], (16, 8, 8))
+        return kind, dtype, 2 * m * n * k
+    m, n, k = (int(v) for v in parts[1].split("x"))
+    return kind, dtype, 2 * m * n * k // 4
+
+
+@dataclass
+class Role:
+    """Programs that take one top-level branch of a two-role kernel: lines [first, last] of the kernel file."""
+    file: str
+    first: int
+    last: int
+    programs: int
+
+
+def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: list[Role] = (),
+                 kernel_span: tuple[str, int, int] | None = None, replication: dict | None = None,
+                 scalar_code: bool = False, dead: tuple[set, set] | None = None) -> dict:
+    """Dynamic counts of one launch: each instruction weighs programs (of its role) x warps x the trip counts of the
+    SASS loops around it.
+
+    Sibling SASS loops (same enclosing SASS loop) matched to the same source loop are either an unrolled main loop
+    and its remainder(s) (u copies of the body, counted on memory instructions: each runs what is left of the
+    trips // u) or, for a loop of the kernel's own body (kernel_span: file, first, last line), versions of it (nvcc
+    unswitches runtime branches: activation, dropout, U present) of which one runs: each is charged trips / n.
+    Loops of inlined helpers are not merged as versions (each call site is its own loop). dead = (untaken, taken)
+    lines of a runtime switch's cases: instructions on untaken lines do not run, nor do SASS loops that contain
+    untaken-case code but none of the taken case (the unswitched copies for other activations).
+
+    Returns warp-instructions, MMA counts / FLOPs by kind, SIMT FLOPs, global bytes (lanes x access width /
+    replication), the matched loops, notes on unmatched loops, and the spill instruction count (STL/LDL).
+    """
+    loops = sass_loops(instrs, labels)
+    trip_of, notes, mapped, own_of = {}, [], {}, {}
+    for head, end in sorted(loops, key=lambda he: he[1] - he[0]):  # innermost first
+        inner = [(h, e) for h, e in loops if (h, e) != (head, end) and head <= h and e <= end]
+        own = [i for i in instrs if head <= i.addr <= end and not any(h <= i.addr <= e for h, e in inner)]
+        own_of[(head, end)] = own
+        sl = match_loop(own, source_loops, [mapped[i] for i in inner if i in mapped])
+        if sl is None or sl.trips is None:
+            trip_of[(head, end)] = 1.0
+            notes.append(f"loop @{head:#x}-{end:#x}: trip count unknown "
+                         f"({'no source loop' if sl is None else sl.text}), counted once")
+        else:
+            trip_of[(head, end)] = max(float(sl.trips), 0.0)
+            mapped[(head, end)] = sl
+    def parent(he):
+        outer = [o for o in loops if o != he and o[0] <= he[0] and he[1] <= o[1]]
+        return min(outer, key=lambda o: o[1] - o[0]) if outer else None
+
+    groups: dict = {}
+    for he, sl in mapped.items():
+        groups.setdefault((id(sl), parent(he)), []).append(he)
+    unroll = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        # Instructions per source line: an unrolled copy repeats every line u times; unswitched versions share
+        # their common lines once each and differ in a few (the activation's case, the dropout hash).
+        # Copies of the source body in each member, counted on memory instructions per (opcode, source line) common
+        # to all members (loop overhead is not repeated). Scalar CUDA code issues one instruction per access and
+        # iteration, so the count is absolute (nvcc unrolls main loops by 16 and remainders by 4); a Triton tile
+        # access is several instructions, so there the count is relative to the smallest member.
+        def per_key(he):
+            counts = {}
+            for ins in own_of[he]:
+                if re.match(r"(LD|ST)", ins.op):
+                    for loc in ins.locs:
+                        counts[(ins.op, loc)] = counts.get((ins.op, loc), 0) + 1
+            return counts
+        keyed = {he: per_key(he) for he in members}
+        common = set.intersection(*(set(v) for v in keyed.values()))
+        if common:
+            copies = {he: min(keyed[he][k] for k in common) for he in members}
+            if not scalar_code:
+                unit = min(copies.values())
+                copies = {he: max(1, round(c / unit)) for he, c in copies.items()}
+        else:
+            copies = {he: 1 for he in members}
+        trips = trip_of[members[0]]
+        if max(copies.values()) > 1:
+            # an unrolled main loop and its remainder loop(s): each runs what is left // its copies
+            left = trips
+            for he in sorted(members, key=lambda m: -copies[m]):
+                trip_of[he] = left // copies[he]
+                left -= trip_of[he] * copies[he]
+                unroll[he] = copies[he]
+        elif kernel_span and all(mapped[he].file == kernel_span[0] and
+                                 kernel_span[1] <= mapped[he].first <= kernel_span[2] for he in members):
+            for he in members:  # unswitched versions of one loop of the kernel body: one of them runs
+                trip_of[he] = trips / len(members)
+    untaken, taken = dead if dead else (set(), set())
+    for he in loops:
+        locs = {loc for ins in instrs if he[0] <= ins.addr <= he[1] for loc in ins.locs}
+        if locs & untaken and not locs & taken:
+            trip_of[he] = 0.0
+    detail = [f"{h:#x}-{e:#x} {Path(mapped[(h, e)].file).name}:{mapped[(h, e)].first} "
+              f"{mapped[(h, e)].text} x{trip_of[(h, e)]:g}"
+              + (f" (unrolled x{unroll[(h, e)]})" if unroll.get((h, e), 1) > 1 else "")
+              for h, e in loops if (h, e) in mapped]
+    out = {"warp_instructions": 0.0, "mma": {}, "tc_flops": {}, "simt_flops": 0.0, "global_bytes": 0.0,
+           "spill_instructions": 0, "mma_instructions": 0.0, "loops": detail, "notes": notes}
+    role_of_prev = None
+    for ins in instrs:
+        mult = float(warps)
+        for (head, end), trips in trip_of.items():
+            if head <= ins.addr <= end:
+                mult *= trips
+        role = None
+        for r in roles:
+            if any(f == r.file and r.first <= n <= r.last for f, n in ins.locs):
+                role = r
+        if role is None and not ins.locs:
+            role = role_of_prev
+        role_of_prev = role
+        mult *= role.programs if role is not None else ctas
+        if untaken and any(loc in untaken for loc in ins.locs):
+            mult = 0.0
+        out["warp_instructions"] += mult
+        base = ins.op.split(".")[0]
+        mma = _mma_flops(ins.op)
+        if mma:
+            kind, dtype, flops = mma
+            key = f"{kind}.{dtype}"
+            out["mma"][key] = out["mma"].get(key, 0) + 1
+            out["tc_flops"][key] = out["tc_flops"].get(key, 0.0) + mult * flops
+            out["mma_instructions"] += mult
+        elif base in _SIMT_FLOPS:
+            out["simt_flops"] += mult * 32 * _SIMT_FLOPS[base]
+        if _GLOBAL_MEM.match(ins.op):
+            rep = min((replication[loc] for loc in ins.locs if loc in replication), default=1.0) if replication \
+                else 1.0
+            out["global_bytes"] += mult * 32 * _lane_bytes(ins.op) / rep
+        if base in ("STL", "LDL"):
+            out["spill_instructions"] += 1
+    return out
+
+
+def occupancy(regs: int, shared: int, warps: int) -> dict:
+    """Resident CTAs and warps per SM from registers (allocated per warp in units of 256), shared memory (plus the
+    1 KB the runtime reserves per CTA) and the 64-warp / 32-CTA limits."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps
+    by_smem = SMEM_PER_SM // (shared + SMEM_RESERVED_PER_CTA)
+    ctas = max(0, min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, MAX_CTAS_PER_SM))
+    return {"ctas_per_sm": ctas, "warps_per_sm": ctas * warps, "occupancy": ctas * warps / MAX_WARPS_PER_SM}
+
+
+def time_model(hbm: float, l2: float, tc_flops: dict, simt: float, warp_instr: float, ctas: int, warps: int,
+               resident_ctas_per_sm: int) -> dict:
+    """Lower bound and central time (s) of one launch; see the module docstring."""
+    terms = {"hbm": hbm / HBM_BPS, "l2": l2 / L2_BPS,
+             "tensor": sum(f / TC_PEAK.get(tuple(k.split(".")), 250e12) for k, f in tc_flops.items()),
+             "simt": simt / SIMT_FLOPS, "issue": warp_instr / (SMS * SCHEDULERS * CLOCK_HZ)}
+    fill = min(1.0, ctas / SMS) if ctas else 1.0
+    lower = max(terms.values()) / fill
+    resident = min(resident_ctas_per_sm, math.ceil(ctas / SMS)) * warps
+    factor = CENTRAL_LOW_OCC if resident <= 8 else CENTRAL_HIGH_OCC
+    return {"lower_s": lower, "central_s": factor * lower + LAUNCH_S, "bound_by": max(terms, key=terms.get),
+            "central_factor": factor, "resident_warps_per_sm": resident, "terms_s": terms}
+
+
+# -------------------------------------------------------------------------------------------------- Triton
+class _TlShim:
+    """Enough of triton.language to evaluate a kernel's index arithmetic on the host, program ids as numpy ranges."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def program_id(self, axis):
+        import numpy as np
+        shape = [1, 1, 1]
+        shape[axis] = self.grid[axis]
+        return np.arange(self.grid[axis]).reshape(shape)
+
+    @staticmethod
+    def cdiv(a, b):
+        return -(-a // b)
+
+    @staticmethod
+    def minimum(a, b):
+        import numpy as np
+        return np.minimum(a, b)
+
+    @staticmethod
+    def maximum(a, b):
+        import numpy as np
+        return np.maximum(a, b)
+
+    @staticmethod
+    def cast(x, *_):
+        return x
+
+    int32 = int64 = float32 = None
+
+
+def _eval(node, path, scope, grid):
+    return eval(compile(ast.Expression(node), path, "eval"), {"tl": _TlShim(grid), "__builtins__": {}}, scope)
+
+
+def _kernel_scope(fn, env: dict, grid: tuple) -> dict:
+    """The kernel's arguments plus every local `name = expr` that evaluates on the host (program ids as numpy
+    ranges over the grid, so pid-dependent values are arrays over the programs); loads and loop-carried values fail
+    to evaluate and are skipped."""
+    path = fn.fn.__code__.co_filename
+    tree = ast.parse(Path(path).read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.__name__)
+    scope = dict(env)
+
+    def visit(body):
+        for stmt in body:
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+                try:
+                    scope[stmt.targets[0].id] = _eval(stmt.value, path, scope, grid)
+                except Exception:
+                    pass
+            elif isinstance(stmt, ast.If):
+                visit(stmt.body)
+                visit(stmt.orelse)
+    visit(node.body)
+    return scope
+
+
+def _trips(start, stop, step):
+    """Mean trip count over the programs (bounds may be numpy arrays over the grid)."""
+    import numpy as np
+    n = np.maximum(0, -(-(np.asarray(stop) - np.asarray(start)) // np.asarray(step)))
+    return float(np.mean(n))
+
+
+def _python_loops(path: str, scope: dict, grid: tuple) -> list[SourceLoop]:
+    """Every `for ... in range(...)` / `tl.range(...)` of a Python file with its mean trip count (static_range is
+    unrolled at compile time and leaves no SASS loop)."""
+    tree = ast.parse(Path(path).read_text())
+    loops = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.For) or not isinstance(node.iter, ast.Call):
+            continue
+        if ast.unparse(node.iter.func) not in ("range", "tl.range"):
+            continue
+        trips = None
+        try:
+            args = [_eval(a, path, dict(scope), grid) for a in node.iter.args[:3]]
+            if len(args) == 1:
+                start, stop, step = 0, args[0], 1
+            else:
+                start, stop, step = args[0], args[1], args[2] if len(args) > 2 else 1
+            trips = _trips(start, stop, step)
+        except Exception:
+            pass
+        loops.append(SourceLoop(path, node.lineno, node.end_lineno, trips, ast.unparse(node.iter)))
+    return loops
+
+
+def _triton_roles(fn, scope: dict, grid: tuple) -> list[Role]:
+    """Top-level `if <condition on program ids>:` branches of a kernel and how many programs take each side."""
+    import numpy as np
+    path = fn.fn.__code__.co_filename
+    tree = ast.parse(Path(path).read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.__name__)
+    roles, total = [], math.prod(grid)
+    for stmt in node.body:
+        if not isinstance(stmt, ast.If):
+            continue
+        try:
+            cond = _eval(stmt.test, path, dict(scope), grid)
+        except Exception:
+            continue
+        if not isinstance(cond, np.ndarray):
+            continue
+        hit = int(np.count_nonzero(np.broadcast_to(cond, grid)))
+        roles.append(Role(path, stmt.body[0].lineno, stmt.body[-1].end_lineno, hit))
+        if stmt.orelse:
+            roles.append(Role(path, stmt.orelse[0].lineno, stmt.orelse[-1].end_lineno, total - hit))
+    return roles
+
+
+class _Sm90Driver:
+    """Built lazily (imports triton): a CudaDriver that reports an sm_90 device and never touches a GPU."""
+
+    @staticmethod
+    def make():
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.driver import CudaDriver
+
+        class Sm90Driver(CudaDriver):
+            def __init__(self):  # no CudaUtils: it would load libcuda
+                pass
+
+            def get_current_device(self):
+                return 0
+
+            def get_current_stream(self, device=None):
+                return 0
+
+            def get_device_capability(self, device=None):
+                return (9, 0)
+
+            def get_current_target(self):
+                return GPUTarget("cuda", 90, 32)
+
+        return Sm90Driver()
+
+
+@dataclass
+class Launch:
+    op: str
+    fn: object          # JITFunction
+    kernel: object      # CompiledKernel
+    grid: tuple
+    env: dict           # int / float / constexpr arguments by name
+    tensors: dict       # argument name -> (storage key, bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _private_triton_cache() -> tempfile.TemporaryDirectory:
+    """This process's Triton cache: a kernel cached from another checkout has the same hash but that checkout's
+    line info (file paths and line numbers), which the loop matching reads."""
+    return tempfile.TemporaryDirectory(prefix="sm90_cost_triton_")
+
+
+@contextlib.contextmanager
+def sm90_compile_only():
+    """Within: every Triton launch compiles for sm_90 (no GPU) and is recorded, not run. Yields the record list."""
+    import triton
+    from triton.runtime.jit import JITFunction
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("sm90_cost compiles kernels: run it without TRITON_INTERPRET=1 (a fresh process)")
+    records: list[Launch] = []
+    op_name = ["?"]
+    saved_cache = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = _private_triton_cache().name
+    previous = triton.runtime.driver._active  # not .active: that would look for a real GPU driver
+    triton.runtime.driver.set_active(_Sm90Driver.make())
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        bound = dict(zip(self.arg_names, args))
+        bound.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        g = grid(bound) if callable(grid) else grid
+        g = tuple(int(v) for v in g) + (1,) * (3 - len(g))
+        env, tensors = {}, {}
+        for name, value in bound.items():
+            if hasattr(value, "untyped_storage") or hasattr(value, "data_ptr"):
+                base = value if getattr(value, "_base", None) is None else value._base
+                tensors[name] = (id(base), base.numel() * base.element_size())
+            elif isinstance(value, (bool, int, float, str)):
+                env[name] = value
+        records.append(Launch(op_name[0], self, kernel, g, env, tensors))
+        return kernel
+
+    JITFunction.run = run
+    try:
+        yield records, op_name
+    finally:
+        JITFunction.run = original
+        triton.runtime.driver._active = previous
+        if saved_cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved_cache
+
+
+def triton_pipeline(shape: Shape, act: str = "silu"):
+    """Run the Triton launchers of one MoE FFN forward and backward (the op sequence of mixlora/moe.py and the ops'
+    autograd) on meta tensors under `sm90_compile_only`; returns the recorded launches."""
+    import torch
+
+    from mixlora_kernels.triton import KERNELS
+    T, H, I, E, K, R, p = shape.T, shape.H, shape.I, shape.E, shape.K, shape.R, shape.dropout
+    S, bf16, f32, i64 = shape.S, torch.bfloat16, torch.float32, torch.int64
+
+    def new(*size, dtype=bf16):
+        return torch.empty(*size, dtype=dtype, device="meta")
+
+    x, logits = new(T, H), new(T, E, dtype=f32)
+    G, U = new(T, I), new(T, I)
+    A_in, Bg, Bu, Ad, Bd = new(E, 2 * R, H), new(E, I, R), new(E, I, R), new(E, R, I), new(E, H, R)
+    scale = 2.0  # lora_alpha / R; the value does not change the code
+    with sm90_compile_only() as (records, op):
+        op[0] = "route"
+        weights, experts = KERNELS["route"](logits, K)
+        op[0] = "sort_slots"
+        order, offsets = KERNELS["sort_slots"](experts, E)
+        op[0] = "lora_shrink"
+        z = KERNELS["lora_shrink"](x, A_in, experts, order, offsets, p, 1234)
+        zg, zu = z.split([R, R], dim=1)
+        op[0] = "expand_act_combine"
+        hbar, zd = KERNELS["expand_act_combine"](G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, scale,
+                                                 act, p, 5678)
+        op[0] = "lora_expand_combine"
+        KERNELS["lora_expand_combine"](zd, Bd, weights, experts, order, offsets, scale)
+        # backward: grad of the fp32 down delta, of hbar (from the dense dgrad) and of the routing weights
+        op[0] = "lora_expand_combine_backward"
+        dzd, _, dw1 = KERNELS["lora_expand_combine_backward"](new(T, H, dtype=f32), zd, Bd, weights, experts, order,
+                                                              offsets, scale)
+        op[0] = "expand_act_combine_backward"
+        grads = KERNELS["expand_act_combine_backward"](new(T, I), dzd, G, U, zg, Bg, zu, Bu, weights, experts, order,
+                                                       offsets, Ad, scale, act, p, 5678)
+        dzg, dzu = grads[2], grads[4]
+        op[0] = "lora_shrink_backward"
+        KERNELS["lora_shrink_backward"](torch.cat([dzg, dzu], dim=1), x, A_in, experts, order, offsets, p, 1234)
+        op[0] = "route_backward"
+        KERNELS["route_backward"](new(T, K, dtype=f32), weights, experts, E)
+    return records
+
+
+def ttir_dots(ttir: str) -> list[dict]:
+    """Every `tt.dot` of a kernel: operand element types and input precision (tf32x3 = 3 MMAs + split code)."""
+    dots = []
+    for line in ttir.splitlines():
+        if "tt.dot " not in line:
+            continue
+        types = re.findall(r"tensor<([\dx]+)x(\w+)>", line)
+        prec = re.search(r"inputPrecision = (\w+)", line)
+        dots.append({"a": types[0][1] if types else "?", "b": types[1][1] if len(types) > 1 else "?",
+                     "shape": [types[0][0], types[1][0]] if len(types) > 1 else [],
+                     # inputPrecision only applies to fp32 operands; 16-bit dots are plain bf16/f16 MMAs
+                     "precision": (prec.group(1) if prec else "tf32") if types and types[0][1] == "f32"
+                     else (types[0][1] if types else "-")})
+    return dots
+
+
+def ttgir_load_replication(ttgir: str) -> dict[tuple[str, int], float]:
+    """(file, line) of every global load in the TTGIR -> how many threads load each element: a blocked layout whose
+    lanes x warps x sizePerThread cover more than the tensor (a (32,) row-id vector in a 4-warp program, a slice
+    layout's removed dimension) has every element loaded by several lanes, which the L1 serves. Used to count the
+    L2 bytes of a SASS load as its lanes' bytes / replication."""
+    layouts = {}
+    for m in re.finditer(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+                         r"warpsPerCTA = \[([\d, ]+)\]", ttgir, re.M):
+        layouts[m.group(1)] = [[int(v) for v in g.split(",")] for g in m.groups()[1:]]
+    locs = {m.group(1): m.group(2) for m in re.finditer(r"^(#loc\d*) = loc\((.*)\)\s*$", ttgir, re.M)}
+
+    def innermost(ref: str, depth: int = 0):
+        text = locs.get(ref, "")
+        direct = re.match(r'"([^"]+)":(\d+)', text)
+        if direct:
+            return direct.group(1), int(direct.group(2))
+        inner = re.findall(r"#loc\d*", text)
+        return innermost(inner[0], depth + 1) if inner and depth < 20 else None
+
+    out: dict = {}
+    for m in re.finditer(r"(?:tt\.load|ttg\.async_copy_global_to_local) .*?: tensor<([\dx]+)x!tt\.ptr<\w+>, "
+                         r"(#\w+|#ttg\.slice<\{dim = (\d+), parent = (#\w+)\}>)>.*?loc\((#loc\d*)\)", ttgir):
+        shape = [int(v) for v in m.group(1).split("x")]
+        sliced, name = (int(m.group(3)), m.group(4)) if m.group(3) else (None, m.group(2))
+        if name not in layouts:
+            continue
+        spt, tpw, wpc = layouts[name]
+        rep, k = 1.0, 0
+        for d in range(len(spt)):
+            if d == sliced:
+                rep *= tpw[d] * wpc[d]
+                continue
+            rep *= max(1.0, spt[d] * tpw[d] * wpc[d] / shape[k])
+            k += 1
+        where = innermost(m.group(5))
+        if where:
+            out[where] = min(out.get(where, rep), rep)
+    return out
+
+
+def ptx_mma_types(ptx: str) -> dict[str, int]:
+    """Static count of PTX MMA instructions by kind and operand type: {"wgmma.bf16": 4, "mma.sync.tf32": 12}."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.(bf16|f16|tf32)\b", ptx):
+        key = f"{m.group(1).split('.')[0]}.{m.group(2)}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_static(kernel_hash: str, cubin: bytes, name: str):
+    text = disassemble(cubin)
+    res = resource_usage(cubin).get(name, {})
+    return parse_sass(text), res
+
+
+def inspect_source(fn) -> list[str]:
+    import inspect
+    return inspect.getsourcelines(fn.fn)[0]
+
+
+def analyse_triton(launch: Launch, shape: Shape) -> dict:
+    k, fn = launch.kernel, launch.fn
+    md = k.metadata
+    (instrs, labels), res = _triton_static(md.hash, k.asm["cubin"], md.name)
+    files = {i_file for ins in instrs for i_file, _ in ins.locs if i_file.startswith(str(ROOT))}
+    env = dict(launch.env)
+    # Data-dependent bounds at balanced routing: an expert's segment of the sorted slots is [0, S / E).
+    env.update(start=0, end=shape.S // shape.E)
+    scope = _kernel_scope(fn, env, launch.grid)
+    source_loops = [sl for f in sorted(files) for sl in _python_loops(f, scope, launch.grid)]
+    roles = _triton_roles(fn, scope, launch.grid)
+    ctas = math.prod(launch.grid)
+    span = (fn.fn.__code__.co_filename, fn.fn.__code__.co_firstlineno,
+            fn.fn.__code__.co_firstlineno + len(inspect_source(fn)) - 1)
+    prof = profile_sass(instrs, labels, source_loops, ctas, md.num_warps, roles, span,
+                        ttgir_load_replication(k.asm["ttgir"]))
+    regs, shared = res.get("REG", 0), md.shared
+    occ = occupancy(regs, shared, md.num_warps)
+    hbm = float(sum(b for _, b in {key: (key, b) for key, b in launch.tensors.values()}.values()))
+    dots = ttir_dots(k.asm["ttir"])
+    return _record("triton", launch.op, md.name, shape, regs, res.get("STACK", 0), prof, shared, occ, md.num_warps,
+                   launch.grid, hbm, ptx_mma_types(k.asm["ptx"]), dots,
+                   {"num_stages": md.num_stages, **{n: v for n, v in launch.env.items() if n.isupper()}})
+
+
+def _record(backend, op, name, shape, regs, stack, prof, shared, occ, warps, grid, hbm, ptx_mma, dots, config):
+    ctas = math.prod(grid)
+    l2 = max(0.0, prof["global_bytes"] - hbm)
+    t = time_model(hbm, l2, prof["tc_flops"], prof["simt_flops"], prof["warp_instructions"], ctas, warps,
+                   occ["ctas_per_sm"])
+    return {"backend": backend, "op": op, "name": name, "T": shape.T, "dropout": shape.dropout,
+            "regs": regs, "stack_bytes": stack, "spills": prof["spill_instructions"], "shared_bytes": shared,
+            "warps": warps, "grid": list(grid), "occupancy": round(occ["occupancy"], 4),
+            "warps_per_sm": occ["warps_per_sm"],
+            "mma": {"sass": prof["mma"], "ptx": ptx_mma, "dots": dots},
+            "hbm_bytes": hbm, "l2_bytes": l2,
+            "flops": {"tensor": prof["tc_flops"], "simt": prof["simt_flops"]},
+            "warp_instructions": prof["warp_instructions"],
+            "mma_instruction_share": prof["mma_instructions"] / max(prof["warp_instructions"], 1.0),
+            "lower_ms": t["lower_s"] * 1e3, "central_ms": t["central_s"] * 1e3, "bound_by": t["bound_by"],
+            "terms_ms": {k: v * 1e3 for k, v in t["terms_s"].items()}, "config": config,
+            "loops": prof["loops"], "notes": prof["notes"]}
+
+
+def rule_violations(shape: Shape) -> list[str]:
+    """What the CPU test guards, for the Triton kernels the pipeline launches at `shape` (bf16 model):
+    "spills:<kernel>" when its SASS has local-memory spill instructions (STL/LDL) or a stack frame, and
+    "non-bf16-dot:<kernel>" when a `tt.dot` has a non-bf16 operand (fp32 tf32/tf32x3/ieee) or the SASS has a
+    non-bf16 MMA. Compiles only: no SASS profile, no cost model."""
+    out = set()
+    for launch in triton_pipeline(shape):
+        md = launch.kernel.metadata
+        (instrs, _), res = _triton_static(md.hash, launch.kernel.asm["cubin"], md.name)
+        if res.get("STACK", 0) or any(i.op.split(".")[0] in ("STL", "LDL") for i in instrs):
+            out.add(f"spills:{md.name}")
+        dots = ttir_dots(launch.kernel.asm["ttir"])
+        mmas = {m[1] for m in (_mma_flops(i.op) for i in instrs) if m}
+        if any(d["a"] != "bf16" or d["b"] != "bf16" for d in dots) or mmas - {"bf16"}:
+            out.add(f"non-bf16-dot:{md.name}")
+    return sorted(out)
+
+
+def triton_records(shape: Shape) -> list[dict]:
+    return [analyse_triton(launch, shape) for launch in triton_pipeline(shape)]
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+def nvcc_flags() -> list[str]:
+    """setup.py's nvcc flags for sm_90 plus what torch's BuildExtension adds, device code only (-cubin)."""
+    import torch
+    from torch.utils import cpp_extension
+    inc = Path(torch.__file__).parent / "include"
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return ["-cubin", "-O3", "-lineinfo", "-arch=sm_90", "-Xptxas", "-v", "-std=c++20",
+            *cpp_extension.COMMON_NVCC_FLAGS, f"-I{ROOT / 'csrc'}", f"-I{inc}",
+            f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}", f"-I{cuda_home}/include"]
+
+
+@functools.lru_cache(maxsize=None)
+def compile_cu(path: str) -> tuple[bytes, str, str]:
+    """(cubin, ptxas -v log, ptx) of one .cu for sm_90; compiled once per process."""
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "k.cubin")
+        log = _run([nvcc, *nvcc_flags(), "-keep", "-keep-dir", tmp, "-o", out, path])
+        ptx = "".join(p.read_text() for p in Path(tmp).glob("*.ptx"))
+        return Path(out).read_bytes(), log, ptx
+
+
+def ptxas_info(log: str) -> dict[str, dict[str, int]]:
+    """Mangled function -> {regs, spill_stores, spill_loads, smem, stack} from `-Xptxas -v`."""
+    out, fn = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            fn = m.group(1)
+            out.setdefault(fn, {})
+        if fn is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[fn].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[fn]["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            out[fn]["smem"] = int(s.group(1)) if s else 0
+    return out
+
+
+def _c_eval(expr: str, env: dict, threads: int):
+    e = re.sub(r"static_cast<[^>]*>", "", expr)
+    e = e.replace("p.", "").replace("threadIdx.x", "0").replace("blockDim.x", str(threads))
+    e = re.sub(r"\btid\b", "0", e).replace("&&", " and ").replace("||", " or ")
+    e = re.sub(r"(?<![/])/(?![/])", "//", e)
+    return eval(e, {"__builtins__": {}}, env)
+
+
+def _cpp_constants(text: str, env: dict, threads: int) -> dict:
+    """`constexpr int kX = ...;` and `const int64_t X = ...;` definitions, evaluated in order where possible."""
+    out = dict(env)
+    for m in re.finditer(r"(?:constexpr|const)\s+(?:int|int64_t|size_t|unsigned int)\s+(\w+)\s*=\s*([^;{]+);", text):
+        try:
+            out.setdefault(m.group(1), _c_eval(m.group(2), out, threads))
+        except Exception:
+            pass
+    return out
+
+
+def _cpp_loops(path: str, text: str, env: dict, threads: int, span: tuple[int, int] | None = None) -> list[SourceLoop]:
+    """`for (init; v < bound; step)` loops of a C++ file (within line span if given) with per-thread trip counts."""
+    loops, lines = [], text.splitlines()
+    local = _cpp_constants("\n".join(lines[span[0] - 1:span[1]]) if span else text, env, threads)
+    for m in re.finditer(r"for\s*\(([^;]*);([^;]*);([^)]*)\)", text):
+        first = text.count("\n", 0, m.start()) + 1
+        if span and not span[0] <= first <= span[1]:
+            continue
+        before = text[:m.start()].rstrip().rsplit("\n", 1)[-1].strip()
+        if before == "#pragma unroll":  # fully unrolled: leaves no SASS loop
+            continue
+        # the body: up to the matching brace, or the next statement
+        i = m.end()
+        while i < len(text) and text[i] in " \t\n":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+        else:
+            j = text.find(";", i)
+        last = text.count("\n", 0, j) + 1
+        trips = None
+        try:
+            init, cond, step = (s.strip() for s in m.groups())
+            start = _c_eval(init.split("=", 1)[1], local, threads)
+            cm = re.match(r"\w+\s*(<|>)\s*(.+)", cond)
+            if "<<=" in step or ">>=" in step:
+                trips = max(1.0, math.log2(max(start, 1)) + 1)
+            elif cm and cm.group(1) == "<":
+                stop = _c_eval(cm.group(2), local, threads)
+                inc = 1 if "++" in step else _c_eval(step.split("+=", 1)[1], local, threads)
+                trips = max(0.0, math.ceil((stop - start) / inc))
+        except Exception:
+            trips = None
+        loops.append(SourceLoop(path, first, last, trips, m.group(0)))
+    return loops
+
+
+def switch_case_lines(path: str, taken: str = "kSilu") -> tuple[set, set]:
+    """(file, line) of the `case` bodies of every `switch (act)` in a CUDA file other than the taken activation
+    (the pipeline runs SiLU, LLaMA's): the activation is a runtime argument of the CUDA kernels, so nvcc compiles
+    every case, and unswitches some loops into one copy per case; only the taken one runs. Returns (untaken,
+    taken) line sets."""
+    lines = Path(path).read_text().splitlines()
+    dead, taken_lines, inside, live = set(), set(), False, True
+    for n, line in enumerate(lines, 1):
+        if re.search(r"switch\s*\(act\)", line):
+            inside, live = True, True
+            continue
+        if not inside:
+            continue
+        m = re.match(r"\s*(case (\w+)|default)\s*:", line)
+        if m:
+            live = m.group(2) == taken
+        elif re.match(r"^  \}", line):  # the switch's closing brace (2-space indent in this code base)
+            inside = False
+            continue
+        (taken_lines if live else dead).add((path, n))
+    return dead, taken_lines
+
+
+def _kernel_span(text: str, name: str) -> tuple[int, int] | None:
+    m = re.search(r"__global__[^{;]*?\b" + re.escape(name) + r"\s*\(", text)
+    if not m:
+        return None
+    i = text.find("{", m.end())
+    depth, j = 0, i
+    while j < len(text):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            break
+        j += 1
+    return text.count("\n", 0, m.start()) + 1, text.count("\n", 0, j) + 1
+
+
+def _in_kernel(text: str, line: int):
+    """Yields once if `line` is inside some __global__ function of text (its loops belong to that kernel only)."""
+    for m in re.finditer(r"__global__[^{;]*?\b(\w+)\s*\(", text):
+        span = _kernel_span(text, m.group(1))
+        if span and span[0] <= line <= span[1]:
+            yield True
+            return
+
+
+@dataclass
+class CudaLaunch:
+    """One CUDA kernel launch of an op: grid from the shape (transcribed from csrc/<op>/<op>.cu's *_launch
+    function), threads per block, compulsory HBM bytes (formula, documented), dynamic shared memory bytes, and
+    the values of the kernel's parameters its loop bounds use."""
+    op: str
+    file: str
+    kernel: str
+    grid: object            # Shape -> tuple
+    hbm: object             # Shape -> bytes
+    threads: int = 256      # common.cuh kBlock
+    dyn_smem: object = lambda s: 0
+    params: object = lambda s: {}
+
+
+def _eac_params(s: Shape):
+    return dict(I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, T=s.T, H=s.H)
+
+
+# bf16 activations (2 bytes), fp32 rank-R tensors and weights (api.cpp casts the LoRA weights to fp32: 4 bytes).
+CUDA_LAUNCHES = [
+    CudaLaunch("route", "csrc/route/route.cu", "route_fwd_kernel", lambda s: (math.ceil(s.T / 128),),
+               lambda s: s.T * s.E * 4 + s.T * s.K * 12, threads=128, params=lambda s: dict(E=s.E, K=s.K)),
+    CudaLaunch("sort_slots", "csrc/sort_slots/sort_slots.cu", "sort_slots_keys_kernel",
+               lambda s: (math.ceil(s.S / 256),), lambda s: s.S * (8 + 4 + 8)),
+    CudaLaunch("sort_slots", "csrc/sort_slots/sort_slots.cu", "sort_slots_offsets_kernel",
+               lambda s: (math.ceil((s.E + 1) / 256),), lambda s: s.S * 4),
+    # lora_shrink: grid (ceil(S/64) + E, ceil(2R/64)); reads x rows (gathered) and A, writes z (S, 2R) fp32.
+    CudaLaunch("lora_shrink", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_fwd_kernel",
+               lambda s: (math.ceil(s.S / 64) + s.E, math.ceil(2 * s.R / 64)),
+               lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 4 + s.S * 2 * s.R * 4 + s.S * 16,
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+    CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_fwd_kernel",
+               lambda s: (s.T,),
+               lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 4 + s.S * 12,
+               dyn_smem=lambda s: s.K * 2 * s.R * 4, params=_eac_params),
+    CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu",
+               "lora_expand_combine_fwd_kernel", lambda s: (s.T,),
+               lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 12,
+               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+    CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
+               "lora_expand_combine_bwd_q_kernel", lambda s: (s.T,),
+               lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
+               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+    CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
+               "lora_expand_combine_bwd_dB_kernel",
+               lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
+               lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
+               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+    CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
+               "eac_bwd_token_kernel", lambda s: (s.T,),
+               lambda s: 5 * s.T * s.I * 2 + s.S * 6 * s.R * 4 + 3 * s.E * s.I * s.R * 4 + s.S * 16,
+               dyn_smem=lambda s: s.K * 3 * s.R * 4, params=_eac_params),
+    CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
+               "eac_bwd_weight_kernel", lambda s: (math.ceil(s.I / 64), s.E, math.ceil(3 * s.R / 64)),
+               lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 6 * s.E * s.I * s.R * 4 + s.S * 16,
+               dyn_smem=lambda s: 16 * 3 * s.R * 4, params=_eac_params),
+    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dx_kernel",
+               lambda s: (s.T,), lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 8,
+               dyn_smem=lambda s: s.K * 2 * s.R * 4, params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dA_kernel",
+               lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
+               lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+    CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
+               lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K)),
+]
+
+
+def _cuda_function(info: dict, kernel: str) -> str | None:
+    """The mangled name of `kernel`: its bf16 instantiation when templated."""
+    names = [n for n in info if re.search(r"\d" + re.escape(kernel) + r"(I|E|v)", n)]
+    bf16 = [n for n in names if "BFloat16" in n]
+    return (bf16 or names or [None])[0]
+
+
+def analyse_cuda(launch: CudaLaunch, shape: Shape) -> dict:
+    path = str(ROOT / launch.file)
+    cubin, log, ptx = compile_cu(path)
+    info = ptxas_info(log)
+    mangled = _cuda_function(info, launch.kernel)
+    if mangled is None:
+        raise RuntimeError(f"{launch.kernel} not found in the nvcc output of {launch.file}")
+    instrs, labels = _cuda_sass(path, mangled)
+    env = dict(start=0, end=shape.S // shape.E, **launch.params(shape))
+    common = ROOT / "csrc" / "common.cuh"
+    consts = _cpp_constants(common.read_text() + Path(path).read_text(), env, launch.threads)
+    # Loops of the kernel's own body, and of every other file its line info names (inlined device helpers).
+    files = sorted({f for ins in instrs for f, _ in ins.locs if f.startswith(str(ROOT / "csrc"))} | {path})
+    source_loops = []
+    for f in files:
+        # the kernel's own loops and those of device helpers (not inside another __global__ function)
+        text = Path(f).read_text()
+        span = _kernel_span(text, launch.kernel)
+        own = "\n".join(text.splitlines()[span[0] - 1:span[1]]) if span else ""
+        consts_f = _cpp_constants(text, _cpp_constants(own, consts, launch.threads), launch.threads)
+        source_loops += [sl for sl in _cpp_loops(f, text, consts_f, launch.threads)
+                         if (span and span[0] <= sl.first <= span[1]) or not any(_in_kernel(text, sl.first))]
+    kspan = None
+    for f in files:
+        span = _kernel_span(Path(f).read_text(), launch.kernel)
+        if span:
+            kspan = (f, *span)
+    grid = tuple(launch.grid(shape)) + (1,) * (3 - len(launch.grid(shape)))
+    warps = launch.threads // 32
+    cases = [switch_case_lines(f) for f in files]
+    dead = (set().union(*(c[0] for c in cases)), set().union(*(c[1] for c in cases)))
+    prof = profile_sass(instrs, labels, source_loops, math.prod(grid), warps, (), kspan, scalar_code=True, dead=dead)
+    fi = info[mangled]
+    shared = fi.get("smem", 0) + launch.dyn_smem(shape)
+    occ = occupancy(fi.get("regs", 0), shared, warps)
+    rec = _record("cuda", launch.op, launch.kernel, shape, fi.get("regs", 0), fi.get("stack", 0), prof, shared, occ,
+                  warps, grid, float(launch.hbm(shape)), ptx_mma_types(ptx), [], {"threads": launch.threads})
+    rec["spill_bytes"] = {"stores": fi.get("spill_stores", 0), "loads": fi.get("spill_loads", 0)}
+    return rec
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_disassembly(path: str) -> dict[str, str]:
+    """nvdisasm text of one compiled .cu, split by function (`.text.<mangled>:` sections)."""
+    cubin, _, _ = compile_cu(path)
+    out, name = {}, None
+    for line in disassemble(cubin).splitlines(keepends=True):
+        m = re.match(r"\.text\.(\S+):", line)
+        if m:
+            name = m.group(1)
+        if name:
+            out[name] = out.get(name, "") + line
+    return out
+
+
+def _cuda_sass(path: str, mangled: str):
+    return parse_sass(_cuda_disassembly(path).get(mangled, ""))
+
+
+def cuda_records(shape: Shape, kernels=None) -> list[dict]:
+    """Records of the CUDA pipeline (kernels: restrict to these kernel names)."""
+    return [analyse_cuda(launch, shape) for launch in CUDA_LAUNCHES if kernels is None or launch.kernel in kernels]
+
+
+def api_cast_records(shape: Shape) -> list[dict]:
+    """api.cpp casts every bf16 LoRA weight to fp32 per call and the weight gradients back: torch copies at HBM
+    bandwidth (bytes: bf16 read + fp32 write, and fp32 read + bf16 write for gradients)."""
+    s = shape
+    weights = s.E * (2 * s.R * s.H + 2 * s.I * s.R + s.R * s.I + s.H * s.R)  # A_in, Bg, Bu, Ad, Bd
+    recs = []
+    for op, n in (("api_casts_fwd", weights), ("api_casts_bwd", 2 * weights)):
+        b = n * 6.0
+        lower = b / HBM_BPS
+        recs.append(_model_only("cuda", op, "fp32 weight casts (torch)", s, b, lower, launches=6))
+    return recs
+
+
+def _model_only(backend, op, name, shape, hbm, lower, launches=1) -> dict:
+    return {"backend": backend, "op": op, "name": name, "T": shape.T, "dropout": shape.dropout, "regs": None,
+            "spills": 0, "shared_bytes": None, "occupancy": None, "mma": {}, "hbm_bytes": hbm, "l2_bytes": 0.0,
+            "flops": {"tensor": {}, "simt": 0.0}, "warp_instructions": None, "lower_ms": lower * 1e3,
+            "central_ms": (CENTRAL_HIGH_OCC * lower + launches * LAUNCH_S) * 1e3, "bound_by": "hbm",
+            "notes": ["modelled at HBM bandwidth (torch ops, not compiled here)"]}
+
+
+def router_logits_record(shape: Shape) -> dict:
+    """router_logits through torch (cuBLAS), per mixlora_kernels/ops/router_logits.py: forward x.to(fp32) (bf16
+    read, fp32 write) then the (T, H) x (H, E) GEMM (fp32 read); backward dx = grad @ W in fp32 then .to(bf16),
+    dW = grad^T @ x.to(fp32). A GEMM with N = E = 8 is bandwidth-bound: bytes / HBM bandwidth."""
+    th = shape.T * shape.H
+    fwd = th * (2 + 4 + 4)
+    bwd = th * (4 + 4 + 2) + th * (2 + 4 + 4)
+    b = float(fwd + bwd)
+    return _model_only("both", "router_logits", "router_logits (cuBLAS via torch)", shape, b, b / HBM_BPS, launches=6)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def predict(records: list[dict]) -> dict:
+    """backend -> {T: whole-FFN fwd+bwd ms} from the kernel records (central) plus the measured dense FFN; for
+    dropout 0 (key "ms") and 0.05 ("ms_dropout")."""
+    out: dict = {}
+    for backend in ("triton", "cuda"):
+        for r in records:
+            if r["backend"] not in (backend, "both"):
+                continue
+            key = str(r["T"])
+            slot = out.setdefault(backend, {}).setdefault(key, {"0.0": MEASURED_MS["dense"][r["T"]],
+                                                                "0.05": MEASURED_MS["dense"][r["T"]]})
+            slot[str(r["dropout"])] += r["central_ms"]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def git_dirty(paths=("mixlora_kernels/triton", "csrc")) -> bool:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *paths], capture_output=True,
+                             text=True).stdout
+    except OSError:
+        return False
+    return bool(out.strip())
+
+
+def versions() -> dict:
+    import torch
+    import triton
+    nvcc = shutil.which("nvcc")
+    v = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else ""
+    m = re.search(r"release ([\d.]+), V([\d.]+)", v)
+    return {"torch": torch.__version__, "triton": triton.__version__, "nvcc": m.group(2) if m else None}
+
+
+def build_report(tokens=TARGET_TOKENS, dropouts=TARGET_DROPOUTS, backends=("triton", "cuda"), commit=None) -> dict:
+    records = []
+    for T in tokens:
+        for p in dropouts:
+            shape = Shape(T=T, dropout=p)
+            records.append(router_logits_record(shape))
+            if "triton" in backends:
+                records += triton_records(shape)
+            if "cuda" in backends:
+                records += cuda_records(shape) + api_cast_records(shape)
+    pred = predict(records)
+    return {
+        "label": LABEL,
+        "commit": commit or git_commit(),
+        "kernels_modified_in_worktree": False if commit else git_dirty(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "shape": {"H": 4096, "I": 11008, "E": 8, "K": 2, "R": 16, "dtype": "bf16", "model": "LLaMA-2-7B FFN"},
+        "predicted_fwd_bwd_ms": {b: {T: v["0.0"] for T, v in d.items()} for b, d in pred.items()},
+        "predicted_fwd_bwd_ms_dropout_0.05": {b: {T: v["0.05"] for T, v in d.items()} for b, d in pred.items()},
+        "measured_anchors_ms": {k: {str(t): v for t, v in d.items()} for k, d in MEASURED_MS.items()},
+        "goal_ms": {str(k): v for k, v in GOAL_MS.items()},
+        "review_19e494c_T4096_ms": REVIEW_19E494C_MS,
+        "constants": {"sms": SMS, "clock_hz": CLOCK_HZ, "hbm_Bps": HBM_BPS, "l2_Bps": L2_BPS,
+                      "simt_flops": SIMT_FLOPS, "tc_peak": {".".join(k): v for k, v in TC_PEAK.items()},
+                      "central_low_occ": CENTRAL_LOW_OCC, "central_high_occ": CENTRAL_HIGH_OCC, "launch_s": LAUNCH_S},
+        "kernels": records,
+    }
+
+
+def _mma_text(mma: dict) -> str:
+    if not mma:
+        return "–"
+    sass = ", ".join(f"{k}×{v}" for k, v in sorted(mma.get("sass", {}).items())) or "none (SIMT)"
+    precs = sorted({d["precision"] for d in mma.get("dots", []) if d["precision"] not in ("-",)})
+    ins = sorted({f"{d['a']}" for d in mma.get("dots", [])})
+    extra = f"; dots {'/'.join(ins)} {'/'.join(precs)}" if mma.get("dots") else ""
+    return sass + extra
+
+
+def markdown(report: dict) -> str:
+    dirty = " (kernel files modified in the work tree)" if report["kernels_modified_in_worktree"] else ""
+    lines = [f"# Predicted H200 cost of the MixLoRA kernels — {report['label']}", "",
+             f"Commit {report['commit']}{dirty}, "
+             f"{report['date']}; torch {report['versions']['torch']}, triton {report['versions']['triton']}, "
+             f"nvcc {report['versions']['nvcc']}. LLaMA-2-7B FFN (H 4096, I 11008, E 8, K 2, R 16), bf16, fwd+bwd. "
+             "Regenerate: `python -m benchmarks.sm90_cost --json PATH --md PATH`.", "",
+             "## Whole FFN, forward + backward (ms)", "",
+             "| path | T 4096 | T 16384 | T 4096, dropout 0.05 | T 16384, dropout 0.05 | kind |",
+             "|---|---:|---:|---:|---:|---|"]
+    for b in ("triton", "cuda"):
+        d, dd = report["predicted_fwd_bwd_ms"][b], report["predicted_fwd_bwd_ms_dropout_0.05"][b]
+        lines.append(f"| MixLoRA, {b} kernels | {d['4096']:.2f} | {d['16384']:.2f} | {dd['4096']:.2f} | "
+                     f"{dd['16384']:.2f} | **predicted** |")
+    for k, name in (("dense", "dense frozen FFN"), ("peft_lora", "PEFT LoRA r16"),
+                    ("published_loop", "published MixLoRA loop")):
+        m = report["measured_anchors_ms"][k]
+        lines.append(f"| {name} | {m['4096']:.2f} | {m['16384']:.2f} | | | measured (H200) |")
+    lines.append(f"| goal | {report['goal_ms']['4096']} | {report['goal_ms']['16384']} | | | |")
+    for T in ("4096", "16384"):
+        for p in (0.0, 0.05):
+            rows = [r for r in report["kernels"] if str(r["T"]) == T and r["dropout"] == p]
+            lines += ["", f"## Kernels at T {T}, dropout {p} (central ms; bound = lower bound and what sets it)", "",
+                      "| backend | op | kernel | regs | spills | smem B | occ. | MMA (SASS kinds; dot operands) | "
+                      "HBM MB | L2 MB | TC GFLOP | SIMT GFLOP | warp-instr (M) | bound ms | central ms |",
+                      "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for r in rows:
+                tc = sum(r["flops"]["tensor"].values()) / 1e9
+                wi = "–" if r["warp_instructions"] is None else f"{r['warp_instructions'] / 1e6:.1f}"
+                occ = "–" if r["occupancy"] is None else f"{r['occupancy']:.3f}"
+                lines.append(
+                    f"| {r['backend']} | {r['op']} | `{r['name']}` | {r['regs'] if r['regs'] is not None else '–'} | "
+                    f"{r['spills']} | {r['shared_bytes'] if r['shared_bytes'] is not None else '–'} | {occ} | "
+                    f"{_mma_text(r['mma'])} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.0f} | {tc:.1f} | "
+                    f"{r['flops']['simt'] / 1e9:.1f} | {wi} | {r['lower_ms']:.3f} ({r['bound_by']}) | "
+                    f"{r['central_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_predicted_cost(report: dict, path: Path = PREDICTED_COST_PATH) -> None:
+    """The small file `auto` backend selection reads: backend -> {T: predicted fwd+bwd ms} (dropout 0)."""
+    data = {"label": LABEL, "commit": report["commit"],
+            **{b: {T: round(ms, 3) for T, ms in d.items()} for b, d in report["predicted_fwd_bwd_ms"].items()}}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def load_predicted_cost(path: Path = PREDICTED_COST_PATH) -> dict[str, dict[int, float]]:
+    """backend -> {T: predicted whole-FFN fwd+bwd ms} from the committed report ({} when there is none)."""
+    if not Path(path).is_file():
+        return {}
+    data = json.loads(Path(path).read_text())
+    return {b: {int(T): ms for T, ms in d.items()} for b, d in data.items() if isinstance(d, dict)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", required=True, help="write the report (JSON) here")
+    ap.add_argument("--md", help="also write a Markdown table here")
+    ap.add_argument("--predicted", default=str(PREDICTED_COST_PATH),
+                    help="write backend -> {T: ms} here for `auto` backend selection ('' to skip)")
+    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--commit", help="the commit the analysed tree is (for a tree exported with `git archive`)")
+    args = ap.parse_args(argv)
+    report = build_report(backends=tuple(args.backends.split(",")), commit=args.commit)
+    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.md:
+        Path(args.md).write_text(markdown(report))
+    if args.predicted:
+        write_predicted_cost(report, Path(args.predicted))
+    for b, d in report["predicted_fwd_bwd_ms"].items():
+        print(f"{b}: " + ", ".join(f"T {T}: {ms:.2f} ms" for T, ms in d.items()) + f"  ({LABEL.split(':')[0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
