@@ -1,4 +1,4 @@
-"""The `mixlora` command: train, eval, generate, inspect (also `python -m mixlora`).
+"""The `mixlora` command: train, eval, generate, inspect, export (also `python -m mixlora`).
 
 Bad input (an invalid config value, an unknown task, a data file with wrong fields, an unsupported base model, an
 adapter built for another base, a truncated or corrupt file) ends with one line `mixlora: error: ...` on stderr and
@@ -212,6 +212,18 @@ def _cmd_inspect(args, extra) -> int:
     return 0
 
 
+def _cmd_export(args, extra) -> int:
+    from mixlora.export import check_routing_strategy, export_moe
+
+    check_routing_strategy(args.adapter)  # the export's reason, before the config's "not implemented"
+    _adapter_config(args.adapter)  # a bad path fails here, before the base model is loaded
+    print(f"mixlora export: loading the adapter {args.adapter} and its base ...", file=sys.stderr, flush=True)
+    summary = export_moe(args.adapter, args.output, format=args.format, dtype=args.dtype,
+                         base_model_name_or_path=args.base_model, overwrite=args.overwrite, progress=True)
+    print(summary)
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -226,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mixlora.train import ADAPTER_FIELDS, DEFAULT_TASKS, TRAIN_FIELDS
 
     parser = argparse.ArgumentParser(prog="mixlora", description="Fine-tune and use MixLoRA adapters.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,inspect}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,inspect,export}")
     train = sub.add_parser("train", help="fine-tune a base model with a MixLoRA adapter",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog=_EPILOG_TRAIN.format(train=", ".join(f for f in TRAIN_FIELDS if f != "adapter"),
@@ -253,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     adapter_command("inspect", "per-layer expert load and router entropy, with a heatmap", _cmd_inspect)
+    export = adapter_command("export", "write the model as a standard MoE checkpoint (Mixtral, Qwen3-MoE) to serve",
+                             _cmd_export, data=False)
+    export.add_argument("--output", required=True, help="output directory (written atomically)")
+    export.add_argument("--format", choices=("auto", "mixtral", "qwen3_moe", "qwen2_moe"), default="auto",
+                        help="target class (default: from the base architecture)")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="dtype of the checkpoint (default: the base's)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return parser
 
 
