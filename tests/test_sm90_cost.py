@@ -28,12 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # grad_y are fp32, so every dot touching them is fp32 tf32x3, and the expand_act_combine backward (token and weight
 # roles in one kernel, 255 registers) spills. The Triton redesign (issue 9, item 3) removes these entries.
 KNOWN_VIOLATIONS = {
-    "non-bf16-dot:_expand_act_combine_bwd_kernel",
-    "non-bf16-dot:_expand_act_combine_fwd_kernel",
     "non-bf16-dot:_lora_expand_combine_bwd_kernel",
     "non-bf16-dot:_lora_expand_combine_fwd_kernel",
-    "non-bf16-dot:_lora_shrink_bwd_kernel",
-    "spills:_expand_act_combine_bwd_kernel",
 }
 
 

@@ -31,18 +31,26 @@ def compile_all() -> None:
            "counts_ptr": "i64", "w_ptr": "fp32", "z_ptr": "fp32", "zd_ptr": "fp32", "y_ptr": "fp32",
            "gz_ptr": "fp32", "gy_ptr": "fp32", "gw_ptr": "fp32", "out_ptr": "fp32", "dw_ptr": "fp32"}
     eac_meta = dict(ACT="gelu_tanh", HAS_U=True, HAS_RG=True, HAS_RU=True, HAS_RD=True, HAS_DROPOUT=True,
-                    BLOCK_T=16, KP=2, BLOCK_I=64, BLOCK_RG=16, BLOCK_RU=16, BLOCK_RD=16)
+                    DT=tl.bfloat16, BLOCK_T=32, KP=2, BLOCK_I=32, BLOCK_RG=16, EPC_G=8, NC_G=1, BLOCK_RU=16, EPC_U=8,
+                    NC_U=1, BLOCK_RD=16, EPC_D=8, NC_D=1)
+    # R 64 at E 8: a fold in 4 chunks of 2 experts (the unrolled chunk path), fp32 operands (tf32x3)
+    eac_chunks = dict(eac_meta, DT=tl.float32, BLOCK_I=16, BLOCK_RG=64, EPC_G=2, NC_G=4, BLOCK_RD=64, EPC_D=2, NC_D=4)
+    eac_weight = dict(ACT="silu", HAS_U=True, HAS_RG=True, HAS_RU=True, HAS_RD=True, HAS_DROPOUT=True,
+                      DT=tl.bfloat16, BLOCK_I=64, BLOCK_M=32, BLOCK_RG=16, BLOCK_RU=16, BLOCK_RD=16)
     cases = [
         (ls._lora_shrink_fwd_kernel, dict(HAS_DROPOUT=True, DOT_DTYPE=tl.bfloat16, BLOCK_M=64, BLOCK_R=16,
                                           BLOCK_H=64), ("seed",)),
-        (ls._lora_shrink_bwd_kernel, dict(HAS_DROPOUT=True, DOT_DTYPE=tl.float32, BLOCK_M=64, BLOCK_R=16,
+        (ls._lora_shrink_bwd_kernel, dict(HAS_DROPOUT=True, DOT_DTYPE=tl.bfloat16, BLOCK_M=64, BLOCK_R=16,
                                           BLOCK_H=64), ("K",)),
         (lec._lora_expand_combine_fwd_kernel, dict(BLOCK_M=32, BLOCK_R=16, BLOCK_H=64), ("E",)),
-        (lec._lora_expand_combine_bwd_kernel, dict(GB_DOT=tl.float32, BLOCK_M=32, BLOCK_R=16, BLOCK_H=64), ()),
+        (lec._lora_expand_combine_bwd_kernel, dict(GB_DOT=tl.bfloat16, BLOCK_M=32, BLOCK_R=16, BLOCK_H=64), ()),
         (eac._expand_act_combine_fwd_kernel, eac_meta, ("Rd",)),
-        (eac._expand_act_combine_bwd_kernel, dict(eac_meta, ACT="silu", BLOCK_M=32), ("T",)),
+        (eac._expand_act_combine_fwd_kernel, eac_chunks, ()),
+        (eac._expand_act_combine_bwd_kernel, dict(eac_meta, ACT="silu"), ("T",)),
+        (eac._expand_act_combine_bwd_kernel, eac_chunks, ()),
+        (eac._expand_act_combine_bwd_weight_kernel, eac_weight, ("K",)),
         (rt._route_fwd_kernel, dict(K=2, BLOCK_T=64, BLOCK_E=8, BLOCK_K=2), ()),
-        (rt._route_bwd_kernel, dict(BLOCK_T=64, BLOCK_E=8), ()),
+        (rt._route_bwd_kernel, dict(K=2, BLOCK_T=64, BLOCK_E=8), ()),
         (ss._sort_slots_count_kernel, dict(BLOCK_S=256, BLOCK_E=8), ()),
         (ss._sort_slots_fwd_kernel, dict(BLOCK_S=256, BLOCK_E=8), ()),
     ]

@@ -19,14 +19,18 @@ pytestmark = requires_interpreter
 NAMES = ("hbar", "zd", "dG", "dU", "dzg", "dBg", "dzu", "dBu", "dweights", "dAd")
 SCALE = 0.5
 
+# Tiles: 64 slot rows (64 // KP tokens) x 64 columns of I; the expert fold is E x next_pow2(R) wide, cut into chunks
+# of at most 128 (at least 16); I is split over the grid (per-split rank-R parts summed) when T has few row blocks.
 CASES = [
     # T, I, E, K, R (gate/up), Rd, routing, activation, gated, dropout_p
-    (1, 33, 4, 2, 8, 8, "random", "silu", True, 0.0),        # T=1; odd I; R=8 padded to 16 for tl.dot
-    (10, 45, 5, 2, 16, 16, "empty", "gelu", True, 0.2),      # prime E; odd I; an empty expert; dropout on h
-    (20, 32, 3, 3, 16, 8, "random", "gelu_tanh", True, 0.0),  # K=E (KP=4 pads a row per token); > 1 token block
-    (12, 40, 4, 1, 64, 16, "one", "relu", False, 0.1),       # K=1, all tokens on expert 0; ungated (U=None); R=64
+    (1, 33, 4, 2, 8, 8, "random", "silu", True, 0.0),        # T=1 (below one row block); odd I; fold 4 x 8 = 32
+    (10, 45, 5, 2, 16, 16, "empty", "gelu", True, 0.2),      # prime E: fold 80 padded to 128; an empty expert; dropout
+    (20, 32, 3, 3, 16, 8, "random", "gelu_tanh", True, 0.0),  # K=E (KP=4 pads a row per token, 16 tokens a block)
+    (12, 40, 4, 1, 64, 16, "one", "relu", False, 0.1),       # K=1, all tokens on expert 0; ungated; R=64: 2 chunks
     (7, 24, 3, 2, 0, 8, "random", "silu", True, 0.0),        # no gate/up expert LoRA (rank 0), only the down one
     (7, 24, 3, 2, 8, 0, "random", "silu", True, 0.0),        # no down LoRA (Rd=0): zd is (S, 0)
+    (70, 200, 8, 2, 16, 16, "random", "silu", True, 0.1),    # 3 row blocks, last partial; 4 I tiles in 4 splits; fold 128
+    (9, 130, 3, 2, 4, 64, "random", "gelu", True, 0.0),      # R=4: fold 12 padded to 16; Rd=64: 2 chunks; 3 I splits
 ]
 
 
@@ -52,6 +56,8 @@ def _run(fwd, bwd, args, ghbar, gzd, act, p, cast=None):
     if cast is not None:
         args = tuple(a.to(cast) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         ghbar, gzd = ghbar.to(cast), gzd.to(cast)
+    elif gzd.dtype != torch.float32 and torch.float32 in (args[2].dtype, args[4].dtype):
+        gzd = gzd.float()
     hbar, zd = fwd(*args, SCALE, act, p, 1234)
     return (hbar, zd) + tuple(bwd(ghbar, gzd.to(zd.dtype), *args, SCALE, act, p, 1234))
 
@@ -69,11 +75,17 @@ def test_expand_act_combine_fp32(T, I, E, K, R, Rd, mode, act, gated, p):
         assert_close(o, r, name=name)
 
 
-# 16-bit inputs with dropout and a gated activation: hbar and every gradient in the input dtype, zd in fp32.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_expand_act_combine_16bit(dtype):
+# 16-bit inputs with dropout and a gated activation: hbar and every gradient in the input dtype, zd in fp32 (16-bit
+# MMA operands). "model": as the MoE layer calls it, 16-bit G, U, weights and LoRA weights but the rank-R shrinks z
+# and grad_zd in fp32, so dzg, dzu are fp32 too; two row blocks and 3 I splits.
+@pytest.mark.parametrize("dtype,model", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)])
+def test_expand_act_combine_16bit(dtype, model):
     torch.manual_seed(0)
-    args, ghbar, gzd = _inputs(9, 33, 5, 2, 8, 8, "random", True, dtype)
+    T, I = (40, 150) if model else (9, 33)
+    args, ghbar, gzd = _inputs(T, I, 5, 2, 8, 8, "random", True, dtype)
+    if model:
+        z = torch.randn(T * 2, 16, generator=torch.Generator().manual_seed(5))
+        args = args[:2] + (z[:, :8],) + args[3:4] + (z[:, 8:],) + args[5:]
     out = _run(expand_act_combine_forward, expand_act_combine_backward, args, ghbar, gzd, "silu", 0.25)
     ref = _run(torch.ops.mixlora.expand_act_combine, torch.ops.mixlora.expand_act_combine_backward, args, ghbar,
                gzd, "silu", 0.25, cast=torch.float64)
@@ -81,4 +93,4 @@ def test_expand_act_combine_16bit(dtype):
                gzd, "silu", 0.25)
     for name, o, r, lo in zip(NAMES, out, ref, low):
         assert o.dtype == lo.dtype, name
-        assert_close(o, r, lo, name=name)
+        assert_close(o, r, lo, name=name, mma=dtype)

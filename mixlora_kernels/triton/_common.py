@@ -1,8 +1,16 @@
-"""Pieces shared by the Triton launchers: dot precision, input checks, activations, the dropout hash, expert blocks.
+"""Pieces shared by the Triton launchers: dot precision, input checks, activations, the dropout hash, expert blocks,
+and the expert fold.
 
-Every kernel accumulates in fp32. Matmul operands that are both 16-bit of one dtype go to `tl.dot` as they are;
-anything involving fp32 (the rank-R shrinks z are fp32 by contract) is multiplied in fp32 with `FP32_DOT`, so results
+Every kernel accumulates in fp32. The MMA operand dtype follows the model (`mma_dtype`): a 16-bit model (weights and
+activations of one 16-bit dtype) multiplies 16-bit operands on the tensor cores, the fp32 rank-R tensors of its
+pipeline (z, zd, their gradients, which are fp32 by contract) and fp32 intermediates (h, dg, du) rounded to that dtype
+first, as a plain bf16 LoRA (PEFT) rounds its own; an fp32 model keeps fp32 operands with `FP32_DOT`, so its results
 stay at fp32 accuracy rather than TF32's 10-bit mantissa.
+
+Expert fold (rows of mixed experts, one MMA for all experts): a slot row j of expert e_j becomes a row of width
+EPC * BLOCK_R with its rank-R vector in the block of its expert and zeros elsewhere (`fold_rows`); the LoRA weights of
+EPC experts stacked along the rank, a (EPC * BLOCK_R, BLOCK_N) slab (`fold_slab`), make one dot of reduction depth
+EPC * BLOCK_R do every expert's product, and `unfold_rows` picks each row's own block out of a wide product.
 """
 
 from __future__ import annotations
@@ -17,6 +25,13 @@ from mixlora_kernels.checks import check
 
 # 3xTF32 keeps fp32 accuracy on tensor cores; "ieee" would fall back to FMA units (unmeasured: no GPU this session).
 FP32_DOT: tl.constexpr = tl.constexpr("tf32x3")
+# Under the Triton 3.8 interpreter a bf16 `tl.dot` multiplies the raw uint16 storage as integers and an fp32 -> bf16
+# cast truncates: `round_to` rounds to nearest even there by hand and `mma_operand` widens the rounded operand back to
+# fp32 (exact), so the interpreter sees the GPU's roundings.
+INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Widest expert fold: 128 = E 8 x R 16 (LLaMA-2-7B MixLoRA) in one dot; wider folds are cut into chunks so a row
+# block's (rows x fold) fp32 accumulators stay within the register file (R 64 x E 8 would need 512 columns).
+FOLD_WIDTH = 128
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -37,20 +52,72 @@ def check_supported(op: str, *named: tuple[str, torch.Tensor | None]) -> None:
                   "(for fp64 on CUDA use MIXLORA_BACKEND=torch)")
 
 
-def dot_dtype(*tensors: torch.Tensor):
-    """Operand dtype for `tl.dot` between these tensors: their common 16-bit dtype, else fp32.
-
-    Under the Triton 3.8 interpreter a bf16 `tl.dot` multiplies the raw uint16 storage as integers, so bf16 operands
-    are widened to fp32 there; that is exact (bf16 -> fp32 and products of bf16 values are exact in fp32) and only
-    changes the accumulation order, which is fp32 either way.
-    """
-    dtypes = {t.dtype for t in tensors}
+def mma_dtype(*model_tensors: torch.Tensor | None):
+    """MMA operand dtype for a kernel whose model tensors (weights, activations; not the fp32-by-contract rank-R
+    tensors) are these: their common 16-bit dtype, else fp32 (multiplied with `FP32_DOT`)."""
+    dtypes = {t.dtype for t in model_tensors if t is not None}
     if len(dtypes) != 1 or torch.float32 in dtypes:
         return tl.float32
-    dtype = dtypes.pop()
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return _TL_DTYPES[dtype]
+    return _TL_DTYPES[dtypes.pop()]
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """x.to(DT), rounding to nearest even (the GPU's default) also under the interpreter."""
+    if INTERPRET and DT == tl.bfloat16:
+        b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        y = b.to(tl.float32, bitcast=True).to(DT)
+    else:
+        y = x.to(DT)
+    return y
+
+
+@triton.jit
+def mma_operand(x, DT: tl.constexpr):
+    """x rounded to the MMA operand dtype DT (see INTERPRET for the interpreter's widening)."""
+    y = round_to(x, DT)
+    if INTERPRET:
+        y = y.to(tl.float32)
+    return y
+
+
+def expert_fold(E: int, R: int) -> dict:
+    """Fold constexprs for E experts of rank R: BLOCK_R (rank padded to a power of two), EPC (experts per chunk) and
+    N_CHUNKS; a chunk is EPC * BLOCK_R >= 16 wide (tl.dot), at most FOLD_WIDTH unless one expert is wider."""
+    block_r = triton.next_power_of_2(max(R, 1))
+    epc = max(min(triton.next_power_of_2(E), max(1, FOLD_WIDTH // block_r)), triton.cdiv(16, block_r))
+    return dict(BLOCK_R=block_r, EPC=epc, N_CHUNKS=triton.cdiv(E, epc))
+
+
+@triton.jit
+def fold_rows(z_ptr, rows, e_row, s_zs, s_zr, R, e0, EPC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(ROWS, EPC * BLOCK_R): row j holds z[rows[j], :R] in the block of its expert e_row[j] when that expert is one
+    of e0 .. e0 + EPC - 1, zeros elsewhere (e_row = -1 marks an invalid row). rows are int64 slot ids."""
+    c = tl.arange(0, EPC * BLOCK_R)
+    r = c % BLOCK_R
+    hit = (e_row[:, None] == e0 + c[None, :] // BLOCK_R) & (r < R)[None, :]
+    return tl.load(z_ptr + rows[:, None] * s_zs + r[None, :] * s_zr, mask=hit, other=0.0)
+
+
+@triton.jit
+def fold_slab(ptr, e0, n, n_ok, R, E, s_e, s_n, s_r, EPC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(EPC * BLOCK_R, BLOCK_N) slab: row e_local * BLOCK_R + r is W[e0 + e_local, n, r] of a weight W indexed
+    (expert, n, rank) through strides (s_e, s_n, s_r); zero for padding ranks and experts >= E."""
+    c = tl.arange(0, EPC * BLOCK_R)
+    e = e0 + c // BLOCK_R
+    r = c % BLOCK_R
+    ok = (e < E) & (r < R)
+    return tl.load(ptr + e[:, None] * s_e + r[:, None] * s_r + n[None, :] * s_n, mask=ok[:, None] & n_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def unfold_rows(wide, e_row, e0, EPC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(ROWS, EPC * BLOCK_R) -> (ROWS, BLOCK_R): each row's own expert block (zeros when it is not in this chunk)."""
+    c = tl.arange(0, EPC * BLOCK_R)
+    x = tl.where(e_row[:, None] == e0 + c[None, :] // BLOCK_R, wide, 0.0)
+    return tl.sum(tl.reshape(x, (wide.shape[0], EPC, BLOCK_R)), axis=1)
 
 
 def dot_block(n: int) -> int:
@@ -102,7 +169,8 @@ def dropout_keep(slots, cols, n_cols, seed, threshold):
     x = ((x >> 16) ^ x) * 0x45D9F3B
     x = ((x >> 16) ^ x) * 0x45D9F3B
     x = (x >> 16) ^ x
-    return x.to(tl.int64) >= threshold
+    # threshold = floor(p * 2**32) < 2**32 for p < 1: a 32-bit compare (a 64-bit one doubles the mask's registers)
+    return x >= tl.cast(threshold, tl.uint32)
 
 
 @triton.jit

@@ -1,12 +1,19 @@
 """Triton launchers for `mixlora::expand_act_combine` and its backward (same arguments and results).
 
 All inputs are read through their strides, so zg, zu = z.split(...) and Bg = B[:, :I] style views need no copy;
-outputs are allocated contiguous. Every matmul here mixes an fp32 operand (the shrinks z, or the fp32 h / dg) with a
-LoRA weight, so all dots run on fp32 operands (`FP32_DOT`), matching the reference's fp32 math.
+outputs are allocated contiguous.
 
 Row layout of the token-major programs: BLOCK_T tokens x KP = next_pow2(K) slot rows per token, row = t_local * KP + k
-(rows with k >= K are padding). G / U / grad_hbar rows are loaded once per token per tile (the KP repeats hit L1),
-and the K slots of a token are summed by a reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics.
+(rows with k >= K are padding), ROWS = BLOCK_T * KP = 64 rows so the dots are 64-row wgmma tiles on sm_90. G / U /
+grad_hbar rows are loaded once per token per tile (the KP repeats hit L1), and the K slots of a token are summed by a
+reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics. The rows of a block belong to mixed experts; every
+rank-R product is one dot over the expert fold (see `_common`): z of a row placed in its expert's block of an
+E * R-wide row against the (E * R, BLOCK_I) slab of all experts' B, so a tile costs one MMA per projection whatever E.
+
+I is split over the second grid axis when the row blocks alone do not fill the GPU; the rank-R reductions over I
+(zd forward; dzg, dzu, dweights backward) are then written per split and summed by the launcher in a fixed order
+(deterministic, no atomics). The weight gradients dBg, dBu, dAd are a separate launch, one program per (I tile,
+expert), a segmented reduction over the expert's sorted slots.
 """
 
 from __future__ import annotations
@@ -19,46 +26,36 @@ import triton.language as tl
 
 from mixlora_kernels.checks import check_expand_act_combine
 from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_supported, dot_block, dropout_keep,
-                                            dropout_threshold)
+                                            dropout_threshold, expert_fold, fold_rows, fold_slab, mma_dtype,
+                                            mma_operand, round_to, unfold_rows)
 
-# Untuned (no GPU this session): 32 slot rows x 64 columns of I per tile, all ranks in one tile.
-_ROWS = 32
-_BLOCK_I = 64
-_BLOCK_M = 32
-
-
-@triton.jit
-def _masked_expand(z, b_ptr, e_row, i, i_ok, r, r_ok, E, stride_be, stride_bi, stride_br):
-    """sum_e [e_row == e] z B_e[i]^T: (ROWS, BLOCK_R) x (BLOCK_R, BLOCK_I) per expert, rows of other experts zeroed."""
-    out = tl.zeros((z.shape[0], i.shape[0]), dtype=tl.float32)
-    for e in range(E):
-        b = tl.load(b_ptr + e * stride_be + i[None, :] * stride_bi + r[:, None] * stride_br,
-                    mask=r_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-        out = tl.dot(tl.where((e_row == e)[:, None], z, 0.0), b, out, input_precision=FP32_DOT)
-    return out
-
-
-@triton.jit
-def _masked_shrink(x, b_ptr, e_row, i, i_ok, r, r_ok, E, stride_be, stride_bi, stride_br, acc):
-    """acc + [e_row == e] x B_e[i] summed over e: (ROWS, BLOCK_I) x (BLOCK_I, BLOCK_R), b indexed [e, i, r]."""
-    for e in range(E):
-        b = tl.load(b_ptr + e * stride_be + i[:, None] * stride_bi + r[None, :] * stride_br,
-                    mask=i_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.where((e_row == e)[:, None], tl.dot(x, b, input_precision=FP32_DOT), 0.0)
-    return acc
+# Untuned (no GPU this session): chosen by compiling for sm_90 at LLaMA-2-7B (E 8, R 16, bf16, dropout 0 and 0.05,
+# T 4096 and 16384) for no spills with 64-row wgmma tiles. Forward: 64 slot rows x 32 columns of I, 8 warps (175-177
+# registers); token-major backward: 64 x 16, 8 warps (209-218); weight role: 64 columns x 32 sorted slots per step,
+# 8 warps (142-148; 64 slots per step needs 255 and spills with dropout), so its dB dots are 64-row wgmma and the
+# recompute dots 32-row mma.sync. A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
+# (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
+# 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
+_FWD = dict(ROWS=64, BLOCK_I=32, num_warps=8, num_stages=2)
+_BWD = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=2)
+_WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
+_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=8, num_stages=2)
+# Token-major programs to aim for per launch (row blocks x I splits): ~8 per H200 SM keeps the last wave short while
+# each split still loops over >= 20 I tiles at LLaMA-2-7B T 4096 (172 tiles / 8 splits). A prediction, not measured.
+_TARGET_PROGRAMS = 1024
 
 
 @triton.jit
 def _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T: tl.constexpr, KP: tl.constexpr):
-    """The BLOCK_T * KP slot rows of token block `pid` (KP = K padded to a power of two): token t, validity, slot id
-    t * K + k, expert id (-1 where invalid) and fp32 routing weight (0 where invalid)."""
+    """The BLOCK_T * KP slot rows of token block `pid` (KP = K padded to a power of two): token t (int64), validity,
+    slot id t * K + k, expert id (-1 where invalid) and fp32 routing weight (0 where invalid)."""
     row = tl.arange(0, BLOCK_T * KP)
-    t = pid * BLOCK_T + row // KP
+    t = pid.to(tl.int64) * BLOCK_T + row // KP
     k = row % KP
     ok = (t < T) & (k < K)
     e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
     w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
-    return t, ok, t.to(tl.int64) * K + k, e_row, w
+    return t, ok, t * K + k, e_row, w
 
 
 @triton.jit
@@ -68,209 +65,310 @@ def _sum_slots(x, BLOCK_T: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _fold_expand(z0, slab0, z_ptr, slot, e_row, s_zs, s_zr, b_ptr, i, i_ok, R, E, s_be, s_bi, s_br,
+                 DT: tl.constexpr, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """(ROWS, BLOCK_I) fp32: row j times its own expert's B_e[i]ᵀ. z0 / slab0 are chunk 0's folded rows (hoisted out
+    of the I loop) and B slab; further chunks (only when E * R > FOLD_WIDTH) are folded here."""
+    out = tl.dot(z0, slab0, input_precision=FP32_DOT)
+    for ch in tl.static_range(1, N_CHUNKS):
+        zc = mma_operand(fold_rows(z_ptr, slot, e_row, s_zs, s_zr, R, ch * EPC, EPC, BLOCK_R), DT)
+        slab = mma_operand(fold_slab(b_ptr, ch * EPC, i, i_ok, R, E, s_be, s_bi, s_br, EPC, BLOCK_R), DT)
+        out = tl.dot(zc, slab, out, input_precision=FP32_DOT)
+    return out
+
+
+@triton.jit
+def _fold_shrink(x, slab0, wide, acc, e_row, b_ptr, i, i_ok, R, E, s_be, s_bi, s_br,
+                 DT: tl.constexpr, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """Accumulate x (ROWS, BLOCK_I) (an MMA operand) times each row's own expert's B_e[i]: with one chunk into the
+    wide (ROWS, EPC * BLOCK_R) accumulator (unfolded once after the I loop, `_fold_result`), else chunk by chunk
+    into acc (ROWS, BLOCK_R)."""
+    if N_CHUNKS == 1:
+        wide = tl.dot(x, tl.trans(slab0), wide, input_precision=FP32_DOT)
+    else:
+        acc += unfold_rows(tl.dot(x, tl.trans(slab0), input_precision=FP32_DOT), e_row, 0, EPC, BLOCK_R)
+        for ch in tl.static_range(1, N_CHUNKS):
+            slab = mma_operand(fold_slab(b_ptr, ch * EPC, i, i_ok, R, E, s_be, s_bi, s_br, EPC, BLOCK_R), DT)
+            acc += unfold_rows(tl.dot(x, tl.trans(slab), input_precision=FP32_DOT), e_row, ch * EPC, EPC, BLOCK_R)
+    return wide, acc
+
+
+@triton.jit
+def _fold_result(wide, acc, e_row, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
+    out = acc
+    if N_CHUNKS == 1:
+        out = unfold_rows(wide, e_row, 0, EPC, BLOCK_R)
+    return out
+
+
+@triton.jit
 def _expand_act_combine_fwd_kernel(
         g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, ad_ptr, hbar_ptr, zd_ptr,
-        T, I, K, E, Rg, Ru, Rd, scale, seed, threshold, keep_scale,
+        T, I, K, E, Rg, Ru, Rd, S, TILES, scale, seed, threshold, keep_scale,
         s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur, s_bue, s_bui, s_bur,
         s_wt, s_wk, s_et, s_ek, s_ade, s_adr, s_adi,
         ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr,
-        BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr, BLOCK_RD: tl.constexpr):
-    """One block of BLOCK_T tokens (all their K slots), looping over I: hbar tile by tile, zd accumulated."""
+        HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_RG: tl.constexpr, EPC_G: tl.constexpr, NC_G: tl.constexpr,
+        BLOCK_RU: tl.constexpr, EPC_U: tl.constexpr, NC_U: tl.constexpr,
+        BLOCK_RD: tl.constexpr, EPC_D: tl.constexpr, NC_D: tl.constexpr):
+    """Program (token block, I split): hbar for the split's I tiles, and the split's part of zd (the whole zd when
+    there is one split; else zd_ptr is a (splits, S, Rd) fp32 scratch the launcher sums)."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
-    rg = tl.arange(0, BLOCK_RG)
-    ru = tl.arange(0, BLOCK_RU)
-    rd = tl.arange(0, BLOCK_RD)
-    zg = tl.load(zg_ptr + slot[:, None] * s_zgs + rg[None, :] * s_zgr, mask=ok[:, None] & (rg < Rg)[None, :],
-                 other=0.0).to(tl.float32)
-    zu = tl.load(zu_ptr + slot[:, None] * s_zus + ru[None, :] * s_zur, mask=ok[:, None] & (ru < Ru)[None, :],
-                 other=0.0).to(tl.float32)
-    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    if HAS_RG:
+        zg0 = mma_operand(fold_rows(zg_ptr, slot, e_row, s_zgs, s_zgr, Rg, 0, EPC_G, BLOCK_RG), DT)
+    if HAS_RU:
+        zu0 = mma_operand(fold_rows(zu_ptr, slot, e_row, s_zus, s_zur, Ru, 0, EPC_U, BLOCK_RU), DT)
+    tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    zd_wide = tl.zeros((BLOCK_T * KP, EPC_D * BLOCK_RD), dtype=tl.float32)
     zd = tl.zeros((BLOCK_T * KP, BLOCK_RD), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
+    first = split * TILES
+    for it in range(first, tl.minimum(first + TILES, tl.cdiv(I, BLOCK_I))):
+        i = it * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
         m = ok[:, None] & i_ok[None, :]
         g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
         if HAS_RG:
-            g += scale * _masked_expand(zg, bg_ptr, e_row, i, i_ok, rg, rg < Rg, E, s_bge, s_bgi, s_bgr)
+            slab = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
+            g += scale * _fold_expand(zg0, slab, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
+                                      s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
         h = act_fwd(g, ACT)
         if HAS_U:
             u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
             if HAS_RU:
-                u += scale * _masked_expand(zu, bu_ptr, e_row, i, i_ok, ru, ru < Ru, E, s_bue, s_bui, s_bur)
+                slab = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
+                u += scale * _fold_expand(zu0, slab, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
+                                          s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
             h = h * u
         hbar = _sum_slots(w[:, None] * h, BLOCK_T, KP)
-        tl.store(hbar_ptr + tok[:, None] * I + i[None, :], hbar.to(hbar_ptr.dtype.element_ty),
+        tl.store(hbar_ptr + tok[:, None] * I + i[None, :], round_to(hbar, hbar_ptr.dtype.element_ty),
                  mask=(tok < T)[:, None] & i_ok[None, :])
         if HAS_RD:
             if HAS_DROPOUT:
                 h = tl.where(dropout_keep(slot, i, I, seed, threshold), h, 0.0)
-            h = tl.where(m, h, 0.0)
-            zd = _masked_shrink(h, ad_ptr, e_row, i, i_ok, rd, rd < Rd, E, s_ade, s_adi, s_adr, zd)
+            hm = mma_operand(tl.where(m, h, 0.0), DT)
+            slab = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
+            zd_wide, zd = _fold_shrink(hm, slab, zd_wide, zd, e_row, ad_ptr, i, i_ok, Rd, E, s_ade, s_adi, s_adr,
+                                       DT, EPC_D, BLOCK_RD, NC_D)
     if HAS_RD:
+        zd = _fold_result(zd_wide, zd, e_row, EPC_D, BLOCK_RD, NC_D)
         if HAS_DROPOUT:
             zd = zd * keep_scale
-        tl.store(zd_ptr + slot[:, None] * Rd + rd[None, :], zd, mask=ok[:, None] & (rd < Rd)[None, :])
+        rd = tl.arange(0, BLOCK_RD)
+        tl.store(zd_ptr + split.to(tl.int64) * S * Rd + slot[:, None] * Rd + rd[None, :], zd,
+                 mask=ok[:, None] & (rd < Rd)[None, :])
 
 
 @triton.jit
 def _expand_act_combine_bwd_kernel(
-        ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, order_ptr,
-        offsets_ptr, ad_ptr, dg_ptr, du_ptr, dzg_ptr, dbg_ptr, dzu_ptr, dbu_ptr, dw_ptr, dad_ptr,
-        T, I, K, E, Rg, Ru, Rd, scale, seed, threshold, keep_scale,
+        ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, ad_ptr,
+        dg_ptr, du_ptr, dzg_ptr, dzu_ptr, dw_ptr,
+        T, I, K, E, Rg, Ru, Rd, S, TILES, scale, seed, threshold, keep_scale,
         s_ght, s_ghi, s_gzs, s_gzr, s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur,
         s_bue, s_bui, s_bur, s_wt, s_wk, s_et, s_ek, s_ade, s_adr, s_adi,
         ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr, BLOCK_I: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr, BLOCK_RD: tl.constexpr):
-    """Two roles by program id; both recompute g, u, h from G, U and the shrinks instead of loading saved ones.
-
-    Programs [0, cdiv(T, BLOCK_T)): token-major like the forward, looping over I: dG, dU (sums over a token's K
-    slots), and per slot dzg, dzu (masked per-expert dots) and dweights. Programs after that, one per (expert,
-    I tile): dBg, dBu, dAd of that tile as a deterministic segmented reduction over the expert's sorted slots.
-    """
+        HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_RG: tl.constexpr, EPC_G: tl.constexpr, NC_G: tl.constexpr,
+        BLOCK_RU: tl.constexpr, EPC_U: tl.constexpr, NC_U: tl.constexpr,
+        BLOCK_RD: tl.constexpr, EPC_D: tl.constexpr, NC_D: tl.constexpr):
+    """Token role, program (token block, I split), recomputing g, u, h from G, U and the shrinks: dG, dU (sums over
+    a token's K slots) for the split's I tiles, and the split's part of dzg, dzu, dweights (the whole of them with
+    one split; else (splits, S, .) fp32 scratch the launcher sums)."""
     pid = tl.program_id(0)
-    n_tok = tl.cdiv(T, BLOCK_T)
+    split = tl.program_id(1)
+    t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
+    if HAS_RG:
+        zg0 = mma_operand(fold_rows(zg_ptr, slot, e_row, s_zgs, s_zgr, Rg, 0, EPC_G, BLOCK_RG), DT)
+    if HAS_RU:
+        zu0 = mma_operand(fold_rows(zu_ptr, slot, e_row, s_zus, s_zur, Ru, 0, EPC_U, BLOCK_RU), DT)
+    if HAS_RD:
+        gzd0 = mma_operand(fold_rows(gzd_ptr, slot, e_row, s_gzs, s_gzr, Rd, 0, EPC_D, BLOCK_RD), DT)
+    tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dzg_wide = tl.zeros((BLOCK_T * KP, EPC_G * BLOCK_RG), dtype=tl.float32)
+    dzg = tl.zeros((BLOCK_T * KP, BLOCK_RG), dtype=tl.float32)
+    dzu_wide = tl.zeros((BLOCK_T * KP, EPC_U * BLOCK_RU), dtype=tl.float32)
+    dzu = tl.zeros((BLOCK_T * KP, BLOCK_RU), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_T * KP,), dtype=tl.float32)
+    first = split * TILES
+    for it in range(first, tl.minimum(first + TILES, tl.cdiv(I, BLOCK_I))):
+        i = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        i_ok = i < I
+        m = ok[:, None] & i_ok[None, :]
+        g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
+        if HAS_RG:
+            slab_g = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
+            g += scale * _fold_expand(zg0, slab_g, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
+                                      s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
+        a = act_fwd(g, ACT)
+        gh = tl.load(ghbar_ptr + t[:, None] * s_ght + i[None, :] * s_ghi, mask=m, other=0.0).to(tl.float32)
+        dh = w[:, None] * gh
+        if HAS_RD:
+            slab_d = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
+            back = _fold_expand(gzd0, slab_d, gzd_ptr, slot, e_row, s_gzs, s_gzr, ad_ptr, i, i_ok, Rd, E, s_ade,
+                                s_adi, s_adr, DT, EPC_D, BLOCK_RD, NC_D)
+            if HAS_DROPOUT:
+                back = tl.where(dropout_keep(slot, i, I, seed, threshold), back * keep_scale, 0.0)
+            dh += back
+        dg = dh * act_grad(g, ACT)
+        if HAS_U:
+            u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
+            if HAS_RU:
+                slab_u = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
+                u += scale * _fold_expand(zu0, slab_u, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
+                                          s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
+            dw += tl.sum(gh * a * u, axis=1)
+            du = tl.where(m, dh * a, 0.0)
+            dg = dg * u
+            tl.store(du_ptr + tok[:, None] * I + i[None, :], round_to(_sum_slots(du, BLOCK_T, KP),
+                     du_ptr.dtype.element_ty), mask=(tok < T)[:, None] & i_ok[None, :])
+            if HAS_RU:
+                dzu_wide, dzu = _fold_shrink(mma_operand(du, DT), slab_u, dzu_wide, dzu, e_row, bu_ptr, i, i_ok, Ru,
+                                             E, s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
+        else:
+            dw += tl.sum(gh * a, axis=1)
+        dg = tl.where(m, dg, 0.0)
+        tl.store(dg_ptr + tok[:, None] * I + i[None, :], round_to(_sum_slots(dg, BLOCK_T, KP),
+                 dg_ptr.dtype.element_ty), mask=(tok < T)[:, None] & i_ok[None, :])
+        if HAS_RG:
+            dzg_wide, dzg = _fold_shrink(mma_operand(dg, DT), slab_g, dzg_wide, dzg, e_row, bg_ptr, i, i_ok, Rg, E,
+                                         s_bge, s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
+    tl.store(dw_ptr + split.to(tl.int64) * S + slot, round_to(dw, dw_ptr.dtype.element_ty), mask=ok)
+    if HAS_RG:
+        dzg = _fold_result(dzg_wide, dzg, e_row, EPC_G, BLOCK_RG, NC_G)
+        rg = tl.arange(0, BLOCK_RG)
+        tl.store(dzg_ptr + split.to(tl.int64) * S * Rg + slot[:, None] * Rg + rg[None, :],
+                 round_to(scale * dzg, dzg_ptr.dtype.element_ty), mask=ok[:, None] & (rg < Rg)[None, :])
+    if HAS_RU:
+        dzu = _fold_result(dzu_wide, dzu, e_row, EPC_U, BLOCK_RU, NC_U)
+        ru = tl.arange(0, BLOCK_RU)
+        tl.store(dzu_ptr + split.to(tl.int64) * S * Ru + slot[:, None] * Ru + ru[None, :],
+                 round_to(scale * dzu, dzu_ptr.dtype.element_ty), mask=ok[:, None] & (ru < Ru)[None, :])
+
+
+@triton.jit
+def _expand_act_combine_bwd_weight_kernel(
+        ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, order_ptr, offsets_ptr, ad_ptr,
+        dbg_ptr, dbu_ptr, dad_ptr,
+        I, K, E, Rg, Ru, Rd, scale, seed, threshold, keep_scale,
+        s_ght, s_ghi, s_gzs, s_gzr, s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur,
+        s_bue, s_bui, s_bur, s_wt, s_wk, s_ade, s_adr, s_adi,
+        ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr, BLOCK_RD: tl.constexpr):
+    """Weight role, program (I tile, expert) (experts fastest, so the K programs reading one token's G row run
+    together): dBg, dBu, dAd of that tile as a deterministic segmented reduction over the expert's sorted slots,
+    BLOCK_M at a time, recomputing g, u, h (rows of one expert: plain rank-R dots, no fold)."""
+    pid = tl.program_id(0)
+    e = pid % E
+    i = (pid // E) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < I
     rg = tl.arange(0, BLOCK_RG)
     ru = tl.arange(0, BLOCK_RU)
     rd = tl.arange(0, BLOCK_RD)
     rg_ok = rg < Rg
     ru_ok = ru < Ru
     rd_ok = rd < Rd
-    if pid < n_tok:
-        t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
-        zg = tl.load(zg_ptr + slot[:, None] * s_zgs + rg[None, :] * s_zgr, mask=ok[:, None] & rg_ok[None, :],
-                     other=0.0).to(tl.float32)
-        zu = tl.load(zu_ptr + slot[:, None] * s_zus + ru[None, :] * s_zur, mask=ok[:, None] & ru_ok[None, :],
-                     other=0.0).to(tl.float32)
-        gzd = tl.load(gzd_ptr + slot[:, None] * s_gzs + rd[None, :] * s_gzr, mask=ok[:, None] & rd_ok[None, :],
-                      other=0.0).to(tl.float32)
-        tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        dzg = tl.zeros((BLOCK_T * KP, BLOCK_RG), dtype=tl.float32)
-        dzu = tl.zeros((BLOCK_T * KP, BLOCK_RU), dtype=tl.float32)
-        dw = tl.zeros((BLOCK_T * KP,), dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = i < I
-            m = ok[:, None] & i_ok[None, :]
-            g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
-            if HAS_RG:
-                g += scale * _masked_expand(zg, bg_ptr, e_row, i, i_ok, rg, rg_ok, E, s_bge, s_bgi, s_bgr)
-            a = act_fwd(g, ACT)
-            gh = tl.load(ghbar_ptr + t[:, None] * s_ght + i[None, :] * s_ghi, mask=m, other=0.0).to(tl.float32)
-            dh = w[:, None] * gh
-            if HAS_RD:
-                back = _masked_expand(gzd, ad_ptr, e_row, i, i_ok, rd, rd_ok, E, s_ade, s_adi, s_adr)
-                if HAS_DROPOUT:
-                    back = tl.where(dropout_keep(slot, i, I, seed, threshold), back * keep_scale, 0.0)
-                dh += back
-            dg = dh * act_grad(g, ACT)
-            if HAS_U:
-                u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
-                if HAS_RU:
-                    u += scale * _masked_expand(zu, bu_ptr, e_row, i, i_ok, ru, ru_ok, E, s_bue, s_bui, s_bur)
-                dw += tl.sum(gh * a * u, axis=1)
-                du = tl.where(m, dh * a, 0.0)
-                dg = dg * u
-                tl.store(du_ptr + tok[:, None] * I + i[None, :], _sum_slots(du, BLOCK_T, KP).to(
-                    du_ptr.dtype.element_ty), mask=(tok < T)[:, None] & i_ok[None, :])
-                if HAS_RU:
-                    dzu = _masked_shrink(du, bu_ptr, e_row, i, i_ok, ru, ru_ok, E, s_bue, s_bui, s_bur, dzu)
-            else:
-                dw += tl.sum(gh * a, axis=1)
-            dg = tl.where(m, dg, 0.0)
-            tl.store(dg_ptr + tok[:, None] * I + i[None, :], _sum_slots(dg, BLOCK_T, KP).to(dg_ptr.dtype.element_ty),
-                     mask=(tok < T)[:, None] & i_ok[None, :])
-            if HAS_RG:
-                dzg = _masked_shrink(dg, bg_ptr, e_row, i, i_ok, rg, rg_ok, E, s_bge, s_bgi, s_bgr, dzg)
-        tl.store(dw_ptr + slot, dw.to(dw_ptr.dtype.element_ty), mask=ok)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    bg = mma_operand(tl.load(bg_ptr + e * s_bge + i[None, :] * s_bgi + rg[:, None] * s_bgr,
+                             mask=rg_ok[:, None] & i_ok[None, :], other=0.0), DT)
+    bu = mma_operand(tl.load(bu_ptr + e * s_bue + i[None, :] * s_bui + ru[:, None] * s_bur,
+                             mask=ru_ok[:, None] & i_ok[None, :], other=0.0), DT)
+    ad = mma_operand(tl.load(ad_ptr + e * s_ade + rd[:, None] * s_adr + i[None, :] * s_adi,
+                             mask=rd_ok[:, None] & i_ok[None, :], other=0.0), DT)
+    # dB tiles are accumulated as (BLOCK_I, rank) so the MMA's M is the 64-wide I tile, not the rank.
+    dbg = tl.zeros((BLOCK_I, BLOCK_RG), dtype=tl.float32)
+    dbu = tl.zeros((BLOCK_I, BLOCK_RU), dtype=tl.float32)
+    dadt = tl.zeros((BLOCK_I, BLOCK_RD), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_M):
+        pos = p0 + tl.arange(0, BLOCK_M)
+        ok = pos < end
+        # 32-bit division (slot ids are < 2**31, checked by the launcher); 64-bit ones are slow paths in SASS
+        slot32 = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int32)
+        t32 = slot32 // K
+        k = slot32 - t32 * K
+        slot = slot32.to(tl.int64)
+        t = t32.to(tl.int64)
+        m = ok[:, None] & i_ok[None, :]
+        zg = mma_operand(tl.load(zg_ptr + slot[:, None] * s_zgs + rg[None, :] * s_zgr,
+                                 mask=ok[:, None] & rg_ok[None, :], other=0.0), DT)
+        zu = mma_operand(tl.load(zu_ptr + slot[:, None] * s_zus + ru[None, :] * s_zur,
+                                 mask=ok[:, None] & ru_ok[None, :], other=0.0), DT)
+        gzd = mma_operand(tl.load(gzd_ptr + slot[:, None] * s_gzs + rd[None, :] * s_gzr,
+                                  mask=ok[:, None] & rd_ok[None, :], other=0.0), DT)
+        w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
         if HAS_RG:
-            tl.store(dzg_ptr + slot[:, None] * Rg + rg[None, :], (scale * dzg).to(dzg_ptr.dtype.element_ty),
-                     mask=ok[:, None] & rg_ok[None, :])
-        if HAS_RU:
-            tl.store(dzu_ptr + slot[:, None] * Ru + ru[None, :], (scale * dzu).to(dzu_ptr.dtype.element_ty),
-                     mask=ok[:, None] & ru_ok[None, :])
-    else:
-        n_i = tl.cdiv(I, BLOCK_I)
-        e = (pid - n_tok) // n_i
-        i = ((pid - n_tok) % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-        i_ok = i < I
-        start = tl.load(offsets_ptr + e)
-        end = tl.load(offsets_ptr + e + 1)
-        bg = tl.load(bg_ptr + e * s_bge + i[None, :] * s_bgi + rg[:, None] * s_bgr,
-                     mask=rg_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-        bu = tl.load(bu_ptr + e * s_bue + i[None, :] * s_bui + ru[:, None] * s_bur,
-                     mask=ru_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-        ad = tl.load(ad_ptr + e * s_ade + rd[:, None] * s_adr + i[None, :] * s_adi,
-                     mask=rd_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-        dbg = tl.zeros((BLOCK_I, BLOCK_RG), dtype=tl.float32)
-        dbu = tl.zeros((BLOCK_I, BLOCK_RU), dtype=tl.float32)
-        dad = tl.zeros((BLOCK_RD, BLOCK_I), dtype=tl.float32)
-        for p0 in range(start, end, BLOCK_M):
-            pos = p0 + tl.arange(0, BLOCK_M)
-            ok = pos < end
-            slot = tl.load(order_ptr + pos, mask=ok, other=0)
-            t = slot // K
-            m = ok[:, None] & i_ok[None, :]
-            zg = tl.load(zg_ptr + slot[:, None] * s_zgs + rg[None, :] * s_zgr, mask=ok[:, None] & rg_ok[None, :],
-                         other=0.0).to(tl.float32)
-            zu = tl.load(zu_ptr + slot[:, None] * s_zus + ru[None, :] * s_zur, mask=ok[:, None] & ru_ok[None, :],
-                         other=0.0).to(tl.float32)
-            gzd = tl.load(gzd_ptr + slot[:, None] * s_gzs + rd[None, :] * s_gzr, mask=ok[:, None] & rd_ok[None, :],
-                          other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + t * s_wt + (slot % K) * s_wk, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
-            if HAS_RG:
-                g += scale * tl.dot(zg, bg, input_precision=FP32_DOT)
-            a = act_fwd(g, ACT)
-            dh = w[:, None] * tl.load(ghbar_ptr + t[:, None] * s_ght + i[None, :] * s_ghi, mask=m,
-                                      other=0.0).to(tl.float32)
-            if HAS_U:
-                u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
-                if HAS_RU:
-                    u += scale * tl.dot(zu, bu, input_precision=FP32_DOT)
-                h = a * u
-            else:
-                h = a
-            if HAS_RD:
-                back = tl.dot(gzd, ad, input_precision=FP32_DOT)
-                if HAS_DROPOUT:
-                    keep = dropout_keep(slot, i, I, seed, threshold)
-                    back = tl.where(keep, back * keep_scale, 0.0)
-                    h = tl.where(keep, h, 0.0)
-                dh += back
-                dad = tl.dot(tl.trans(gzd), tl.where(m, h, 0.0), dad, input_precision=FP32_DOT)
-            dg = dh * act_grad(g, ACT)
-            if HAS_U:
-                dg = dg * u
-                if HAS_RU:
-                    dbu = tl.dot(tl.trans(tl.where(m, dh * a, 0.0)), zu, dbu, input_precision=FP32_DOT)
-            if HAS_RG:
-                dbg = tl.dot(tl.trans(tl.where(m, dg, 0.0)), zg, dbg, input_precision=FP32_DOT)
-        if HAS_RG:
-            tl.store(dbg_ptr + e * I * Rg + i[:, None] * Rg + rg[None, :], (scale * dbg).to(dbg_ptr.dtype.element_ty),
-                     mask=i_ok[:, None] & rg_ok[None, :])
-        if HAS_RU:
-            tl.store(dbu_ptr + e * I * Ru + i[:, None] * Ru + ru[None, :], (scale * dbu).to(dbu_ptr.dtype.element_ty),
-                     mask=i_ok[:, None] & ru_ok[None, :])
+            g += scale * tl.dot(zg, bg, input_precision=FP32_DOT)
+        a = act_fwd(g, ACT)
+        dh = w[:, None] * tl.load(ghbar_ptr + t[:, None] * s_ght + i[None, :] * s_ghi, mask=m,
+                                  other=0.0).to(tl.float32)
+        if HAS_U:
+            u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
+            if HAS_RU:
+                u += scale * tl.dot(zu, bu, input_precision=FP32_DOT)
+            h = a * u
+        else:
+            h = a
         if HAS_RD:
+            back = tl.dot(gzd, ad, input_precision=FP32_DOT)
             if HAS_DROPOUT:
-                dad = dad * keep_scale
-            tl.store(dad_ptr + e * Rd * I + rd[:, None] * I + i[None, :], dad.to(dad_ptr.dtype.element_ty),
-                     mask=rd_ok[:, None] & i_ok[None, :])
+                keep = dropout_keep(slot, i, I, seed, threshold)
+                back = tl.where(keep, back * keep_scale, 0.0)
+                h = tl.where(keep, h, 0.0)
+            dh += back
+            dadt = tl.dot(tl.trans(mma_operand(tl.where(m, h, 0.0), DT)), gzd, dadt, input_precision=FP32_DOT)
+        dg = dh * act_grad(g, ACT)
+        if HAS_U:
+            dg = dg * u
+            if HAS_RU:
+                dbu = tl.dot(tl.trans(mma_operand(tl.where(m, dh * a, 0.0), DT)), zu, dbu, input_precision=FP32_DOT)
+        if HAS_RG:
+            dbg = tl.dot(tl.trans(mma_operand(tl.where(m, dg, 0.0), DT)), zg, dbg, input_precision=FP32_DOT)
+    if HAS_RG:
+        tl.store(dbg_ptr + e * I * Rg + i[:, None] * Rg + rg[None, :], round_to(scale * dbg, dbg_ptr.dtype.element_ty),
+                 mask=i_ok[:, None] & rg_ok[None, :])
+    if HAS_RU:
+        tl.store(dbu_ptr + e * I * Ru + i[:, None] * Ru + ru[None, :], round_to(scale * dbu, dbu_ptr.dtype.element_ty),
+                 mask=i_ok[:, None] & ru_ok[None, :])
+    if HAS_RD:
+        if HAS_DROPOUT:
+            dadt = dadt * keep_scale
+        tl.store(dad_ptr + e * Rd * I + rd[None, :] * I + i[:, None], round_to(dadt, dad_ptr.dtype.element_ty),
+                 mask=rd_ok[None, :] & i_ok[:, None])
 
 
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def _meta(K, Rg, Ru, Rd, U, act, dropout_p):
+def _meta(G, U, Bg, Bu, Ad, K, act, dropout_p, launch):
+    """Constexprs and launch options of the token-major kernels; `launch` is _FWD or _BWD."""
+    E, Rg, Ru, Rd = Bg.shape[0], Bg.shape[2], Bu.shape[2], Ad.shape[1]
     kp = triton.next_power_of_2(K)
-    return dict(ACT=act, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0, HAS_DROPOUT=dropout_p > 0,
-                BLOCK_T=max(1, _ROWS // kp), KP=kp, BLOCK_I=_BLOCK_I, BLOCK_RG=dot_block(Rg),
-                BLOCK_RU=dot_block(Ru), BLOCK_RD=dot_block(Rd))
+    meta = dict(ACT=act, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
+                HAS_DROPOUT=dropout_p > 0, DT=mma_dtype(G, U, Bg, Bu, Ad), KP=kp)
+    for name, r in (("G", Rg), ("U", Ru), ("D", Rd)):
+        fold = expert_fold(E, r)
+        meta.update({f"BLOCK_R{name}": fold["BLOCK_R"], f"EPC_{name}": fold["EPC"], f"NC_{name}": fold["N_CHUNKS"]})
+    wide = meta["DT"] == tl.float32 or max(meta["NC_G"], meta["NC_U"], meta["NC_D"]) > 1
+    launch = dict(_WIDE if wide else launch)
+    meta["BLOCK_T"] = max(1, launch.pop("ROWS") // kp)
+    return {**meta, **launch}
+
+
+def _grid(T, I, meta):
+    """(row blocks, I splits) and the I tiles per split."""
+    n_rb, n_i = triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(I, meta["BLOCK_I"])
+    tiles = triton.cdiv(n_i, max(1, min(n_i, triton.cdiv(_TARGET_PROGRAMS, n_rb))))
+    return (n_rb, triton.cdiv(n_i, tiles)), tiles
+
+
+def _split_sum(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out itself when the kernel wrote it directly (one split), else the per-split parts summed in split order."""
+    return out if part is None else part.sum(0).view(out.shape).to(out.dtype)
 
 
 def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: torch.Tensor, Bg: torch.Tensor,
@@ -279,8 +377,8 @@ def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: t
                                activation_name: str, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton `mixlora::expand_act_combine` -> (hbar (T, I) like G, zd (S, Rd) fp32); see the op for semantics.
 
-    Grid (cdiv(T, BLOCK_T),): one token-major program per BLOCK_T tokens, looping over I tiles, so G and U are read
-    once and zd (a reduction over I) stays in registers. `order` and `offsets` are not needed by this kernel.
+    Grid (cdiv(T, BLOCK_T), I splits): token-major programs over the split's I tiles, so G and U are read once and zd
+    (a reduction over I) stays in registers. `order` and `offsets` are not needed by this kernel.
     """
     op = "expand_act_combine"
     check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p)
@@ -288,17 +386,20 @@ def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: t
                     ("Ad", Ad))
     (T, I), (_, K), E = G.shape, experts.shape, Bg.shape[0]
     Rg, Ru, Rd = zg.shape[1], zu.shape[1], Ad.shape[1]
+    S = T * K
     hbar = torch.empty(T, I, dtype=G.dtype, device=G.device)
-    zd = torch.empty(T * K, Rd, dtype=torch.float32, device=G.device)
+    zd = torch.empty(S, Rd, dtype=torch.float32, device=G.device)
     if T == 0 or I == 0 or K == 0:
         return hbar.zero_(), zd.zero_()
-    meta = _meta(K, Rg, Ru, Rd, U, activation_name, dropout_p)
+    meta = _meta(G, U, Bg, Bu, Ad, K, activation_name, dropout_p, _FWD)
+    grid, tiles = _grid(T, I, meta)
+    zd_part = None if grid[1] == 1 else torch.empty(grid[1], S, Rd, dtype=torch.float32, device=G.device)
     Uarg = G if U is None else U
-    _expand_act_combine_fwd_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad, hbar, zd, T, I, K, E, Rg, Ru, Rd, scale,
-        seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        *_strides(G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
-    return hbar, zd
+    _expand_act_combine_fwd_kernel[grid](
+        G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad, hbar, zd if zd_part is None else zd_part,
+        T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p), *_strides(G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
+    return hbar, _split_sum(zd_part, zd)
 
 
 def expand_act_combine_backward(
@@ -309,8 +410,8 @@ def expand_act_combine_backward(
     """Triton `mixlora::expand_act_combine_backward` -> (dG, dU, dzg, dBg, dzu, dBu, dweights, dAd), each like its
     input (dU empty when U is None).
 
-    One launch, grid (cdiv(T, BLOCK_T) + E * cdiv(I, BLOCK_I),): token-major programs for dG, dU, dzg, dzu, dweights,
-    then per-(expert, I tile) programs for dBg, dBu, dAd. g, u, h are recomputed by both roles.
+    Two launches, both recomputing g, u, h: token-major programs, grid (cdiv(T, BLOCK_T), I splits), for dG, dU, dzg,
+    dzu, dweights; then one program per (I tile, expert) for dBg, dBu, dAd.
     """
     op = "expand_act_combine_backward"
     check_expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, activation_name, dropout_p,
@@ -319,8 +420,9 @@ def expand_act_combine_backward(
                     ("zu", zu), ("Bu", Bu), ("weights", weights), ("Ad", Ad))
     (T, I), (_, K), E = G.shape, experts.shape, Bg.shape[0]
     Rg, Ru, Rd = zg.shape[1], zu.shape[1], Ad.shape[1]
+    S = T * K
 
-    def new(shape, like):  # every element is written by the kernel (or the early return zeroes it)
+    def new(shape, like):  # every element is written by the kernels (or the early return zeroes it)
         return torch.empty(shape, dtype=like.dtype, device=G.device)
 
     dG = new((T, I), G)
@@ -329,12 +431,24 @@ def expand_act_combine_backward(
     dw, dAd = new(weights.shape, weights), new(Ad.shape, Ad)
     if T == 0 or I == 0 or K == 0:
         return tuple(t.zero_() for t in (dG, dU, dzg, dBg, dzu, dBu, dw, dAd))
-    meta = _meta(K, Rg, Ru, Rd, U, activation_name, dropout_p)
+    meta = _meta(G, U, Bg, Bu, Ad, K, activation_name, dropout_p, _BWD)
+    grid, tiles = _grid(T, I, meta)
+    if grid[1] == 1:
+        parts = (None, None, None)
+    else:
+        parts = tuple(torch.empty(grid[1], S, *r, dtype=torch.float32, device=G.device) for r in ((Rg,), (Ru,), ()))
     Uarg = G if U is None else U
-    grid = (triton.cdiv(T, meta["BLOCK_T"]) + E * triton.cdiv(I, _BLOCK_I),)
     _expand_act_combine_bwd_kernel[grid](
-        grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad,
-        dG, dG if U is None else dU, dzg, dBg, dzu, dBu, dw, dAd, T, I, K, E, Rg, Ru, Rd, scale,
-        seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), BLOCK_M=_BLOCK_M, **meta)
+        grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad, dG, dG if U is None else dU,
+        *(out if part is None else part for part, out in zip(parts, (dzg, dzu, dw))),
+        T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
+    dzg, dzu, dw = (_split_sum(part, out) for part, out in zip(parts, (dzg, dzu, dw)))
+    _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, _BWD_WEIGHT["BLOCK_I"]) * E,)](
+        grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, order, offsets, Ad, dBg, dBu, dAd,
+        I, K, E, Rg, Ru, Rd, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, Ad),
+        ACT=activation_name, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
+        HAS_DROPOUT=dropout_p > 0, DT=meta["DT"], BLOCK_RG=dot_block(Rg), BLOCK_RU=dot_block(Ru),
+        BLOCK_RD=dot_block(Rd), **_BWD_WEIGHT)
     return dG, dU, dzg, dBg, dzu, dBu, dw, dAd

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from mixlora_kernels.checks import check, check_lora_expand_combine
-from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, expert_block,
-                                            num_expert_blocks)
+from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, expert_block, mma_dtype,
+                                            mma_operand, num_expert_blocks)
 
 # Untuned (no GPU this session). Token / slot rows per program and the H tile.
 _BLOCK_M = 32
@@ -81,7 +81,7 @@ def _lora_expand_combine_bwd_kernel(
                              mask=row_ok[:, None] & h_ok[None, :], other=0.0)
                 b = tl.load(b_ptr + e * stride_be + h[:, None] * stride_bh + r[None, :] * stride_br,
                             mask=h_ok[:, None] & r_ok[None, :], other=0.0)
-                q = tl.dot(gy.to(GB_DOT), b.to(GB_DOT), q, input_precision=FP32_DOT)
+                q = tl.dot(mma_operand(gy, GB_DOT), mma_operand(b, GB_DOT), q, input_precision=FP32_DOT)
             q = q * scale
             w = tl.load(w_ptr + tokens * stride_wt + (slots % K) * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
             z = tl.load(zd_ptr + slots[:, None] * stride_zs + r[None, :] * stride_zr,
@@ -154,6 +154,6 @@ def lora_expand_combine_backward(grad_y: torch.Tensor, zd: torch.Tensor, B: torc
     _lora_expand_combine_bwd_kernel[(nb + E * triton.cdiv(H, _BLOCK_H),)](
         grad_y, zd, B, weights, order, offsets, dzd, dB, dw, nb, H, R, K, E, scale,
         grad_y.stride(0), grad_y.stride(1), zd.stride(0), zd.stride(1), B.stride(0), B.stride(1), B.stride(2),
-        weights.stride(0), weights.stride(1), GB_DOT=dot_dtype(grad_y, B),
+        weights.stride(0), weights.stride(1), GB_DOT=mma_dtype(B),
         BLOCK_M=_BLOCK_M, BLOCK_R=dot_block(R), BLOCK_H=_BLOCK_H)
     return dzd, dB, dw

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from mixlora_kernels.checks import check_lora_shrink
-from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dot_dtype, dropout_keep,
-                                            dropout_threshold, expert_block, num_expert_blocks)
+from mixlora_kernels.triton._common import (FP32_DOT, check_supported, dot_block, dropout_keep, dropout_threshold,
+                                            expert_block, mma_dtype, mma_operand, num_expert_blocks)
 
 # Row block over expert-sorted slots / tokens and column block over H. Untuned (no GPU this session): 64 x 64 tiles
 # with R <= 64 keep the fp32 accumulators small; the H loop streams x.
@@ -48,7 +48,7 @@ def _lora_shrink_fwd_kernel(
             xt = tl.where(dropout_keep(slots, h, H, seed, threshold), xt, 0.0)
         at = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + h[None, :] * stride_ah,
                      mask=r_ok[:, None] & h_ok[None, :], other=0.0)
-        acc = tl.dot(xt.to(DOT_DTYPE), tl.trans(at.to(DOT_DTYPE)), acc, input_precision=FP32_DOT)
+        acc = tl.dot(mma_operand(xt, DOT_DTYPE), tl.trans(mma_operand(at, DOT_DTYPE)), acc, input_precision=FP32_DOT)
     if HAS_DROPOUT:
         acc = acc * keep_scale
     tl.store(z_ptr + slots[:, None] * R + r[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
@@ -81,13 +81,13 @@ def _lora_shrink_bwd_kernel(
         for k in range(K):
             ek = tl.load(experts_ptr + t * stride_et + k * stride_ek, mask=t_ok, other=-1)
             slots = t.to(tl.int64) * K + k
-            gz = tl.load(gz_ptr + slots[:, None] * stride_gs + r[None, :] * stride_gr,
-                         mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(DOT_DTYPE)
+            gz = mma_operand(tl.load(gz_ptr + slots[:, None] * stride_gs + r[None, :] * stride_gr,
+                                     mask=t_ok[:, None] & r_ok[None, :], other=0.0), DOT_DTYPE)
             part = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             for e in range(E):
                 a = tl.load(a_ptr + e * stride_ae + r[:, None] * stride_ar + h[None, :] * stride_ah,
                             mask=r_ok[:, None] & h_ok[None, :], other=0.0)
-                part = tl.dot(tl.where((ek == e)[:, None], gz, 0.0).to(DOT_DTYPE), a.to(DOT_DTYPE), part,
+                part = tl.dot(tl.where((ek == e)[:, None], gz, 0.0), mma_operand(a, DOT_DTYPE), part,
                               input_precision=FP32_DOT)
             if HAS_DROPOUT:
                 part = tl.where(dropout_keep(slots, h, H, seed, threshold), part * keep_scale, 0.0)
@@ -109,7 +109,7 @@ def _lora_shrink_bwd_kernel(
                 xt = tl.where(dropout_keep(slots, h, H, seed, threshold), xt, 0.0)
             gz = tl.load(gz_ptr + slots[:, None] * stride_gs + r[None, :] * stride_gr,
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            da = tl.dot(tl.trans(gz.to(DOT_DTYPE)), xt.to(DOT_DTYPE), da, input_precision=FP32_DOT)
+            da = tl.dot(tl.trans(mma_operand(gz, DOT_DTYPE)), mma_operand(xt, DOT_DTYPE), da, input_precision=FP32_DOT)
         if HAS_DROPOUT:
             da = da * keep_scale
         tl.store(da_ptr + e * R * H + r[:, None] * H + h[None, :], da.to(da_ptr.dtype.element_ty),
@@ -135,7 +135,7 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, experts: torch.Tensor,
         x, A, z, order, offsets, H, R, experts.shape[1], E,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
         seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(x, A),
+        HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=mma_dtype(x, A),
         BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_H=_BLOCK_H)
     return z
 
@@ -160,6 +160,6 @@ def lora_shrink_backward(grad_z: torch.Tensor, x: torch.Tensor, A: torch.Tensor,
         grad_z, x, A, experts, order, offsets, dx, dA, T, H, R, experts.shape[1], E,
         grad_z.stride(0), grad_z.stride(1), x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
         experts.stride(0), experts.stride(1), seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
-        1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=dot_dtype(grad_z, x, A),
+        1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0, DOT_DTYPE=mma_dtype(x, A),
         BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_H=_BLOCK_H)
     return dx, dA
