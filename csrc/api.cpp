@@ -1,7 +1,8 @@
 // mixlora_kernels._C: op schemas, input checks and launches for the CUDA kernels in csrc/<op>/.
 //
-// Importing mixlora_kernels._C (after torch) registers the ops under torch.ops.mixlora_cuda. The Python op
-// registry (mixlora_kernels/ops/) installs them on top of its torch references for CUDA tensors.
+// Importing mixlora_kernels._C (after torch) registers the ops under torch.ops.mixlora_cuda, with CUDA and Meta
+// kernels only: the Python op registry (mixlora_kernels/ops/) installs them on top of its torch references for
+// CUDA tensors, so CPU tensors never reach them (called directly with CPU tensors, the dispatcher refuses).
 
 #include <cstdint>
 #include <optional>
@@ -66,20 +67,17 @@ std::tuple<at::Tensor, at::Tensor> sort_slots_meta(const at::Tensor& experts, in
   return {at::empty_symint({experts.sym_numel()}, long_options), at::empty({num_experts + 1}, long_options)};
 }
 
-// The op only has CUDA kernels; without this the dispatcher's "could not run with the CPU backend" error
-// would not say what the op expects.
-std::tuple<at::Tensor, at::Tensor> sort_slots_cpu(const at::Tensor& experts, int64_t /*num_experts*/) {
-  TORCH_CHECK(false, "sort_slots: experts must be a CUDA tensor, got ", experts.device());
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // LoRA ops (lora_shrink, lora_expand_combine, expand_act_combine, route; forward and backward).
 //
 // Argument order and semantics mirror the registered mixlora:: ops (mixlora_kernels/ops/<op>.py); their pure-torch
 // references define the results. Dtype policy of the CUDA kernels:
 //   - the large activations x, G, U, grad_y, grad_hbar and logits are read in their own dtype (fp32, fp16, bf16);
-//   - the small tensors (LoRA weights A/B, rank-R vectors z, routing weights) are converted to fp32 here (a no-op
-//     when already fp32, and exact otherwise, as the references compute in fp32 from the same values);
+//   - expand_act_combine reads its LoRA weights (Bg, Bu, Ad) as they are when they have G's dtype (its bf16
+//     tensor-core kernels multiply them in bf16 directly); weights of another dtype become fp32 copies;
+//   - the other small tensors (the other ops' LoRA weights, rank-R vectors z, routing weights) are converted to
+//     fp32 here (a no-op when already fp32, and exact otherwise, as the references compute in fp32 from the same
+//     values);
 //   - everything accumulates in fp32; outputs take the reference dtypes: rank-R outputs and y in fp32, hbar in
 //     G's dtype, every gradient in its input's dtype;
 //   - fp64 is refused with a clear error (the torch reference serves it: MIXLORA_BACKEND=torch).
@@ -101,15 +99,6 @@ void check_cuda(const char* op, std::initializer_list<NamedTensor> tensors) {
     TORCH_CHECK(named.second->device() == first.second->device(), op, ": ", named.first, " is on ",
                 named.second->device(), " but ", first.first, " is on ", first.second->device());
   }
-}
-
-// The CPU kernel of every op: the same error as a CPU tensor handed to the CUDA kernel.
-[[noreturn]] void fail_not_cuda(const char* op, std::initializer_list<NamedTensor> tensors) {
-  for (const NamedTensor& named : tensors) {
-    TORCH_CHECK(named.second->is_cuda(), op, ": ", named.first, " must be a CUDA tensor, got ",
-                named.second->device());
-  }
-  TORCH_CHECK(false, op, ": expected CUDA tensors");
 }
 
 std::string shape_string(const std::vector<int64_t>& shape) {
@@ -163,6 +152,18 @@ at::Tensor float_inner(const at::Tensor& t) {
   return unit_inner_stride(t.scalar_type() == at::kFloat ? t : t.to(at::kFloat));
 }
 
+// The largest element offset of t from its data pointer (0 when empty).
+int64_t max_offset(const at::Tensor& t) {
+  int64_t off = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) == 0) {
+      return 0;
+    }
+    off += (t.size(d) - 1) * t.stride(d);
+  }
+  return off;
+}
+
 at::Tensor float_contiguous(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
@@ -203,11 +204,6 @@ at::Tensor lora_shrink_meta(const at::Tensor& x, const at::Tensor& A, const at::
   return at::empty({experts.numel(), A.size(1)}, x.options().dtype(at::kFloat));
 }
 
-at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& experts,
-                           const at::Tensor& order, const at::Tensor& offsets, double, int64_t) {
-  fail_not_cuda("lora_shrink", {{"x", &x}, {"A", &A}, {"experts", &experts}, {"order", &order}, {"offsets", &offsets}});
-}
-
 void check_lora_shrink_backward(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& A,
                                 const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets,
                                 double dropout_p) {
@@ -238,14 +234,6 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_meta(const at::Tensor& g
                                                              double dropout_p, int64_t /*seed*/) {
   check_lora_shrink_backward(grad_z, x, A, experts, order, offsets, dropout_p);
   return {at::empty({x.size(0), x.size(1)}, x.options()), at::empty({A.size(0), A.size(1), A.size(2)}, A.options())};
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x,
-                                                            const at::Tensor& A, const at::Tensor& experts,
-                                                            const at::Tensor& order, const at::Tensor& offsets,
-                                                            double, int64_t) {
-  fail_not_cuda("lora_shrink_backward", {{"grad_z", &grad_z}, {"x", &x}, {"A", &A}, {"experts", &experts},
-                                         {"order", &order}, {"offsets", &offsets}});
 }
 
 // ----- lora_expand_combine -----
@@ -281,13 +269,6 @@ at::Tensor lora_expand_combine_meta(const at::Tensor& zd, const at::Tensor& B, c
   return at::empty({experts.size(0), B.size(1)}, zd.options().dtype(at::kFloat));
 }
 
-at::Tensor lora_expand_combine_cpu(const at::Tensor& zd, const at::Tensor& B, const at::Tensor& weights,
-                                   const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets,
-                                   double) {
-  fail_not_cuda("lora_expand_combine", {{"zd", &zd}, {"B", &B}, {"weights", &weights}, {"experts", &experts},
-                                        {"order", &order}, {"offsets", &offsets}});
-}
-
 void check_lora_expand_combine_backward(const at::Tensor& grad_y, const at::Tensor& zd, const at::Tensor& B,
                                         const at::Tensor& weights, const at::Tensor& experts,
                                         const at::Tensor& order, const at::Tensor& offsets) {
@@ -320,13 +301,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_combine_backward_meta
   check_lora_expand_combine_backward(grad_y, zd, B, weights, experts, order, offsets);
   return {at::empty({zd.size(0), zd.size(1)}, zd.options()), at::empty({B.size(0), B.size(1), B.size(2)}, B.options()),
           at::empty({weights.size(0), weights.size(1)}, weights.options())};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_combine_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& zd, const at::Tensor& B, const at::Tensor& weights,
-    const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets, double) {
-  fail_not_cuda("lora_expand_combine_backward", {{"grad_y", &grad_y}, {"zd", &zd}, {"B", &B}, {"weights", &weights},
-                                                 {"experts", &experts}, {"order", &order}, {"offsets", &offsets}});
 }
 
 // ----- expand_act_combine -----
@@ -383,15 +357,23 @@ ExpandActCombineInputs prepare_expand_act_combine(const at::Tensor& G, const std
   if (U.has_value()) {
     in.U = unit_inner_stride(*U);
   }
+  // The kernels read weights in G's dtype as they are; only weights of another dtype become fp32 copies.
+  const bool as_is = expand_act_combine_reads_weights_as_is(G, Bg, Bu, Ad);
+  const auto weight = [as_is](const at::Tensor& t) { return as_is ? unit_inner_stride(t) : float_inner(t); };
   in.zg = float_inner(zg);
-  in.Bg = float_inner(Bg);
+  in.Bg = weight(Bg);
   in.zu = float_inner(zu);
-  in.Bu = float_inner(Bu);
+  in.Bu = weight(Bu);
   in.weights = float_contiguous(weights);
   in.experts = experts.to(at::kLong).contiguous();
   in.order = order.contiguous();
   in.offsets = offsets.contiguous();
-  in.Ad = float_inner(Ad);
+  in.Ad = weight(Ad);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"Bg", &in.Bg}, {"Bu", &in.Bu}, {"Ad", &in.Ad}}) {
+    TORCH_CHECK(max_offset(*t) < (int64_t{1} << 31), "expand_act_combine: ", name,
+                " must span fewer than 2^31 elements (32-bit weight offsets), got sizes ", t->sizes(), " strides ",
+                t->strides());
+  }
   in.scale = scale;
   in.activation = activation_code("expand_act_combine", activation_name);
   in.dropout_p = dropout_p;
@@ -430,16 +412,6 @@ std::tuple<at::Tensor, at::Tensor> expand_act_combine_meta(
                            activation_name, dropout_p);
   return {at::empty({G.size(0), G.size(1)}, G.options()),
           at::empty({experts.numel(), Ad.size(1)}, G.options().dtype(at::kFloat))};
-}
-
-std::tuple<at::Tensor, at::Tensor> expand_act_combine_cpu(
-    const at::Tensor& G, const std::optional<at::Tensor>& U, const at::Tensor& zg, const at::Tensor& Bg,
-    const at::Tensor& zu, const at::Tensor& Bu, const at::Tensor& weights, const at::Tensor& experts,
-    const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& Ad, double, std::string, double, int64_t) {
-  const at::Tensor& U_ref = U.has_value() ? *U : G;
-  fail_not_cuda("expand_act_combine", {{"G", &G}, {U.has_value() ? "U" : "G", &U_ref}, {"zg", &zg}, {"Bg", &Bg},
-                                       {"zu", &zu}, {"Bu", &Bu}, {"weights", &weights}, {"experts", &experts},
-                                       {"order", &order}, {"offsets", &offsets}, {"Ad", &Ad}});
 }
 
 void check_expand_act_combine_backward(const at::Tensor& grad_hbar, const at::Tensor& grad_zd, const at::Tensor& G,
@@ -503,19 +475,6 @@ expand_act_combine_backward_meta(const at::Tensor& grad_hbar, const at::Tensor& 
           like(weights), like(Ad)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-expand_act_combine_backward_cpu(const at::Tensor& grad_hbar, const at::Tensor& grad_zd, const at::Tensor& G,
-                                const std::optional<at::Tensor>& U, const at::Tensor& zg, const at::Tensor& Bg,
-                                const at::Tensor& zu, const at::Tensor& Bu, const at::Tensor& weights,
-                                const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets,
-                                const at::Tensor& Ad, double, std::string, double, int64_t) {
-  const at::Tensor& U_ref = U.has_value() ? *U : G;
-  fail_not_cuda("expand_act_combine_backward",
-                {{"grad_hbar", &grad_hbar}, {"grad_zd", &grad_zd}, {"G", &G}, {U.has_value() ? "U" : "G", &U_ref},
-                 {"zg", &zg}, {"Bg", &Bg}, {"zu", &zu}, {"Bu", &Bu}, {"weights", &weights}, {"experts", &experts},
-                 {"order", &order}, {"offsets", &offsets}, {"Ad", &Ad}});
-}
-
 // ----- route -----
 
 void check_route(const at::Tensor& logits, int64_t top_k) {
@@ -539,10 +498,6 @@ std::tuple<at::Tensor, at::Tensor> route_meta(const at::Tensor& logits, int64_t 
   check_route(logits, top_k);
   return {at::empty({logits.size(0), top_k}, logits.options().dtype(at::kFloat)),
           at::empty({logits.size(0), top_k}, logits.options().dtype(at::kLong))};
-}
-
-std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, int64_t) {
-  fail_not_cuda("route", {{"logits", &logits}});
 }
 
 void check_route_backward(const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& experts,
@@ -574,11 +529,6 @@ at::Tensor route_backward_meta(const at::Tensor& grad_weights, const at::Tensor&
                                int64_t num_experts) {
   check_route_backward(grad_weights, weights, experts, num_experts);
   return at::empty({weights.size(0), num_experts}, weights.options().dtype(at::result_type(grad_weights, weights)));
-}
-
-at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& weights, const at::Tensor& experts,
-                              int64_t) {
-  fail_not_cuda("route_backward", {{"grad_weights", &grad_weights}, {"weights", &weights}, {"experts", &experts}});
 }
 
 }  // namespace
@@ -629,20 +579,6 @@ TORCH_LIBRARY_IMPL(mixlora_cuda, Meta, m) {
   m.impl("expand_act_combine_backward", &mixlora::expand_act_combine_backward_meta);
   m.impl("route", &mixlora::route_meta);
   m.impl("route_backward", &mixlora::route_backward_meta);
-}
-
-// The ops only have CUDA kernels; without these the dispatcher's "could not run with the CPU backend" error
-// would not say what the op expects.
-TORCH_LIBRARY_IMPL(mixlora_cuda, CPU, m) {
-  m.impl("sort_slots", &mixlora::sort_slots_cpu);
-  m.impl("lora_shrink", &mixlora::lora_shrink_cpu);
-  m.impl("lora_shrink_backward", &mixlora::lora_shrink_backward_cpu);
-  m.impl("lora_expand_combine", &mixlora::lora_expand_combine_cpu);
-  m.impl("lora_expand_combine_backward", &mixlora::lora_expand_combine_backward_cpu);
-  m.impl("expand_act_combine", &mixlora::expand_act_combine_cpu);
-  m.impl("expand_act_combine_backward", &mixlora::expand_act_combine_backward_cpu);
-  m.impl("route", &mixlora::route_cpu);
-  m.impl("route_backward", &mixlora::route_backward_cpu);
 }
 
 // Empty: importing the module only has to load the library, which runs the registrations above.

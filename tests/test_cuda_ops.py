@@ -400,10 +400,10 @@ OPS = ["lora_shrink", "lora_shrink_backward", "lora_expand_combine", "lora_expan
 @needs_extension
 @pytest.mark.parametrize("name", OPS)
 def test_cpu_tensors_are_refused(name):
+    """The extension registers CUDA and Meta kernels only (the mixlora:: ops serve CPU tensors with their
+    references): all-CPU arguments are refused by the dispatcher, naming the op and the backend."""
     args = _all_calls(make_problem(T=9, dtype=torch.bfloat16))[name]
-    first = next(n for n, a in zip(getattr(torch.ops.mixlora, name).default._schema.arguments, args)
-                 if isinstance(a, torch.Tensor)).name
-    with pytest.raises(RuntimeError, match=f"{name}: {first} must be a CUDA tensor, got cpu"):
+    with pytest.raises(NotImplementedError, match=f"mixlora_cuda::{name}.*'CPU' backend"):
         getattr(torch.ops.mixlora_cuda, name)(*args)
 
 

@@ -3,38 +3,45 @@
 //   g_j = G_t + s Bg_e zg_j;  u_j = U_t + s Bu_e zu_j;  h_j = act(g_j) * u_j  (act(g_j) when U is absent)
 //   hbar_t = sum_k w_j h_j;  zd_j = Ad_e drop_j(h_j)
 //
-// The per-slot elementwise part is bandwidth-bound (mixlora.md §2 cost model): the only I-sized rows that must
-// move are G_t, U_t (read) and hbar_t (written); everything per slot is rank R and the expert weights stay in L2.
-// Hence one thread block per token:
-//   eac_fwd_kernel, pass A: one thread per column i (strided); G_t[i], U_t[i] are read once and reused for all K
-//     slots (g, u, h recomputed from the token's rank-R vectors in shared memory and the expert's B rows, R
-//     contiguous floats per i, from L2); hbar_t[i] = sum_k w_j h_j in fp32, in order k = 0..K-1, written once.
-//   pass B: the down shrink zd_j = Ad_e drop_j(h_j): a block reduction over i (fixed order, common.cuh) with 32
-//     ranks of fp32 partial sums per thread per pass. h_j is recomputed in this pass rather than kept: the row no
-//     longer fits registers, and the re-read of G_t/U_t hits L1/L2 (the block just streamed it). Cost: the pass
-//     count K * ceil(Rd/32) re-reads of the token's rows from cache. A tuning candidate is folding pass B into
-//     pass A with K*Rd register accumulators for the common K <= 2, Rd <= 16 (to measure on the H200).
-// Backward (g, u, h recomputed, never stored):
-//   eac_bwd_token_kernel, pass A: per column i, for k = 0..K-1: dh_j = w_j dhbar_t + drop_j(Ad_e^T dzd_j),
-//     dg_j = dh_j u_j act'(g_j), du_j = dh_j act(g_j); dG_t = sum_k dg_j, dU_t = sum_k du_j (token-major, no
-//     atomics). Pass B: per slot the rank-R reductions dzg_j = s Bg_e^T dg_j, dzu_j = s Bu_e^T du_j and
-//     dw_j = <dhbar_t, h_j>, 32 outputs per pass, block reductions as above.
-//   eac_bwd_weight_kernel: dBg_e = s sum_{j->e} dg_j zg_j^T, dBu_e = s sum du_j zu_j^T, dAd_e = sum dzd_j
-//     drop_j(h_j)^T as segmented reductions: one block per (64 columns i, expert e, 64 of the Rg+Ru+Rd
-//     concatenated rank columns) walks its expert's slots in sorted order, 16 at a time, recomputing
-//     dg, du, drop(h) for those 16 x 64 elements into shared memory, then a register-tile FMA (common.cuh).
-//     Deterministic: fixed slot order, no atomics. The recompute costs O(Rg+Ru+Rd) per element, the same order
-//     as the reduction itself; storing dg/du/h instead would need 3 (S, I) fp32 scratch tensors.
+// The per-slot elementwise part is bandwidth-bound (algorithm.md §2 cost model): the only I-sized rows that must
+// move are G_t, U_t (and dH̄_t) read and hbar_t (dG_t, dU_t) written; everything per slot is rank R.
+//
+// Tensor-core kernels (bf16 G/U with bf16 weights, read as they are; ranks <= 64, K <= 64, shared memory <= 227 KiB):
+//   grid (I splits, token tiles). A block owns BT whole tokens (BT*K = 128 slot rows forward, 64 backward) and walks
+//   its I split in steps of 64 columns. Once per block the tile's slots are regrouped by expert (a stable counting
+//   sort), each expert's group padded to 16 rows, so every 16-row wmma fragment is one expert's; their fp32 rank
+//   vectors [zg | zu | dzd] are split into bf16 hi + lo (two MMAs per product: ~16-bit operands, the accuracy the
+//   fp32 rank vectors need) in shared memory. Per step the 64-column slab of every expert's Bg, Bu, Ad (bf16) and
+//   the tile's G, U (dH̄) rows are staged in shared memory (one ~48 KiB read from L2 per block-step at E 8, R 16)
+//   and each warp, per fragment and 16 columns:
+//     forward:  g, u = G, U + s z B^T (wmma, fp32 accumulators), h = act(g) u once per element; w h to a tile
+//               combined into hbar_t = sum_k w_j h_j in k order; zd += drop(h) Ad_e^T (wmma, accumulated across
+//               the block's steps in shared memory).
+//     backward: g, u and Ad_e^T dzd (wmma), then h, dh, dg, du once per element; dg, du to tiles combined into
+//               dG_t, dU_t; dzg += dg Bg_e, dzu += du Bu_e (wmma); dw += <dH̄, h> by a fixed half-warp butterfly.
+//   The per-slot rank outputs are sums over I: each block writes its split's partial sums by slot, and
+//   eac_split_sum_kernel adds the splits in order (deterministic; no atomics). Splits only when the token tiles are
+//   fewer than two waves of 132 SMs.
+// SIMT kernels (fp32 / fp16 models, fp32 weights in a 16-bit model, and what the tensor-core tiles do not fit):
+//   eac_fwd_kernel / eac_bwd_token_kernel: one block per token, a thread per column i; pass A computes hbar_t (dG_t,
+//     dU_t), pass B the rank reductions zd_j (dzg_j, dzu_j, dw_j) as fixed-order block sums, recomputing g, u, h.
+// Weight gradients (both paths): eac_bwd_weight_kernel: dBg_e = s sum_{j->e} dg_j zg_j^T, dBu_e = s sum du_j zu_j^T,
+//   dAd_e = sum dzd_j drop_j(h_j)^T as segmented reductions: one block per (64 columns i, expert e, 64 of the
+//   Rg+Ru+Rd concatenated rank columns) walks its expert's slots in sorted order, 16 at a time, recomputing dg, du,
+//   drop(h) for those 16 x 64 elements into shared memory, then a register-tile FMA (common.cuh). Deterministic:
+//   fixed slot order, no atomics.
 // Expert ids read from `experts` and slot ids read from `order` are checked by device assertions (see
-// csrc/lora_shrink/lora_shrink.cu).
+// csrc/lora_shrink/lora_shrink.cu), once per tile in the tensor-core kernels.
 
 #include "expand_act_combine/expand_act_combine.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <cuda_runtime_api.h>
 
 #include "dispatch.h"
 #include "expand_act_combine/expand_act_combine_kernels.cuh"
@@ -42,9 +49,9 @@
 namespace mixlora {
 namespace {
 
-template <typename scalar_t>
-Args<scalar_t> make_args(const ExpandActCombineInputs& in) {
-  Args<scalar_t> a;
+template <typename scalar_t, typename weight_t>
+Args<scalar_t, weight_t> make_args(const ExpandActCombineInputs& in) {
+  Args<scalar_t, weight_t> a;
   a.G = in.G.const_data_ptr<scalar_t>();
   a.G_stride = in.G.stride(0);
   a.U = in.U.has_value() ? in.U->const_data_ptr<scalar_t>() : nullptr;
@@ -53,13 +60,13 @@ Args<scalar_t> make_args(const ExpandActCombineInputs& in) {
   a.zg_stride = in.zg.stride(0);
   a.zu = in.zu.const_data_ptr<float>();
   a.zu_stride = in.zu.stride(0);
-  a.Bg = in.Bg.const_data_ptr<float>();
+  a.Bg = in.Bg.const_data_ptr<weight_t>();
   a.Bg_stride0 = in.Bg.stride(0);
   a.Bg_stride1 = in.Bg.stride(1);
-  a.Bu = in.Bu.const_data_ptr<float>();
+  a.Bu = in.Bu.const_data_ptr<weight_t>();
   a.Bu_stride0 = in.Bu.stride(0);
   a.Bu_stride1 = in.Bu.stride(1);
-  a.Ad = in.Ad.const_data_ptr<float>();
+  a.Ad = in.Ad.const_data_ptr<weight_t>();
   a.Ad_stride0 = in.Ad.stride(0);
   a.Ad_stride1 = in.Ad.stride(1);
   a.weights = in.weights.const_data_ptr<float>();
@@ -93,20 +100,68 @@ size_t checked_smem(const char* op, int64_t floats, size_t static_bytes, const c
   return bytes;
 }
 
+// The tensor-core kernels serve bf16 activations with bf16 weights (read as they are) whose padded ranks, K and
+// expert slabs fit their tiles; everything else takes the SIMT kernels.
+bool use_mma(const ExpandActCombineInputs& in) {
+  return in.G.scalar_type() == at::kBFloat16 && in.Bg.scalar_type() == at::kBFloat16 &&
+         mma_fits(in.experts.size(1), in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), in.Ad.size(1));
+}
+
+// The SIMT kernels: weights in G's dtype, or fp32 (api.cpp's copies of weights of another dtype).
+template <typename F>
+void dispatch_simt(const ExpandActCombineInputs& in, F&& f) {
+  MIXLORA_DISPATCH_FLOAT_HALF_BF16(in.G.scalar_type(), "expand_act_combine", [&] {
+    if (in.Bg.scalar_type() == at::kFloat) {
+      f(scalar_t{}, float{});
+    } else {
+      f(scalar_t{}, scalar_t{});
+    }
+  });
+}
+
 }  // namespace
+
+bool expand_act_combine_reads_weights_as_is(const at::Tensor& G, const at::Tensor& Bg, const at::Tensor& Bu,
+                                            const at::Tensor& Ad) {
+  return Bg.scalar_type() == G.scalar_type() && Bu.scalar_type() == G.scalar_type() &&
+         Ad.scalar_type() == G.scalar_type();
+}
 
 void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Tensor& hbar, at::Tensor& zd,
                                        cudaStream_t stream) {
   const int64_t T = in.G.size(0);
+  const int64_t I = in.G.size(1);
   const int64_t K = in.experts.size(1);
+  const int64_t Rd = in.Ad.size(1);
   const int64_t Rz = in.Bg.size(2) + in.Bu.size(2);
   if (T == 0) {
     return;
   }
+  if (use_mma(in)) {
+    const MmaLayout L = make_mma_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
+    const unsigned int tiles = ceil_div(T, L.BT);
+    const int splits = mma_splits(static_cast<int>(tiles), I);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_fwd_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L.bytes)));
+    at::Tensor part = splits > 1 ? at::empty({splits, T * K, Rd}, zd.options()) : zd;
+    eac_fwd_mma_kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+        make_args<c10::BFloat16, c10::BFloat16>(in), L, hbar.mutable_data_ptr<c10::BFloat16>(),
+        part.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1 && Rd > 0) {
+      eac_split_sum_kernel<<<split_sum_blocks(T * K * Rd), kBlock, 0, stream>>>(
+          part.const_data_ptr<float>(), splits, T * K, static_cast<int>(Rd), static_cast<int>(Rd), 0, 1.0f, 0,
+          zd.mutable_data_ptr<float>(), nullptr, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
   const size_t smem = checked_smem("expand_act_combine", K * Rz, kTokenStaticSmem, "K * (Rg + Ru)");
-  MIXLORA_DISPATCH_FLOAT_HALF_BF16(in.G.scalar_type(), "expand_act_combine", [&] {
-    eac_fwd_kernel<scalar_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-        make_args<scalar_t>(in), hbar.mutable_data_ptr<scalar_t>(), zd.mutable_data_ptr<float>());
+  dispatch_simt(in, [&](auto stag, auto wtag) {
+    using scalar_t = decltype(stag);
+    using weight_t = decltype(wtag);
+    eac_fwd_kernel<scalar_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
+        make_args<scalar_t, weight_t>(in), hbar.mutable_data_ptr<scalar_t>(), zd.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -119,31 +174,56 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   const int64_t I = in.G.size(1);
   const int64_t K = in.experts.size(1);
   const int64_t E = in.Bg.size(0);
-  const int64_t Rall = in.Bg.size(2) + in.Bu.size(2) + in.Ad.size(1);
-  if (T > 0) {
-    const size_t smem = checked_smem("expand_act_combine_backward", K * Rall, kTokenStaticSmem, "K * (Rg + Ru + Rd)");
-    MIXLORA_DISPATCH_FLOAT_HALF_BF16(in.G.scalar_type(), "expand_act_combine_backward", [&] {
-      eac_bwd_token_kernel<scalar_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-          make_args<scalar_t>(in), grad_hbar.const_data_ptr<scalar_t>(), grad_hbar.stride(0),
-          grad_zd.const_data_ptr<float>(), grad_zd.stride(0), dG.mutable_data_ptr<scalar_t>(),
+  const int64_t Rg = in.Bg.size(2);
+  const int64_t Ru = in.Bu.size(2);
+  const int64_t Rall = Rg + Ru + in.Ad.size(1);
+  const bool mma = use_mma(in);
+  if (T > 0 && mma) {
+    const MmaLayout L = make_mma_layout(K, E, Rg, Ru, in.Ad.size(1), true);
+    const unsigned int tiles = ceil_div(T, L.BT);
+    const int splits = mma_splits(static_cast<int>(tiles), I);
+    const int64_t W = Rg + Ru + 1;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_bwd_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L.bytes)));
+    at::Tensor part = at::empty({splits, T * K, W}, dzg.options());
+    eac_bwd_mma_kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+        make_args<c10::BFloat16, c10::BFloat16>(in), L, grad_hbar.const_data_ptr<c10::BFloat16>(),
+        grad_hbar.stride(0), grad_zd.const_data_ptr<float>(), grad_zd.stride(0),
+        dG.mutable_data_ptr<c10::BFloat16>(), in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr,
+        part.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    eac_split_sum_kernel<<<split_sum_blocks(T * K * W), kBlock, 0, stream>>>(
+        part.const_data_ptr<float>(), splits, T * K, static_cast<int>(W), static_cast<int>(Rg),
+        static_cast<int>(Ru), static_cast<float>(in.scale), static_cast<int>(Rg + Ru),
+        dzg.mutable_data_ptr<float>(), dzu.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  dispatch_simt(in, [&](auto stag, auto wtag) {
+    using scalar_t = decltype(stag);
+    using weight_t = decltype(wtag);
+    const Args<scalar_t, weight_t> args = make_args<scalar_t, weight_t>(in);
+    if (T > 0 && !mma) {
+      const size_t smem =
+          checked_smem("expand_act_combine_backward", K * Rall, kTokenStaticSmem, "K * (Rg + Ru + Rd)");
+      eac_bwd_token_kernel<scalar_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
+          args, grad_hbar.const_data_ptr<scalar_t>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dG.mutable_data_ptr<scalar_t>(),
           in.U.has_value() ? dU.mutable_data_ptr<scalar_t>() : nullptr, dzg.mutable_data_ptr<float>(),
           dzu.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  if (E > 0 && I > 0 && Rall > 0) {
-    // Every block writes its whole tile (zeros for an empty expert), so no memset is needed.
-    const size_t smem = checked_smem("expand_act_combine_backward", kChunkSlots * Rall, kWeightStaticSmem,
-                                     "16 * (Rg + Ru + Rd)");
-    const dim3 grid(ceil_div(I, kTileM), static_cast<unsigned int>(E), ceil_div(Rall, kTileN));
-    MIXLORA_DISPATCH_FLOAT_HALF_BF16(in.G.scalar_type(), "expand_act_combine_backward", [&] {
-      eac_bwd_weight_kernel<scalar_t><<<grid, kBlock, smem, stream>>>(
-          make_args<scalar_t>(in), grad_hbar.const_data_ptr<scalar_t>(), grad_hbar.stride(0),
-          grad_zd.const_data_ptr<float>(), grad_zd.stride(0), dBg.mutable_data_ptr<float>(),
-          dBu.mutable_data_ptr<float>(), dAd.mutable_data_ptr<float>());
+    }
+    if (E > 0 && I > 0 && Rall > 0) {
+      // Every block writes its whole tile (zeros for an empty expert), so no memset is needed.
+      const size_t smem = checked_smem("expand_act_combine_backward", kChunkSlots * Rall, kWeightStaticSmem,
+                                       "16 * (Rg + Ru + Rd)");
+      const dim3 grid(ceil_div(I, kTileM), static_cast<unsigned int>(E), ceil_div(Rall, kTileN));
+      eac_bwd_weight_kernel<scalar_t, weight_t><<<grid, kBlock, smem, stream>>>(
+          args, grad_hbar.const_data_ptr<scalar_t>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
+          dAd.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+    }
+  });
 }
 
 }  // namespace mixlora

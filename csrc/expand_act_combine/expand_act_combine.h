@@ -15,8 +15,10 @@ namespace mixlora {
 // Inputs of both directions, prepared by api.cpp:
 //   G, U      (T, I) fp32/fp16/bf16, one dtype, stride(1) == 1; U absent for an ungated FFN
 //   zg, zu    (S, Rg), (S, Ru) fp32, stride(1) == 1
-//   Bg, Bu    (E, I, Rg), (E, I, Ru) fp32, stride(2) == 1 (any stride(0), stride(1): split views of B work)
-//   Ad        (E, Rd, I) fp32, stride(2) == 1
+//   Bg, Bu    (E, I, Rg), (E, I, Ru), stride(2) == 1 (any stride(0), stride(1): split views of B work)
+//   Ad        (E, Rd, I), stride(2) == 1
+//             Bg, Bu, Ad in G's dtype when expand_act_combine_reads_weights_as_is, else fp32 copies; every offset
+//             into them below 2^31
 //   weights   (T, K) fp32 contiguous; experts (T, K) int64 contiguous; order (S,), offsets (E+1,) int64 contiguous
 //   activation: code of common.cuh::Activation
 struct ExpandActCombineInputs {
@@ -28,6 +30,11 @@ struct ExpandActCombineInputs {
   double dropout_p;
   int64_t seed;
 };
+
+// Whether the kernels read weights of these dtypes as they are (all in G's dtype); otherwise api.cpp passes fp32
+// copies.
+bool expand_act_combine_reads_weights_as_is(const at::Tensor& G, const at::Tensor& Bg, const at::Tensor& Bu,
+                                            const at::Tensor& Ad);
 
 // Writes hbar (T, I) in G's dtype, contiguous, and zd (S, Rd) fp32 contiguous.
 void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Tensor& hbar, at::Tensor& zd,

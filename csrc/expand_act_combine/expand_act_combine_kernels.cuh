@@ -7,6 +7,9 @@
 #include <cstdint>
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
 
 #include "common.cuh"
 
@@ -19,7 +22,8 @@ constexpr size_t kMaxSmem = 48 * 1024;  // per-block limit without a cudaFuncSet
 constexpr size_t kTokenStaticSmem = (kWarps + 1) * kPass * sizeof(float);
 constexpr size_t kWeightStaticSmem = 3 * kChunkSlots * kLd * sizeof(float) + kChunkSlots * sizeof(int64_t);
 
-template <typename scalar_t>
+// weight_t: the dtype of Bg, Bu, Ad: G's (read as they are) or float (api.cpp casts weights of another dtype).
+template <typename scalar_t, typename weight_t>
 struct Args {
   const scalar_t* G;
   int64_t G_stride;
@@ -29,11 +33,11 @@ struct Args {
   int64_t zg_stride;
   const float* zu;
   int64_t zu_stride;
-  const float* Bg;
+  const weight_t* Bg;
   int64_t Bg_stride0, Bg_stride1;
-  const float* Bu;
+  const weight_t* Bu;
   int64_t Bu_stride0, Bu_stride1;
-  const float* Ad;
+  const weight_t* Ad;
   int64_t Ad_stride0, Ad_stride1;
   const float* weights;
   const int64_t* experts;
@@ -47,22 +51,22 @@ struct Args {
 
 // g, u, act(g) of slot (expert e) at column i from the base values and the slot's rank vectors.
 // Ungated: u = 1, so h = act(g) * u and dg = dh act'(g) u are exact.
-template <typename scalar_t>
-__device__ __forceinline__ void recompute(const Args<scalar_t>& p, float Gi, float Ui, const float* zg_row,
+template <typename scalar_t, typename weight_t>
+__device__ __forceinline__ void recompute(const Args<scalar_t, weight_t>& p, float Gi, float Ui, const float* zg_row,
                                           const float* zu_row, int64_t e, int64_t i, float& g, float& u,
                                           float& a) {
-  const float* bg = p.Bg + e * p.Bg_stride0 + i * p.Bg_stride1;
+  const weight_t* bg = p.Bg + e * p.Bg_stride0 + i * p.Bg_stride1;
   float sg = 0.0f;
   for (int64_t r = 0; r < p.Rg; ++r) {
-    sg = fmaf(bg[r], zg_row[r], sg);
+    sg = fmaf(static_cast<float>(bg[r]), zg_row[r], sg);
   }
   g = Gi + p.scale * sg;
   u = 1.0f;
   if (p.U != nullptr) {
-    const float* bu = p.Bu + e * p.Bu_stride0 + i * p.Bu_stride1;
+    const weight_t* bu = p.Bu + e * p.Bu_stride0 + i * p.Bu_stride1;
     float su = 0.0f;
     for (int64_t r = 0; r < p.Ru; ++r) {
-      su = fmaf(bu[r], zu_row[r], su);
+      su = fmaf(static_cast<float>(bu[r]), zu_row[r], su);
     }
     u = Ui + p.scale * su;
   }
@@ -70,8 +74,8 @@ __device__ __forceinline__ void recompute(const Args<scalar_t>& p, float Gi, flo
 }
 
 // Backward elementwise chain at column i of slot j (expert e, weight w): h, dg, du, and the dropout multiplier.
-template <typename scalar_t>
-__device__ __forceinline__ void slot_backward(const Args<scalar_t>& p, float Gi, float Ui, float gh,
+template <typename scalar_t, typename weight_t>
+__device__ __forceinline__ void slot_backward(const Args<scalar_t, weight_t>& p, float Gi, float Ui, float gh,
                                               const float* zg_row, const float* zu_row, const float* dzd_row,
                                               int64_t j, int64_t e, float w, int64_t i, float& h, float& dg,
                                               float& du, float& mask) {
@@ -80,9 +84,9 @@ __device__ __forceinline__ void slot_backward(const Args<scalar_t>& p, float Gi,
   h = a * u;
   mask = dropout_mult(p.drop, j, p.I, i);
   float bd = 0.0f;
-  const float* ad = p.Ad + e * p.Ad_stride0 + i;
+  const weight_t* ad = p.Ad + e * p.Ad_stride0 + i;
   for (int64_t r = 0; r < p.Rd; ++r) {
-    bd = fmaf(ad[r * p.Ad_stride1], dzd_row[r], bd);
+    bd = fmaf(static_cast<float>(ad[r * p.Ad_stride1]), dzd_row[r], bd);
   }
   const float dh = w * gh + bd * mask;
   dg = dh * act_grad(p.act, g) * u;
@@ -95,9 +99,9 @@ __device__ __forceinline__ int64_t checked_expert(const int64_t* experts, int64_
   return e;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-eac_fwd_kernel(Args<scalar_t> p, scalar_t* __restrict__ hbar, float* __restrict__ zd) {
+eac_fwd_kernel(Args<scalar_t, weight_t> p, scalar_t* __restrict__ hbar, float* __restrict__ zd) {
   float* z_rows = dynamic_smem<float>();  // K x (Rg + Ru): [zg_j | zu_j] of the token's slots
   __shared__ float red[kWarps * kPass];
   __shared__ float sums[kPass];
@@ -127,7 +131,7 @@ eac_fwd_kernel(Args<scalar_t> p, scalar_t* __restrict__ hbar, float* __restrict_
   for (int64_t k = 0; k < p.K; ++k) {
     const int64_t j = t * p.K + k;
     const int64_t e = checked_expert(p.experts, j, p.E);
-    const float* ad = p.Ad + e * p.Ad_stride0;
+    const weight_t* ad = p.Ad + e * p.Ad_stride0;
     for (int64_t r0 = 0; r0 < p.Rd; r0 += kPass) {
       float part[kPass] = {};
       for (int64_t i = threadIdx.x; i < p.I; i += blockDim.x) {
@@ -139,7 +143,7 @@ eac_fwd_kernel(Args<scalar_t> p, scalar_t* __restrict__ hbar, float* __restrict_
 #pragma unroll
         for (int c = 0; c < kPass; ++c) {
           if (r0 + c < p.Rd) {
-            part[c] = fmaf(ad[(r0 + c) * p.Ad_stride1 + i], hm, part[c]);
+            part[c] = fmaf(static_cast<float>(ad[(r0 + c) * p.Ad_stride1 + i]), hm, part[c]);
           }
         }
       }
@@ -151,9 +155,9 @@ eac_fwd_kernel(Args<scalar_t> p, scalar_t* __restrict__ hbar, float* __restrict_
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-eac_bwd_token_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, int64_t gh_stride,
+eac_bwd_token_kernel(Args<scalar_t, weight_t> p, const scalar_t* __restrict__ grad_hbar, int64_t gh_stride,
                      const float* __restrict__ grad_zd, int64_t gzd_stride, scalar_t* __restrict__ dG,
                      scalar_t* __restrict__ dU, float* __restrict__ dzg, float* __restrict__ dzu,
                      float* __restrict__ dweights) {
@@ -200,8 +204,8 @@ eac_bwd_token_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, i
     const int64_t e = checked_expert(p.experts, j, p.E);
     const float* row = rows + k * Rall;
     const float w = p.weights[j];
-    const float* bg = p.Bg + e * p.Bg_stride0;
-    const float* bu = p.Bu + e * p.Bu_stride0;
+    const weight_t* bg = p.Bg + e * p.Bg_stride0;
+    const weight_t* bu = p.Bu + e * p.Bu_stride0;
     for (int64_t c0 = 0; c0 < ncols; c0 += kPass) {
       float part[kPass] = {};
       for (int64_t i = threadIdx.x; i < p.I; i += blockDim.x) {
@@ -214,9 +218,9 @@ eac_bwd_token_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, i
         for (int c = 0; c < kPass; ++c) {
           const int64_t col = c0 + c;
           if (col < p.Rg) {
-            part[c] = fmaf(dg, bg[i * p.Bg_stride1 + col], part[c]);
+            part[c] = fmaf(dg, static_cast<float>(bg[i * p.Bg_stride1 + col]), part[c]);
           } else if (col < Rz) {
-            part[c] = fmaf(du, bu[i * p.Bu_stride1 + col - p.Rg], part[c]);
+            part[c] = fmaf(du, static_cast<float>(bu[i * p.Bu_stride1 + col - p.Rg]), part[c]);
           } else if (col == Rz) {
             part[c] = fmaf(gh, h, part[c]);
           }
@@ -238,9 +242,9 @@ eac_bwd_token_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, i
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-eac_bwd_weight_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, int64_t gh_stride,
+eac_bwd_weight_kernel(Args<scalar_t, weight_t> p, const scalar_t* __restrict__ grad_hbar, int64_t gh_stride,
                       const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
                       float* __restrict__ dBu, float* __restrict__ dAd) {
   float* Z = dynamic_smem<float>();  // kChunkSlots x (Rg + Ru + Rd): [zg_j | zu_j | dzd_j]
@@ -334,6 +338,587 @@ eac_bwd_weight_kernel(Args<scalar_t> p, const scalar_t* __restrict__ grad_hbar, 
           dAd[(expert * p.Rd + col - Rz) * p.I + i] = acc[q];
         }
       }
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core path (bf16 G/U and bf16 weights; expand_act_combine.cu describes the design). A block owns a tile of
+// BT whole tokens (TS = BT*K slot rows) and a range of I columns, walked in steps of kMmaCols. Inside the tile the
+// slots are regrouped by expert, each expert's group padded to a multiple of 16 rows ("positions"), so every
+// 16-row wmma fragment belongs to one expert and multiplies that expert's slab in shared memory directly.
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaCols = 64;     // I columns per step: 128-byte rows of G, U, dH̄ and hbar
+constexpr int kMmaMaxRank = 64;  // ranks padded to 16, at most 4 fragments each
+constexpr int kMmaFwdSlots = 128;
+constexpr int kMmaBwdSlots = 64;  // the backward keeps twice the per-slot state
+constexpr size_t kMmaMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block (cudaFuncSetAttribute)
+
+using MmaArgs = Args<c10::BFloat16, c10::BFloat16>;
+using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using BRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
+using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+__host__ __device__ constexpr int round16(int v) {
+  return (v + 15) / 16 * 16;
+}
+
+// Byte offsets of the shared arrays of one block, computed once on the host and passed to the kernel. Every array
+// starts on a 128-byte boundary (wmma needs 32).
+struct MmaLayout {
+  int BT, TS, NP, E, Rgp, Rup, Rdp, Lz;  // tokens, slot rows, positions, experts, padded ranks, z row length
+  int pos_slot, pos_tok, frag_expert, slot_pos, cursor, wslot, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, comb, acc,
+      dwacc, stage, ahi, alo;
+  size_t bytes;
+};
+
+__host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd,
+                                                     bool backward) {
+  MmaLayout L{};
+  const int slots = backward ? kMmaBwdSlots : kMmaFwdSlots;
+  L.BT = K <= slots ? static_cast<int>(slots / K) : 0;
+  L.TS = static_cast<int>(L.BT * K);
+  L.E = static_cast<int>(E < 65536 ? E : 65536);
+  L.NP = round16(L.TS + 15 * (L.E < L.TS ? L.E : L.TS));
+  L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
+  L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
+  L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
+  L.Lz = L.Rgp + L.Rup + (backward ? L.Rdp : 0);
+  size_t at = 0;
+  auto take = [&at](size_t bytes) {
+    const int off = static_cast<int>(at);
+    at += (bytes + 127) / 128 * 128;
+    return off;
+  };
+  const size_t nfrag = L.NP / 16;
+  L.pos_slot = take(L.NP * sizeof(int));
+  L.pos_tok = take(L.NP * sizeof(int));
+  L.frag_expert = take((nfrag + 1) * sizeof(int));  // [nfrag] holds the fragment count
+  L.slot_pos = take(L.TS * sizeof(int));
+  L.cursor = take(L.E * sizeof(int));
+  L.wslot = take(L.TS * sizeof(float));
+  L.zhi = take(static_cast<size_t>(L.NP) * L.Lz * 2);
+  L.zlo = take(static_cast<size_t>(L.NP) * L.Lz * 2);
+  L.sBg = take(static_cast<size_t>(L.E) * kMmaCols * L.Rgp * 2);
+  L.sBu = take(static_cast<size_t>(L.E) * kMmaCols * L.Rup * 2);
+  L.sAd = take(static_cast<size_t>(L.E) * kMmaCols * L.Rdp * 2);
+  L.sG = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
+  L.sU = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
+  L.sGH = take(backward ? static_cast<size_t>(L.BT) * kMmaCols * 2 : 0);
+  L.comb = take(static_cast<size_t>(L.TS) * kMmaCols * 4 * (backward ? 2 : 1));
+  L.acc = take(static_cast<size_t>(L.NP) * (backward ? L.Rgp + L.Rup : L.Rdp) * 4);
+  L.dwacc = take(backward ? L.NP * sizeof(float) : 0);
+  L.stage = take(static_cast<size_t>(kWarps) * 256 * 4 * (backward ? 3 : 2));
+  L.ahi = take(static_cast<size_t>(kWarps) * 256 * 2 * (backward ? 2 : 1));
+  L.alo = take(static_cast<size_t>(kWarps) * 256 * 2 * (backward ? 2 : 1));
+  L.bytes = at;
+  return L;
+}
+
+// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit a tile,
+// and the block's shared memory fits sm_90's 227 KiB (with E = 8, R = 16: 184 KiB forward, 211 KiB backward).
+__host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
+  if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > kMmaBwdSlots || E > 4096) {
+    return false;
+  }
+  return make_mma_layout(K, E, Rg, Ru, Rd, false).bytes <= kMmaMaxSmem &&
+         make_mma_layout(K, E, Rg, Ru, Rd, true).bytes <= kMmaMaxSmem;
+}
+
+// Splits of the I steps over gridDim.x: with fewer token tiles than two waves of an H200 (2 x 132 SMs, one
+// ~200 KiB block each), the columns are split too, at most one split per 64-column step and 16 in all (the
+// partial sums cost splits x S x (R + 1) fp32, summed by eac_split_sum_kernel).
+__host__ __device__ inline int mma_splits(int tiles, int64_t I) {
+  const int steps = static_cast<int>((I + kMmaCols - 1) / kMmaCols);
+  int splits = (2 * 132 + tiles - 1) / tiles;
+  splits = splits < 16 ? splits : 16;
+  splits = splits < steps ? splits : steps;
+  return splits > 1 ? splits : 1;
+}
+
+inline unsigned int split_sum_blocks(int64_t n) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks < 1024 ? blocks : 1024);
+}
+
+template <typename T>
+__device__ __forceinline__ T* smem_at(unsigned char* base, int offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+__device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
+  hi = __float2bfloat16_rn(v);
+  lo = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
+
+// Tile set-up shared by both directions: the expert regrouping of the tile's slots, their routing weights, and
+// the hi/lo bf16 split of their rank vectors [zg | zu | dzd] by position (fp32 operands as two bf16 terms, so that
+// products with the bf16 weights keep ~16 bits: the tolerance of the fp32 rank vectors). Returns the slot count.
+__device__ inline int mma_tile_setup(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
+                                     int64_t t1, const float* gzd, int64_t gzd_stride) {
+  int* pos_slot = smem_at<int>(sm, L.pos_slot);
+  int* pos_tok = smem_at<int>(sm, L.pos_tok);
+  int* frag_expert = smem_at<int>(sm, L.frag_expert);
+  int* slot_pos = smem_at<int>(sm, L.slot_pos);
+  int* cursor = smem_at<int>(sm, L.cursor);
+  float* wslot = smem_at<float>(sm, L.wslot);
+  const int K = static_cast<int>(p.K);
+  const int64_t j0 = t0 * p.K;
+  const int ns = static_cast<int>((t1 - t0) * p.K);
+  for (int q = threadIdx.x; q < L.NP; q += blockDim.x) {
+    pos_slot[q] = -1;
+    pos_tok[q] = 0;
+  }
+  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
+    wslot[s] = p.weights[j0 + s];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // A counting sort of <= 128 slots by one thread: O(TS + E), once per block, stable (token order per expert).
+    for (int e = 0; e < L.E; ++e) {
+      cursor[e] = 0;
+    }
+    for (int s = 0; s < ns; ++s) {
+      const int64_t e = p.experts[j0 + s];
+      CUDA_KERNEL_ASSERT(e >= 0 && e < p.E && "expand_act_combine: expert id out of range [0, E)");
+      ++cursor[e];
+    }
+    int at = 0;
+    for (int e = 0; e < L.E; ++e) {
+      const int n = cursor[e];
+      cursor[e] = at;
+      for (int f = at / 16; f < (at + round16(n)) / 16; ++f) {
+        frag_expert[f] = e;
+      }
+      at += round16(n);
+    }
+    frag_expert[L.NP / 16] = at / 16;
+    for (int s = 0; s < ns; ++s) {
+      const int q = cursor[p.experts[j0 + s]]++;
+      pos_slot[q] = s;
+      pos_tok[q] = s / K;
+      slot_pos[s] = q;
+    }
+  }
+  __syncthreads();
+  __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi);
+  __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo);
+  const int Rgu = L.Rgp + L.Rup;
+  for (int idx = threadIdx.x; idx < L.NP * L.Lz; idx += blockDim.x) {
+    const int q = idx / L.Lz;
+    const int r = idx - q * L.Lz;
+    const int s = pos_slot[q];
+    float v = 0.0f;
+    if (s >= 0) {
+      const int64_t j = j0 + s;
+      if (r < L.Rgp) {
+        v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
+      } else if (r < Rgu) {
+        v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
+      } else {
+        v = r - Rgu < p.Rd ? gzd[j * gzd_stride + r - Rgu] : 0.0f;
+      }
+    }
+    split_bf16(v, zhi[idx], zlo[idx]);
+  }
+  return ns;
+}
+
+// The slabs of columns [i0, i0 + 64) of every expert's Bg, Bu (stored [e][c][r]) and Ad ([e][r][c]) as bf16 (the
+// weights' own bits), zero-padded; and the tile's rows of the (T, I) inputs `rows` (G, U and, backward, dH̄).
+__device__ inline void mma_load_step(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
+                                     int64_t t1, int i0, const c10::BFloat16* const* rows, const int64_t* strides,
+                                     const int* row_offsets, int nrows) {
+  const int I = static_cast<int>(p.I);
+  const unsigned short zero = 0;
+  unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
+  unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
+  unsigned short* sAd = smem_at<unsigned short>(sm, L.sAd);
+  const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru), Rd = static_cast<int>(p.Rd);
+  // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
+  const int bg0 = static_cast<int>(p.Bg_stride0), bg1 = static_cast<int>(p.Bg_stride1);
+  const int bu0 = static_cast<int>(p.Bu_stride0), bu1 = static_cast<int>(p.Bu_stride1);
+  const int ad0 = static_cast<int>(p.Ad_stride0), ad1 = static_cast<int>(p.Ad_stride1);
+  for (int idx = threadIdx.x; idx < L.E * kMmaCols * L.Rgp; idx += blockDim.x) {
+    const int e = idx / (kMmaCols * L.Rgp);
+    const int rem = idx - e * kMmaCols * L.Rgp;
+    const int c = rem / L.Rgp;
+    const int r = rem - c * L.Rgp;
+    sBg[idx] = (r < Rg && i0 + c < I) ? p.Bg[e * bg0 + (i0 + c) * bg1 + r].x : zero;
+  }
+  for (int idx = threadIdx.x; idx < L.E * kMmaCols * L.Rup; idx += blockDim.x) {
+    const int e = idx / (kMmaCols * L.Rup);
+    const int rem = idx - e * kMmaCols * L.Rup;
+    const int c = rem / L.Rup;
+    const int r = rem - c * L.Rup;
+    sBu[idx] = (r < Ru && i0 + c < I) ? p.Bu[e * bu0 + (i0 + c) * bu1 + r].x : zero;
+  }
+  for (int idx = threadIdx.x; idx < L.E * L.Rdp * kMmaCols; idx += blockDim.x) {
+    const int er = idx / kMmaCols;
+    const int c = idx - er * kMmaCols;
+    const int e = er / L.Rdp;
+    const int r = er - e * L.Rdp;
+    sAd[idx] = (r < Rd && i0 + c < I) ? p.Ad[e * ad0 + r * ad1 + i0 + c].x : zero;
+  }
+  const int bt = static_cast<int>(t1 - t0);
+  for (int n = 0; n < nrows; ++n) {
+    if (rows[n] == nullptr) {
+      continue;
+    }
+    unsigned short* dst = smem_at<unsigned short>(sm, row_offsets[n]);
+    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
+      const int tl = idx / kMmaCols;
+      const int c = idx - tl * kMmaCols;
+      dst[idx] = (tl < bt && i0 + c < I) ? rows[n][(t0 + tl) * strides[n] + i0 + c].x : zero;
+    }
+  }
+}
+
+// acc (+)= [hi | lo](16 x 16k, row-major, ld lda) x B for k = 0..nk-1 fragments; B fragment kk at b + kk * bstep.
+template <typename BFragT>
+__device__ __forceinline__ void mma_split(CFrag& acc, const __nv_bfloat16* ahi, const __nv_bfloat16* alo, int lda,
+                                          const __nv_bfloat16* b, int ldb, int bstep, int nk) {
+  AFrag a;
+  BFragT bf;
+  for (int kk = 0; kk < nk; ++kk) {
+    wmma::load_matrix_sync(bf, b + kk * bstep, ldb);
+    wmma::load_matrix_sync(a, ahi + kk * 16, lda);
+    wmma::mma_sync(acc, a, bf, acc);
+    wmma::load_matrix_sync(a, alo + kk * 16, lda);
+    wmma::mma_sync(acc, a, bf, acc);
+  }
+}
+
+// g and u of a position fragment f at column fragment n (16 x 16 each), stored row-major to stage_g / stage_u.
+__device__ __forceinline__ void mma_gu(const MmaLayout& L, unsigned char* sm, int f, int e, int n, float* stage_g,
+                                       float* stage_u) {
+  const __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi) + f * 16 * L.Lz;
+  const __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo) + f * 16 * L.Lz;
+  CFrag acc;
+  wmma::fill_fragment(acc, 0.0f);
+  // B = Bg_e^T (rank x 16 columns): slab [e][c][r] read column-major with ld Rgp.
+  mma_split<BCol>(acc, zhi, zlo, L.Lz, smem_at<__nv_bfloat16>(sm, L.sBg) + (e * kMmaCols + n * 16) * L.Rgp, L.Rgp,
+                  16, L.Rgp / 16);
+  wmma::store_matrix_sync(stage_g, acc, 16, wmma::mem_row_major);
+  wmma::fill_fragment(acc, 0.0f);
+  mma_split<BCol>(acc, zhi + L.Rgp, zlo + L.Rgp, L.Lz,
+                  smem_at<__nv_bfloat16>(sm, L.sBu) + (e * kMmaCols + n * 16) * L.Rup, L.Rup, 16, L.Rup / 16);
+  wmma::store_matrix_sync(stage_u, acc, 16, wmma::mem_row_major);
+}
+
+// Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
+// zd (sum over its columns) by slot into zd_part[split] (S, Rd).
+__global__ void __launch_bounds__(kBlock)
+eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
+  const int64_t t1 = t0 + L.BT < p.T ? t0 + L.BT : p.T;
+  const int K = static_cast<int>(p.K);
+  const int I = static_cast<int>(p.I);
+  const int64_t S = p.T * p.K;
+  const int ns = mma_tile_setup(p, L, sm, t0, t1, nullptr, 0);
+  const int* pos_slot = smem_at<int>(sm, L.pos_slot);
+  const int* pos_tok = smem_at<int>(sm, L.pos_tok);
+  const int* frag_expert = smem_at<int>(sm, L.frag_expert);
+  const int* slot_pos = smem_at<int>(sm, L.slot_pos);
+  const float* wslot = smem_at<float>(sm, L.wslot);
+  const c10::BFloat16* sG = smem_at<c10::BFloat16>(sm, L.sG);
+  const c10::BFloat16* sU = smem_at<c10::BFloat16>(sm, L.sU);
+  float* comb = smem_at<float>(sm, L.comb);
+  float* zacc = smem_at<float>(sm, L.acc);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* stage_g = smem_at<float>(sm, L.stage) + warp * 512;
+  float* stage_u = stage_g + 256;
+  __nv_bfloat16* ahi = smem_at<__nv_bfloat16>(sm, L.ahi) + warp * 256;
+  __nv_bfloat16* alo = smem_at<__nv_bfloat16>(sm, L.alo) + warp * 256;
+  for (int idx = threadIdx.x; idx < L.NP * L.Rdp; idx += blockDim.x) {
+    zacc[idx] = 0.0f;
+  }
+  const int nfrag = frag_expert[L.NP / 16];
+  const bool gated = p.U != nullptr;
+  const int steps = (I + kMmaCols - 1) / kMmaCols;
+  const int split = static_cast<int>(blockIdx.x);
+  const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  const int step_end = (split + 1) * per_split < steps ? (split + 1) * per_split : steps;
+  const c10::BFloat16* rows[2] = {p.G, p.U};
+  const int64_t strides[2] = {p.G_stride, p.U_stride};
+  const int row_offsets[2] = {L.sG, L.sU};
+  const int nrd = L.Rdp / 16;
+  for (int step = split * per_split; step < step_end; ++step) {
+    const int i0 = step * kMmaCols;
+    const int ncf = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // column fragments
+    __syncthreads();  // the previous step's slabs and tiles are consumed
+    mma_load_step(p, L, sm, t0, t1, i0, rows, strides, row_offsets, 2);
+    __syncthreads();
+    for (int f = warp; f < nfrag; f += kWarps) {
+      const int e = frag_expert[f];
+      CFrag zd_acc[kMmaMaxRank / 16];
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nrd) wmma::load_matrix_sync(zd_acc[rn], zacc + f * 16 * L.Rdp + rn * 16, L.Rdp, wmma::mem_row_major);
+      }
+      for (int n = 0; n < ncf; ++n) {
+        mma_gu(L, sm, f, e, n, stage_g, stage_u);
+        __syncwarp();
+        for (int q = 0; q < 8; ++q) {
+          const int idx = lane + 32 * q;
+          const int row = idx / 16;
+          const int c = n * 16 + idx % 16;
+          const int pos = f * 16 + row;
+          const int s = pos_slot[pos];
+          float hm = 0.0f;
+          if (s >= 0 && i0 + c < I) {
+            const int tl = pos_tok[pos];
+            const float g = static_cast<float>(sG[tl * kMmaCols + c]) + p.scale * stage_g[idx];
+            const float u = gated ? static_cast<float>(sU[tl * kMmaCols + c]) + p.scale * stage_u[idx] : 1.0f;
+            const float h = act_forward(p.act, g) * u;
+            comb[s * kMmaCols + c] = wslot[s] * h;
+            hm = h * dropout_mult(p.drop, t0 * K + s, p.I, i0 + c);
+          }
+          split_bf16(hm, ahi[idx], alo[idx]);
+        }
+        __syncwarp();
+        // zd += drop(h) (16 x 16 columns) x Ad_e^T (16 columns x rank): slab [e][r][c], column-major with ld 64.
+        const __nv_bfloat16* ad = smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16;
+#pragma unroll
+        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+          if (rn < nrd) mma_split<BCol>(zd_acc[rn], ahi, alo, 16, ad + rn * 16 * kMmaCols, kMmaCols, 0, 1);
+        }
+        __syncwarp();
+      }
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nrd) wmma::store_matrix_sync(zacc + f * 16 * L.Rdp + rn * 16, zd_acc[rn], L.Rdp, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+    // hbar_t = sum_k w_j h_j in k order, from the tile's slot rows.
+    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
+      const int tl = idx / kMmaCols;
+      const int c = idx - tl * kMmaCols;
+      if (t0 + tl < t1 && i0 + c < I) {
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) {
+          sum += comb[(tl * K + k) * kMmaCols + c];
+        }
+        hbar[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(sum);
+      }
+    }
+  }
+  __syncthreads();
+  const int Rd = static_cast<int>(p.Rd);
+  float* out = zd_part + (static_cast<int64_t>(blockIdx.x) * S + t0 * p.K) * p.Rd;
+  for (int idx = threadIdx.x; idx < ns * Rd; idx += blockDim.x) {
+    const int s = idx / Rd;
+    const int r = idx - s * Rd;
+    out[idx] = zacc[slot_pos[s] * L.Rdp + r];
+  }
+}
+
+// Grid (splits of the I steps, token tiles). Writes dG, dU for the tile's tokens and columns, and the block's
+// partial [dzg/s | dzu/s | dw] (sums over its columns) by slot into part[split] (S, Rg + Ru + 1).
+__global__ void __launch_bounds__(kBlock)
+eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
+                   const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
+                   c10::BFloat16* __restrict__ dU, float* __restrict__ part) {
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
+  const int64_t t1 = t0 + L.BT < p.T ? t0 + L.BT : p.T;
+  const int K = static_cast<int>(p.K);
+  const int I = static_cast<int>(p.I);
+  const int64_t S = p.T * p.K;
+  const int ns = mma_tile_setup(p, L, sm, t0, t1, grad_zd, gzd_stride);
+  const int* pos_slot = smem_at<int>(sm, L.pos_slot);
+  const int* pos_tok = smem_at<int>(sm, L.pos_tok);
+  const int* frag_expert = smem_at<int>(sm, L.frag_expert);
+  const int* slot_pos = smem_at<int>(sm, L.slot_pos);
+  const float* wslot = smem_at<float>(sm, L.wslot);
+  const c10::BFloat16* sG = smem_at<c10::BFloat16>(sm, L.sG);
+  const c10::BFloat16* sU = smem_at<c10::BFloat16>(sm, L.sU);
+  const c10::BFloat16* sGH = smem_at<c10::BFloat16>(sm, L.sGH);
+  float* comb_g = smem_at<float>(sm, L.comb);
+  float* comb_u = comb_g + L.TS * kMmaCols;
+  float* dzacc = smem_at<float>(sm, L.acc);
+  float* dwacc = smem_at<float>(sm, L.dwacc);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* stage_g = smem_at<float>(sm, L.stage) + warp * 768;
+  float* stage_u = stage_g + 256;
+  float* stage_b = stage_g + 512;
+  __nv_bfloat16* ghi = smem_at<__nv_bfloat16>(sm, L.ahi) + warp * 512;
+  __nv_bfloat16* glo = smem_at<__nv_bfloat16>(sm, L.alo) + warp * 512;
+  __nv_bfloat16* uhi = ghi + 256;
+  __nv_bfloat16* ulo = glo + 256;
+  const int Rgu = L.Rgp + L.Rup;
+  for (int idx = threadIdx.x; idx < L.NP * Rgu; idx += blockDim.x) {
+    dzacc[idx] = 0.0f;
+  }
+  for (int idx = threadIdx.x; idx < L.NP; idx += blockDim.x) {
+    dwacc[idx] = 0.0f;
+  }
+  const int nfrag = frag_expert[L.NP / 16];
+  const bool gated = p.U != nullptr;
+  const int steps = (I + kMmaCols - 1) / kMmaCols;
+  const int split = static_cast<int>(blockIdx.x);
+  const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  const int step_end = (split + 1) * per_split < steps ? (split + 1) * per_split : steps;
+  const c10::BFloat16* rows[3] = {p.G, p.U, grad_hbar};
+  const int64_t strides[3] = {p.G_stride, p.U_stride, gh_stride};
+  const int row_offsets[3] = {L.sG, L.sU, L.sGH};
+  const int nrg = L.Rgp / 16;
+  const int nru = L.Rup / 16;
+  for (int step = split * per_split; step < step_end; ++step) {
+    const int i0 = step * kMmaCols;
+    const int ncf = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // column fragments
+    __syncthreads();
+    mma_load_step(p, L, sm, t0, t1, i0, rows, strides, row_offsets, 3);
+    __syncthreads();
+    for (int f = warp; f < nfrag; f += kWarps) {
+      const int e = frag_expert[f];
+      CFrag dzg_acc[kMmaMaxRank / 16];
+      CFrag dzu_acc[kMmaMaxRank / 16];
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nrg) wmma::load_matrix_sync(dzg_acc[rn], dzacc + f * 16 * Rgu + rn * 16, Rgu, wmma::mem_row_major);
+      }
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nru) wmma::load_matrix_sync(dzu_acc[rn], dzacc + f * 16 * Rgu + L.Rgp + rn * 16, Rgu, wmma::mem_row_major);
+      }
+      float dw_rows[8] = {};
+      const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg) + e * kMmaCols * L.Rgp;
+      const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu) + e * kMmaCols * L.Rup;
+      for (int n = 0; n < ncf; ++n) {
+        mma_gu(L, sm, f, e, n, stage_g, stage_u);
+        {
+          // Ad_e^T dzd_j at these 16 columns: A = dzd (16 x rank), B = slab [e][r][c] row-major with ld 64.
+          CFrag acc;
+          wmma::fill_fragment(acc, 0.0f);
+          const int zoff = f * 16 * L.Lz + Rgu;
+          mma_split<BRow>(acc, smem_at<__nv_bfloat16>(sm, L.zhi) + zoff, smem_at<__nv_bfloat16>(sm, L.zlo) + zoff,
+                          L.Lz, smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16, kMmaCols,
+                          16 * kMmaCols, L.Rdp / 16);
+          wmma::store_matrix_sync(stage_b, acc, 16, wmma::mem_row_major);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int idx = lane + 32 * q;
+          const int row = idx / 16;
+          const int c = n * 16 + idx % 16;
+          const int pos = f * 16 + row;
+          const int s = pos_slot[pos];
+          float dg = 0.0f, du = 0.0f, dwp = 0.0f;
+          if (s >= 0 && i0 + c < I) {
+            const int tl = pos_tok[pos];
+            const float g = static_cast<float>(sG[tl * kMmaCols + c]) + p.scale * stage_g[idx];
+            const float u = gated ? static_cast<float>(sU[tl * kMmaCols + c]) + p.scale * stage_u[idx] : 1.0f;
+            const float gh = static_cast<float>(sGH[tl * kMmaCols + c]);
+            const float a = act_forward(p.act, g);
+            const float mask = dropout_mult(p.drop, t0 * K + s, p.I, i0 + c);
+            const float dh = wslot[s] * gh + stage_b[idx] * mask;
+            dg = dh * act_grad(p.act, g) * u;
+            du = dh * a;
+            dwp = gh * (a * u);
+            comb_g[s * kMmaCols + c] = dg;
+            comb_u[s * kMmaCols + c] = du;
+          }
+          split_bf16(dg, ghi[idx], glo[idx]);
+          split_bf16(du, uhi[idx], ulo[idx]);
+          // Row 2q + lane / 16: its 16 values sit in lanes of one half-warp; a fixed butterfly sums them.
+#pragma unroll
+          for (int off = 8; off > 0; off >>= 1) {
+            dwp += __shfl_xor_sync(0xffffffffu, dwp, off);
+          }
+          dw_rows[q] += dwp;
+        }
+        __syncwarp();
+        // dzg += dg (16 x 16 columns) x Bg_e (16 columns x rank): slab [e][c][r] row-major with ld Rgp.
+#pragma unroll
+        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+          if (rn < nrg) mma_split<BRow>(dzg_acc[rn], ghi, glo, 16, sBg + n * 16 * L.Rgp + rn * 16, L.Rgp, 0, 1);
+        }
+#pragma unroll
+        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+          if (rn < nru) mma_split<BRow>(dzu_acc[rn], uhi, ulo, 16, sBu + n * 16 * L.Rup + rn * 16, L.Rup, 0, 1);
+        }
+        __syncwarp();
+      }
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nrg) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + rn * 16, dzg_acc[rn], Rgu, wmma::mem_row_major);
+      }
+#pragma unroll
+      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+        if (rn < nru) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + L.Rgp + rn * 16, dzu_acc[rn], Rgu, wmma::mem_row_major);
+      }
+      if (lane % 16 == 0) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          dwacc[f * 16 + 2 * q + lane / 16] += dw_rows[q];
+        }
+      }
+    }
+    __syncthreads();
+    // dG_t, dU_t = sums over the token's K slots, in k order.
+    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
+      const int tl = idx / kMmaCols;
+      const int c = idx - tl * kMmaCols;
+      if (t0 + tl < t1 && i0 + c < I) {
+        float sg = 0.0f, su = 0.0f;
+        for (int k = 0; k < K; ++k) {
+          sg += comb_g[(tl * K + k) * kMmaCols + c];
+          su += comb_u[(tl * K + k) * kMmaCols + c];
+        }
+        dG[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(sg);
+        if (gated) {
+          dU[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(su);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru);
+  const int W = Rg + Ru + 1;
+  float* out = part + (static_cast<int64_t>(blockIdx.x) * S + t0 * p.K) * W;
+  for (int idx = threadIdx.x; idx < ns * W; idx += blockDim.x) {
+    const int s = idx / W;
+    const int c = idx - s * W;
+    const int q = slot_pos[s];
+    out[idx] = c < Rg ? dzacc[q * Rgu + c] : c < Rg + Ru ? dzacc[q * Rgu + L.Rgp + c - Rg] : dwacc[q];
+  }
+}
+
+// out = sum over the `splits` partial sums part[split] (n values each), in split order; `scale` multiplies the
+// columns c < scaled_cols of each row of `cols` values (the rank gradients), and the result is scattered into up
+// to three column ranges: [0, n0) -> out0, [n0, n0 + n1) -> out1, the rest -> out2 (row-major, contiguous).
+__global__ void __launch_bounds__(kBlock)
+eac_split_sum_kernel(const float* __restrict__ part, int splits, int64_t rows, int cols, int n0, int n1,
+                     float scale, int scaled_cols, float* __restrict__ out0, float* __restrict__ out1,
+                     float* __restrict__ out2) {
+  const int64_t n = rows * cols;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      sum += part[s * n + idx];
+    }
+    const int64_t j = idx / cols;
+    const int c = static_cast<int>(idx - j * cols);
+    if (c < scaled_cols) {
+      sum *= scale;
+    }
+    if (c < n0) {
+      out0[j * n0 + c] = sum;
+    } else if (c < n0 + n1) {
+      out1[j * n1 + c - n0] = sum;
+    } else {
+      out2[j * (cols - n0 - n1) + c - n0 - n1] = sum;
     }
   }
 }

@@ -16,7 +16,11 @@
 //     with the same mask; the values are exchanged when the last one arrives;
 //   - CUDA_KERNEL_ASSERT: a failed assertion aborts the launch with an error naming the block and the thread;
 //   - bf16/half: the kernels use c10::BFloat16 / c10::Half (the dispatch's scalar_t), whose host code is the
-//     real one; no atomics and no tensor-core API are used by the kernels, so none is emulated.
+//     real one; no atomics are used by the kernels, so none is emulated;
+//   - tensor cores: nvcuda::wmma bf16 16x16x16 tiles and __nv_bfloat16 come from tests/cuda_cpu/mma.h and
+//     cuda_bf16.h, which the kernels' `#include <mma.h>` / `<cuda_bf16.h>` find first (-I tests/cuda_cpu);
+//   - cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): a checked no-op (the
+//     launch itself refuses more than sm_90's 227 KiB).
 // Launches: CUDA_CPU_LAUNCH(kernel, grid, block, smem, args...) runs kernel<<<grid, block, smem>>>(args...) to
 // completion; an error in the kernel throws cuda_cpu::Error.
 #pragma once
@@ -105,6 +109,18 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
 }
 
 }  // namespace cuda_cpu
+
+enum cudaError_t { cudaSuccess = 0 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* /*kernel*/, cudaFuncAttribute /*attr*/, int value) {
+  if (value < 0 || value > 227 * 1024) {
+    throw cuda_cpu::Error("cudaFuncSetAttribute: " + std::to_string(value) +
+                          " bytes of dynamic shared memory exceed sm_90's 227 KiB per block");
+  }
+  return cudaSuccess;
+}
 
 #define CUDA_CPU_LAUNCH(kernel, grid, block, smem, ...) \
   ::cuda_cpu::launch(#kernel, kernel, grid, block, smem, __VA_ARGS__)

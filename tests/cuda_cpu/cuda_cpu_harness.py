@@ -273,9 +273,12 @@ class Kernels:
 
     @staticmethod
     def _eac_inputs(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad):
-        """api.cpp's prepare_expand_act_combine: the tensors the kernels read, and (pointers, sizes) for the ABI."""
+        """api.cpp's prepare_expand_act_combine: the tensors the kernels read, and (pointers, sizes) for the ABI.
+        The weights are read as they are when all three have G's dtype, else as fp32 copies."""
+        as_is = Bg.dtype == Bu.dtype == Ad.dtype == G.dtype
+        weight = _unit_inner_stride if as_is else _float_inner
         t = dict(G=_unit_inner_stride(G), U=None if U is None else _unit_inner_stride(U), zg=_float_inner(zg),
-                 zu=_float_inner(zu), Bg=_float_inner(Bg), Bu=_float_inner(Bu), Ad=_float_inner(Ad),
+                 zu=_float_inner(zu), Bg=weight(Bg), Bu=weight(Bu), Ad=weight(Ad),
                  weights=_float_contiguous(weights), experts=experts.long().contiguous(), order=order.contiguous(),
                  offsets=offsets.contiguous())
         t = {k: None if v is None else _guarded(v) for k, v in t.items()}
@@ -284,7 +287,8 @@ class Kernels:
         T, I = G.shape
         ints = [t["G"].stride(0), 0 if U is None else t["U"].stride(0), t["zg"].stride(0), t["zu"].stride(0),
                 t["Bg"].stride(0), t["Bg"].stride(1), t["Bu"].stride(0), t["Bu"].stride(1), t["Ad"].stride(0),
-                t["Ad"].stride(1), T, experts.shape[1], I, Bg.shape[0], Bg.shape[2], Bu.shape[2], Ad.shape[1]]
+                t["Ad"].stride(1), T, experts.shape[1], I, Bg.shape[0], Bg.shape[2], Bu.shape[2], Ad.shape[1],
+                0 if as_is else 1]
         return t, ptrs, (ctypes.c_int64 * len(ints))(*ints)
 
     def expand_act_combine(self, G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, scale, activation_name,
