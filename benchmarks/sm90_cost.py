@@ -1,5 +1,5 @@
 """Predicted H200 (sm_90) cost of every MixLoRA kernel, from the compiled code, without a GPU: PREDICTION, not a
-measurement (method and constants: kernel-cost.md of the project's shared docs; a GPU measurement overrides this).
+measurement (method, constants and anchors: docs/cost-model.md; a GPU measurement overrides this).
 
     python -m benchmarks.sm90_cost --json benchmarks/results/sm90-cost-DATE.json [--md ...] [--predicted PATH]
 
@@ -21,7 +21,7 @@ LoRA dropout 0 and 0.05:
 - Cost model per kernel, H200 constants below: lower bound = max(HBM / 4.3 TB/s, L2 / 8 TB/s, tensor-core FLOPs /
   peak of the MMA kind, SIMT FLOPs / 67 TFLOP/s, warp-instructions / (132 * 4 * 1.755 GHz)), each divided by the
   fraction of SMs the grid can fill; central = CENTRAL_LOW_OCC x bound where at most 8 warps per SM are resident
-  (kernel-cost.md's 1.5-2x, we take the middle), else CENTRAL_HIGH_OCC x bound; plus LAUNCH_S per launch.
+  (docs/cost-model.md's 1.5-2x, we take the middle), else CENTRAL_HIGH_OCC x bound; plus LAUNCH_S per launch.
 - Whole FFN fwd+bwd per backend = the measured dense frozen FFN (3.41 / 14.22 ms) + router_logits (torch/cuBLAS,
   modelled as a GEMM at HBM bandwidth) + every kernel the backend's pipeline launches in fwd+bwd.
 
@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREDICTED_COST_PATH = ROOT / "mixlora_kernels" / "predicted_cost.json"
 LABEL = "PREDICTION, not a measurement: static analysis of the sm_90 code compiled on a CPU machine (no GPU ran)"
 
-# H200 constants (kernel-cost.md): 132 SMs, 4 schedulers per SM at 1.755 GHz, 4.3 TB/s HBM copy (measured),
+# H200 constants (docs/cost-model.md): 132 SMs, 4 schedulers per SM at 1.755 GHz, 4.3 TB/s HBM copy (measured),
 # ~790 TFLOP/s bf16 dense GEMM (measured, = wgmma), L2->SM 7-10 TB/s (assumed 8), tf32 mma.sync ~250 TFLOP/s
 # (assumed), fp32 SIMT 67 TFLOP/s, 228 KB shared memory and 65 536 registers per SM.
 SMS = 132
@@ -70,7 +70,7 @@ CLOCK_HZ = 1.755e9
 HBM_BPS = 4.3e12
 L2_BPS = 8.0e12
 SIMT_FLOPS = 67e12
-# Tensor-core peak by (instruction, operand type). HMMA bf16/fp16 (mma.sync) is not in kernel-cost.md: assumed
+# Tensor-core peak by (instruction, operand type). HMMA bf16/fp16 (mma.sync) is not in docs/cost-model.md: assumed
 # 2x its tf32 figure (the operand is half as wide), i.e. ~63 % of wgmma, as commonly seen on Hopper.
 TC_PEAK = {("HGMMA", "bf16"): 790e12, ("HGMMA", "f16"): 790e12, ("HGMMA", "tf32"): 395e12,
            ("HMMA", "bf16"): 500e12, ("HMMA", "f16"): 500e12, ("HMMA", "tf32"): 250e12}
@@ -79,15 +79,15 @@ SMEM_RESERVED_PER_CTA = 1024
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
-CENTRAL_LOW_OCC = 1.75   # <= 8 resident warps per SM: latency-bound, kernel-cost.md's 1.5-2x
+CENTRAL_LOW_OCC = 1.75   # <= 8 resident warps per SM: latency-bound, docs/cost-model.md's 1.5-2x
 CENTRAL_HIGH_OCC = 1.25  # well-occupied kernels reach ~80 % of their bound
 LAUNCH_S = 2e-6          # launch + tail of one kernel (not in the bound)
 
-# Measured on an H200, bf16, fwd+bwd, LLaMA-2-7B FFN (kernel-cost.md): the anchors the predictions compare to.
+# Measured on an H200, bf16, fwd+bwd, LLaMA-2-7B FFN (docs/cost-model.md): the anchors the predictions compare to.
 MEASURED_MS = {"dense": {4096: 3.41, 16384: 14.22}, "peft_lora": {4096: 4.56, 16384: 17.54},
                "published_loop": {4096: 27.66, 16384: 47.67}}
 GOAL_MS = {4096: 4.8, 16384: 18.4}
-# Predictions of the review of commit 19e494c at T 4096 (kernel-cost.md), for calibration.
+# Predictions of the review of commit 19e494c at T 4096 (the review in the project's shared notes), for calibration.
 REVIEW_19E494C_MS = {"triton": 14.0, "cuda": 33.0}
 
 
@@ -976,7 +976,8 @@ def _in_kernel(text: str, line: int):
 class CudaLaunch:
     """One CUDA kernel launch of an op: grid from the shape (transcribed from csrc/<op>/<op>.cu's *_launch
     function), threads per block, compulsory HBM bytes (formula, documented), dynamic shared memory bytes, and
-    the values of the kernel's parameters its loop bounds use."""
+    the values of the kernel's parameters its loop bounds use (with those of the common.cuh helpers it calls:
+    N of block_sum = the pass width, 32 here; nk of tile_fma = the chunk it is called with; num_experts)."""
     op: str
     file: str
     kernel: str
@@ -988,7 +989,7 @@ class CudaLaunch:
 
 
 def _eac_params(s: Shape):
-    return dict(I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, T=s.T, H=s.H)
+    return dict(I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, T=s.T, H=s.H, N=32, num_experts=s.E)
 
 
 # bf16 activations (2 bytes), fp32 rank-R tensors and weights (api.cpp casts the LoRA weights to fp32: 4 bytes).
@@ -1003,7 +1004,7 @@ CUDA_LAUNCHES = [
     CudaLaunch("lora_shrink", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_fwd_kernel",
                lambda s: (math.ceil(s.S / 64) + s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 4 + s.S * 2 * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, num_experts=s.E, nk=32)),
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_fwd_kernel",
                lambda s: (s.T,),
                lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 4 + s.S * 12,
@@ -1015,12 +1016,12 @@ CUDA_LAUNCHES = [
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "lora_expand_combine_bwd_q_kernel", lambda s: (s.T,),
                lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, N=32)),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "lora_expand_combine_bwd_dB_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, nk=16)),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_token_kernel", lambda s: (s.T,),
                lambda s: 5 * s.T * s.I * 2 + s.S * 6 * s.R * 4 + 3 * s.E * s.I * s.R * 4 + s.S * 16,
@@ -1035,7 +1036,7 @@ CUDA_LAUNCHES = [
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dA_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, nk=16)),
     CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
                lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K)),
 ]
