@@ -25,7 +25,7 @@
 // SIMT kernels (fp32 / fp16 models, fp32 weights in a 16-bit model, and what the tensor-core tiles do not fit):
 //   eac_fwd_kernel / eac_bwd_token_kernel: one block per token, a thread per column i; pass A computes hbar_t (dG_t,
 //     dU_t), pass B the rank reductions zd_j (dzg_j, dzu_j, dw_j) as fixed-order block sums, recomputing g, u, h.
-// Weight gradients (both paths): eac_bwd_weight_kernel: dBg_e = s sum_{j->e} dg_j zg_j^T, dBu_e = s sum du_j zu_j^T,
+// Weight gradients: eac_bwd_weight_mma_kernel (tensor-core path; see its comment) and eac_bwd_weight_kernel: dBg_e = s sum_{j->e} dg_j zg_j^T, dBu_e = s sum du_j zu_j^T,
 //   dAd_e = sum dzd_j drop_j(h_j)^T as segmented reductions: one block per (64 columns i, expert e, 64 of the
 //   Rg+Ru+Rd concatenated rank columns) walks its expert's slots in sorted order, 16 at a time, recomputing dg, du,
 //   drop(h) for those 16 x 64 elements into shared memory, then a register-tile FMA (common.cuh). Deterministic:
@@ -198,11 +198,26 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
         dzg.mutable_data_ptr<float>(), dzu.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (E > 0 && I > 0 && Rall > 0 && mma) {
+    const WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_bwd_weight_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L.bytes)));
+    eac_bwd_weight_mma_kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes,
+                                stream>>>(make_args<c10::BFloat16, c10::BFloat16>(in), L,
+                                          grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0),
+                                          grad_zd.const_data_ptr<float>(), grad_zd.stride(0),
+                                          dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
+                                          dAd.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (mma) {
+    return;
+  }
   dispatch_simt(in, [&](auto stag, auto wtag) {
     using scalar_t = decltype(stag);
     using weight_t = decltype(wtag);
     const Args<scalar_t, weight_t> args = make_args<scalar_t, weight_t>(in);
-    if (T > 0 && !mma) {
+    if (T > 0) {
       const size_t smem =
           checked_smem("expand_act_combine_backward", K * Rall, kTokenStaticSmem, "K * (Rg + Ru + Rd)");
       eac_bwd_token_kernel<scalar_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(

@@ -419,15 +419,7 @@ __host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64
   return L;
 }
 
-// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit a tile,
-// and the block's shared memory fits sm_90's 227 KiB (with E = 8, R = 16: 184 KiB forward, 211 KiB backward).
-__host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
-  if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > kMmaBwdSlots || E > 4096) {
-    return false;
-  }
-  return make_mma_layout(K, E, Rg, Ru, Rd, false).bytes <= kMmaMaxSmem &&
-         make_mma_layout(K, E, Rg, Ru, Rd, true).bytes <= kMmaMaxSmem;
-}
+
 
 // Splits of the I steps over gridDim.x: with fewer token tiles than two waves of an H200 (2 x 132 SMs, one
 // ~200 KiB block each), the columns are split too, at most one split per 64-column step and 16 in all (the
@@ -891,6 +883,281 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
     const int c = idx - s * W;
     const int q = slot_pos[s];
     out[idx] = c < Rg ? dzacc[q * Rgu + c] : c < Rg + Ru ? dzacc[q * Rgu + L.Rgp + c - Rg] : dwacc[q];
+  }
+}
+
+// Weight gradients on tensor cores (same eligibility as the kernels above). Grid (64-column tiles of I, experts): a
+// block walks its expert's slots in sorted order, 64 at a time; per chunk it recomputes dg, du and drop(h) for the
+// 64 slots x 64 columns (wmma for the rank-R products, as eac_bwd_mma_kernel) into bf16 hi/lo tiles, then adds
+//   dBg_e += dg^T zg, dBu_e += du^T zu (64 columns x rank), dAd_e += dzd^T drop(h) (rank x 64 columns)
+// with three MMAs per product (hi hi + hi lo + lo hi: both operands are fp32 values). Each warp keeps its output
+// fragments in registers across the chunks; fixed slot order, no atomics.
+constexpr int kWgSlots = 64;
+constexpr int kWgMaxOut = 6;  // output fragments per warp: 4 x (Rg + Ru + Rd) / 16 <= 48 for ranks <= 64 each
+
+using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
+
+struct WgLayout {
+  int Rgp, Rup, Rdp, Lz;
+  int slot, tok, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, stage, phi, plo;
+  size_t bytes;
+};
+
+__host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64_t Rd) {
+  WgLayout L{};
+  L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
+  L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
+  L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
+  L.Lz = L.Rgp + L.Rup + L.Rdp;
+  size_t at = 0;
+  auto take = [&at](size_t bytes) {
+    const int off = static_cast<int>(at);
+    at += (bytes + 127) / 128 * 128;
+    return off;
+  };
+  L.slot = take(kWgSlots * sizeof(int));
+  L.tok = take(kWgSlots * sizeof(int));
+  L.zhi = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
+  L.zlo = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
+  L.sBg = take(static_cast<size_t>(kMmaCols) * L.Rgp * 2);
+  L.sBu = take(static_cast<size_t>(kMmaCols) * L.Rup * 2);
+  L.sAd = take(static_cast<size_t>(kMmaCols) * L.Rdp * 2);
+  L.sG = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
+  L.sU = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
+  L.sGH = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
+  L.stage = take(static_cast<size_t>(kWarps) * 768 * 4);
+  L.phi = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
+  L.plo = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
+  L.bytes = at;
+  return L;
+}
+
+// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit a tile,
+// and each kernel's shared memory fits sm_90's 227 KiB (E 8, R 16: ~171 KiB forward, ~195 KiB backward, ~80 KiB
+// weight gradients).
+__host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
+  if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > kMmaBwdSlots || E > 4096) {
+    return false;
+  }
+  return make_mma_layout(K, E, Rg, Ru, Rd, false).bytes <= kMmaMaxSmem &&
+         make_mma_layout(K, E, Rg, Ru, Rd, true).bytes <= kMmaMaxSmem &&
+         make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
+}
+
+// acc += [ahi | alo] x [bhi | blo] without the lo x lo term, over `nk` 16-deep steps (A fragment kk at a + kk *
+// astep, B at b + kk * bstep).
+template <typename AT, typename BT>
+__device__ __forceinline__ void mma_split3(CFrag& acc, const __nv_bfloat16* ahi, const __nv_bfloat16* alo, int lda,
+                                           int astep, const __nv_bfloat16* bhi, const __nv_bfloat16* blo, int ldb,
+                                           int bstep, int nk) {
+  AT a, a2;
+  BT b;
+  for (int kk = 0; kk < nk; ++kk) {
+    wmma::load_matrix_sync(a, ahi + kk * astep, lda);
+    wmma::load_matrix_sync(b, bhi + kk * bstep, ldb);
+    wmma::mma_sync(acc, a, b, acc);
+    wmma::load_matrix_sync(a2, alo + kk * astep, lda);
+    wmma::mma_sync(acc, a2, b, acc);
+    wmma::load_matrix_sync(b, blo + kk * bstep, ldb);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+}
+
+__global__ void __launch_bounds__(kBlock)
+eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
+                          const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
+                          float* __restrict__ dBu, float* __restrict__ dAd) {
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  int* slot = smem_at<int>(sm, L.slot);
+  int* tok = smem_at<int>(sm, L.tok);
+  __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi);
+  __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo);
+  unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
+  unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
+  unsigned short* sAd = smem_at<unsigned short>(sm, L.sAd);
+  unsigned short* sG = smem_at<unsigned short>(sm, L.sG);
+  unsigned short* sU = smem_at<unsigned short>(sm, L.sU);
+  unsigned short* sGH = smem_at<unsigned short>(sm, L.sGH);
+  __nv_bfloat16* phi = smem_at<__nv_bfloat16>(sm, L.phi);
+  __nv_bfloat16* plo = smem_at<__nv_bfloat16>(sm, L.plo);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* stage = smem_at<float>(sm, L.stage) + warp * 768;
+  const int I = static_cast<int>(p.I);
+  const int K = static_cast<int>(p.K);
+  const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru), Rd = static_cast<int>(p.Rd);
+  const int i0 = static_cast<int>(blockIdx.x) * kMmaCols;
+  const int e = static_cast<int>(blockIdx.y);
+  const int Rgu = L.Rgp + L.Rup;
+  const int nrg = L.Rgp / 16, nru = L.Rup / 16, nrd = L.Rdp / 16;
+  const int nout = 4 * (nrg + nru + nrd);
+  const bool gated = p.U != nullptr;
+  const unsigned short zero = 0;
+  {
+    const int bg0 = static_cast<int>(p.Bg_stride0), bg1 = static_cast<int>(p.Bg_stride1);
+    const int bu0 = static_cast<int>(p.Bu_stride0), bu1 = static_cast<int>(p.Bu_stride1);
+    const int ad0 = static_cast<int>(p.Ad_stride0), ad1 = static_cast<int>(p.Ad_stride1);
+    for (int idx = threadIdx.x; idx < kMmaCols * L.Rgp; idx += blockDim.x) {
+      const int c = idx / L.Rgp, r = idx - c * L.Rgp;
+      sBg[idx] = (r < Rg && i0 + c < I) ? p.Bg[e * bg0 + (i0 + c) * bg1 + r].x : zero;
+    }
+    for (int idx = threadIdx.x; idx < kMmaCols * L.Rup; idx += blockDim.x) {
+      const int c = idx / L.Rup, r = idx - c * L.Rup;
+      sBu[idx] = (r < Ru && i0 + c < I) ? p.Bu[e * bu0 + (i0 + c) * bu1 + r].x : zero;
+    }
+    for (int idx = threadIdx.x; idx < L.Rdp * kMmaCols; idx += blockDim.x) {
+      const int r = idx / kMmaCols, c = idx - r * kMmaCols;
+      sAd[idx] = (r < Rd && i0 + c < I) ? p.Ad[e * ad0 + r * ad1 + i0 + c].x : zero;
+    }
+  }
+  CFrag acc[kWgMaxOut];
+#pragma unroll
+  for (int k = 0; k < kWgMaxOut; ++k) {
+    wmma::fill_fragment(acc[k], 0.0f);
+  }
+  const int64_t start = p.offsets[e];
+  const int64_t end = p.offsets[e + 1];
+  const int64_t num_slots = p.T * p.K;
+  for (int64_t c0 = start; c0 < end; c0 += kWgSlots) {
+    __syncthreads();  // the previous chunk's tiles are consumed (and, first, the slabs are written)
+    if (threadIdx.x < kWgSlots) {
+      int s = -1;
+      if (c0 + threadIdx.x < end) {
+        const int64_t j = p.order[c0 + threadIdx.x];
+        CUDA_KERNEL_ASSERT(j >= 0 && j < num_slots && "expand_act_combine_backward: order holds a slot id out of range");
+        s = static_cast<int>(j);
+      }
+      slot[threadIdx.x] = s;
+      tok[threadIdx.x] = s >= 0 ? s / K : 0;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kWgSlots * L.Lz; idx += blockDim.x) {
+      const int q = idx / L.Lz;
+      const int r = idx - q * L.Lz;
+      const int s = slot[q];
+      float v = 0.0f;
+      if (s >= 0) {
+        if (r < L.Rgp) {
+          v = r < Rg ? p.zg[s * p.zg_stride + r] : 0.0f;
+        } else if (r < Rgu) {
+          v = r - L.Rgp < Ru ? p.zu[s * p.zu_stride + r - L.Rgp] : 0.0f;
+        } else {
+          v = r - Rgu < Rd ? grad_zd[s * gzd_stride + r - Rgu] : 0.0f;
+        }
+      }
+      split_bf16(v, zhi[idx], zlo[idx]);
+    }
+    for (int idx = threadIdx.x; idx < kWgSlots * kMmaCols; idx += blockDim.x) {
+      const int q = idx / kMmaCols;
+      const int c = idx - q * kMmaCols;
+      const bool in = slot[q] >= 0 && i0 + c < I;
+      const int64_t t = tok[q];
+      sG[idx] = in ? p.G[t * p.G_stride + i0 + c].x : zero;
+      sU[idx] = in && gated ? p.U[t * p.U_stride + i0 + c].x : zero;
+      sGH[idx] = in ? grad_hbar[t * gh_stride + i0 + c].x : zero;
+    }
+    __syncthreads();
+    // Phase A: dg, du, drop(h) of the chunk, 16 fragments of 16 slots x 16 columns, two per warp.
+    for (int fr = warp; fr < (kWgSlots / 16) * (kMmaCols / 16); fr += kWarps) {
+      const int f = fr / (kMmaCols / 16);
+      const int n = fr % (kMmaCols / 16);
+      CFrag c;
+      wmma::fill_fragment(c, 0.0f);
+      mma_split<BCol>(c, zhi + f * 16 * L.Lz, zlo + f * 16 * L.Lz, L.Lz,
+                      reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp, L.Rgp, 16, nrg);
+      wmma::store_matrix_sync(stage, c, 16, wmma::mem_row_major);
+      wmma::fill_fragment(c, 0.0f);
+      mma_split<BCol>(c, zhi + f * 16 * L.Lz + L.Rgp, zlo + f * 16 * L.Lz + L.Rgp, L.Lz,
+                      reinterpret_cast<const __nv_bfloat16*>(sBu) + n * 16 * L.Rup, L.Rup, 16, nru);
+      wmma::store_matrix_sync(stage + 256, c, 16, wmma::mem_row_major);
+      wmma::fill_fragment(c, 0.0f);
+      mma_split<BRow>(c, zhi + f * 16 * L.Lz + Rgu, zlo + f * 16 * L.Lz + Rgu, L.Lz,
+                      reinterpret_cast<const __nv_bfloat16*>(sAd) + n * 16, kMmaCols, 16 * kMmaCols, nrd);
+      wmma::store_matrix_sync(stage + 512, c, 16, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const int idx = lane + 32 * q;
+        const int sl = f * 16 + idx / 16;
+        const int col = n * 16 + idx % 16;
+        const int s = slot[sl];
+        float dg = 0.0f, du = 0.0f, hin = 0.0f;
+        if (s >= 0 && i0 + col < I) {
+          const int o = sl * kMmaCols + col;
+          const float g = __bfloat162float(__ushort_as_bfloat16(sG[o])) + p.scale * stage[idx];
+          const float u = gated ? __bfloat162float(__ushort_as_bfloat16(sU[o])) + p.scale * stage[256 + idx] : 1.0f;
+          const float gh = __bfloat162float(__ushort_as_bfloat16(sGH[o]));
+          const float a = act_forward(p.act, g);
+          const float mask = dropout_mult(p.drop, s, p.I, i0 + col);
+          const float dh = p.weights[s] * gh + stage[512 + idx] * mask;
+          dg = dh * act_grad(p.act, g) * u;
+          du = dh * a;
+          hin = a * u * mask;
+        }
+        const int o = sl * kMmaCols + col;
+        split_bf16(dg, phi[o], plo[o]);
+        split_bf16(du, phi[kWgSlots * kMmaCols + o], plo[kWgSlots * kMmaCols + o]);
+        split_bf16(hin, phi[2 * kWgSlots * kMmaCols + o], plo[2 * kWgSlots * kMmaCols + o]);
+      }
+      __syncwarp();
+    }
+    __syncthreads();
+    // Phase B: the chunk's contribution to this warp's output fragments, 4 steps of 16 slots.
+#pragma unroll
+    for (int k = 0; k < kWgMaxOut; ++k) {
+      const int o = warp + kWarps * k;
+      if (o < 4 * (nrg + nru)) {
+        const bool up = o >= 4 * nrg;
+        const int oo = up ? o - 4 * nrg : o;
+        const int nr = up ? nru : nrg;
+        const int mi = oo / nr, rn = oo % nr;
+        const int poff = (up ? kWgSlots * kMmaCols : 0) + mi * 16;
+        const int zoff = (up ? L.Rgp : 0) + rn * 16;
+        // A = dg^T (16 columns x 16 slots): tile [slot][col] read column-major; B = z (16 slots x 16 ranks).
+        mma_split3<AColFrag, BRow>(acc[k], phi + poff, plo + poff, kMmaCols, 16 * kMmaCols, zhi + zoff, zlo + zoff,
+                                   L.Lz, 16 * L.Lz, kWgSlots / 16);
+      } else if (o < nout) {
+        const int oo = o - 4 * (nrg + nru);
+        const int rm = oo / 4, ni = oo % 4;
+        const int zoff = Rgu + rm * 16;
+        const int poff = 2 * kWgSlots * kMmaCols + ni * 16;
+        // A = dzd^T (16 ranks x 16 slots): z rows read column-major; B = drop(h) (16 slots x 16 columns).
+        mma_split3<AColFrag, BRow>(acc[k], zhi + zoff, zlo + zoff, L.Lz, 16 * L.Lz, phi + poff, plo + poff, kMmaCols,
+                                   16 * kMmaCols, kWgSlots / 16);
+      }
+    }
+  }
+  // Every block writes its whole tile (zeros for an empty expert), so no memset is needed.
+#pragma unroll
+  for (int k = 0; k < kWgMaxOut; ++k) {
+    const int o = warp + kWarps * k;
+    if (o < nout) {
+      wmma::store_matrix_sync(stage, acc[k], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int q = 0; q < 8; ++q) {
+        const int idx = lane + 32 * q;
+        const int row = idx / 16, col = idx % 16;
+        if (o < 4 * (nrg + nru)) {
+          const bool up = o >= 4 * nrg;
+          const int oo = up ? o - 4 * nrg : o;
+          const int nr = up ? nru : nrg;
+          const int i = i0 + (oo / nr) * 16 + row;
+          const int r = (oo % nr) * 16 + col;
+          const int R = up ? Ru : Rg;
+          if (i < I && r < R) {
+            (up ? dBu : dBg)[(static_cast<int64_t>(e) * I + i) * R + r] = p.scale * stage[idx];
+          }
+        } else {
+          const int oo = o - 4 * (nrg + nru);
+          const int r = (oo / 4) * 16 + row;
+          const int i = i0 + (oo % 4) * 16 + col;
+          if (i < I && r < Rd) {
+            dAd[(static_cast<int64_t>(e) * Rd + r) * I + i] = stage[idx];
+          }
+        }
+      }
+      __syncwarp();
+    }
   }
 }
 

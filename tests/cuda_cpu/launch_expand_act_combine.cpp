@@ -153,11 +153,22 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
                       static_cast<int>(Ru), static_cast<float>(scale), static_cast<int>(Rg + Ru), dzg, dzu,
                       dweights);
     }
+    if (E > 0 && I > 0 && Rall > 0 && mma) {
+      const WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
+      cudaFuncSetAttribute(eac_bwd_weight_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(L.bytes));
+      CUDA_CPU_LAUNCH(eac_bwd_weight_mma_kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock,
+                      L.bytes, make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed), L,
+                      static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu, dAd);
+    }
+    if (mma) {
+      return;
+    }
     auto launch_simt = [&](auto stag, auto wtag) {
       using scalar_t = decltype(stag);
       using weight_t = decltype(wtag);
       const Args<scalar_t, weight_t> args = make_args<scalar_t, weight_t>(ptrs, ints, scale, act, dropout_p, seed);
-      if (T > 0 && !mma) {
+      if (T > 0) {
         const size_t smem = checked_smem("expand_act_combine_backward", K * Rall, kTokenStaticSmem);
         CUDA_CPU_LAUNCH((eac_bwd_token_kernel<scalar_t, weight_t>), static_cast<unsigned int>(T), kBlock, smem, args,
                         static_cast<const scalar_t*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
