@@ -170,9 +170,9 @@ def format_accuracy_table(before: dict[str, dict[str, Any]] | None, after: dict[
                          f"{_interval(r['accuracy_after'], r['accuracy_ci95_after']):<16}")
         note = ("answer loss: mean NLL per token of the correct answer; change: after - before on the same\n"
                 "questions with its paired 95% interval (resolved when it excludes 0); accuracy interval: Wilson")
-    header = lines[:-len(rows)]
-    body = lines[-len(rows):]
+    lines = [line.rstrip() for line in lines]
     rule = "-" * max(len(line) for line in lines)
+    header, body = lines[:-len(rows)], lines[-len(rows):]
     return "\n".join([*header, rule, *body[:-1], rule, body[-1], note])
 
 
@@ -272,8 +272,9 @@ def plot_expert_load(stats: dict[str, Any], path: str, title: str | None = None)
         for layer in range(L):
             for expert in range(E):
                 value = float(load[layer, expert])
+                dark = not 0.2 < float(norm(value)) < 0.8  # the ends of the colour scale are dark
                 ax.text(expert, layer, "idle" if value == 0 else f"{value:.0f}", ha="center", va="center",
-                        fontsize=7, color="black")
+                        fontsize=7, color="white" if dark else "black")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(E))
