@@ -138,16 +138,20 @@ void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Ten
     return;
   }
   if (use_mma(in)) {
-    const MmaLayout L = make_mma_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
+    const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
+    MmaLayout L = make_mma_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
+    L.vec = mma_rows_aligned(args, nullptr, 0);
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_fwd_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(L.bytes)));
     at::Tensor part = splits > 1 ? at::empty({splits, T * K, Rd}, zd.options()) : zd;
-    eac_fwd_mma_kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
-        make_args<c10::BFloat16, c10::BFloat16>(in), L, hbar.mutable_data_ptr<c10::BFloat16>(),
-        part.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_rank_frags(in.Bg.size(2), in.Bu.size(2), Rd, [&](auto nf) {
+      const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(args, L, hbar.mutable_data_ptr<c10::BFloat16>(),
+                                                               part.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     if (splits > 1 && Rd > 0) {
       eac_split_sum_kernel<<<split_sum_blocks(T * K * Rd), kBlock, 0, stream>>>(
           part.const_data_ptr<float>(), splits, T * K, static_cast<int>(Rd), static_cast<int>(Rd), 0, 1.0f, 0,
@@ -179,19 +183,23 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   const int64_t Rall = Rg + Ru + in.Ad.size(1);
   const bool mma = use_mma(in);
   if (T > 0 && mma) {
-    const MmaLayout L = make_mma_layout(K, E, Rg, Ru, in.Ad.size(1), true);
+    const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
+    MmaLayout L = make_mma_layout(K, E, Rg, Ru, in.Ad.size(1), true);
+    L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
     const int64_t W = Rg + Ru + 1;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_bwd_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(L.bytes)));
     at::Tensor part = at::empty({splits, T * K, W}, dzg.options());
-    eac_bwd_mma_kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
-        make_args<c10::BFloat16, c10::BFloat16>(in), L, grad_hbar.const_data_ptr<c10::BFloat16>(),
-        grad_hbar.stride(0), grad_zd.const_data_ptr<float>(), grad_zd.stride(0),
-        dG.mutable_data_ptr<c10::BFloat16>(), in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr,
-        part.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
+      const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dG.mutable_data_ptr<c10::BFloat16>(),
+          in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr, part.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     eac_split_sum_kernel<<<split_sum_blocks(T * K * W), kBlock, 0, stream>>>(
         part.const_data_ptr<float>(), splits, T * K, static_cast<int>(W), static_cast<int>(Rg),
         static_cast<int>(Ru), static_cast<float>(in.scale), static_cast<int>(Rg + Ru),
@@ -199,16 +207,19 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (E > 0 && I > 0 && Rall > 0 && mma) {
-    const WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(eac_bwd_weight_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(L.bytes)));
-    eac_bwd_weight_mma_kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes,
-                                stream>>>(make_args<c10::BFloat16, c10::BFloat16>(in), L,
-                                          grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0),
-                                          grad_zd.const_data_ptr<float>(), grad_zd.stride(0),
-                                          dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
-                                          dAd.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
+    WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
+    L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
+    dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
+      const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(
+          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
+          dAd.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
   if (mma) {
     return;

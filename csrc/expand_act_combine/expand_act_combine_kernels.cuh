@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -373,6 +375,7 @@ struct MmaLayout {
   int BT, TS, NP, E, Rgp, Rup, Rdp, Lz;  // tokens, slot rows, positions, experts, padded ranks, z row length
   int pos_slot, pos_tok, frag_expert, slot_pos, cursor, wslot, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, comb, acc,
       dwacc, stage, ahi, alo;
+  int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
 
@@ -430,6 +433,19 @@ __host__ __device__ inline int mma_splits(int tiles, int64_t I) {
   splits = splits < 16 ? splits : 16;
   splits = splits < steps ? splits : steps;
   return splits > 1 ? splits : 1;
+}
+
+// Calls f(std::integral_constant<int, NF>{}) for the instantiation serving ranks padded to 16 * nf fragments.
+template <typename F>
+void dispatch_rank_frags(int64_t Rg, int64_t Ru, int64_t Rd, F&& f) {
+  const int64_t r = Rg > Ru ? (Rg > Rd ? Rg : Rd) : (Ru > Rd ? Ru : Rd);
+  if (r <= 16) {
+    f(std::integral_constant<int, 1>{});
+  } else if (r <= 32) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 4>{});
+  }
 }
 
 inline unsigned int split_sum_blocks(int64_t n) {
@@ -520,63 +536,112 @@ __device__ inline int mma_tile_setup(const MmaArgs& p, const MmaLayout& L, unsig
   return ns;
 }
 
-// The slabs of columns [i0, i0 + 64) of every expert's Bg, Bu (stored [e][c][r]) and Ad ([e][r][c]) as bf16 (the
-// weights' own bits), zero-padded; and the tile's rows of the (T, I) inputs `rows` (G, U and, backward, dH̄).
+// dst[0..8) = src[0..n) and zeros after (n <= 8): one 16-byte load when `vec` (16-byte aligned rows) and n == 8.
+__device__ __forceinline__ void copy8(unsigned short* dst, const c10::BFloat16* src, int n, bool vec) {
+  if (vec && n == 8) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    dst[k] = k < n ? src[k].x : static_cast<unsigned short>(0);
+  }
+}
+
+__device__ __forceinline__ int clamp8(int n) {
+  return n < 0 ? 0 : n < 8 ? n : 8;
+}
+
+// Host side: whether every bf16 row the tensor-core kernels stage (weights' rank rows, Ad's and the activations'
+// column rows) starts on 16 bytes, so that they move 8 values per load.
+inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh_stride) {
+  auto ok = [](const void* ptr, std::initializer_list<int64_t> strides) {
+    if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      return false;
+    }
+    for (int64_t s : strides) {
+      if (s % 8 != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  return ok(p.G, {p.G_stride}) && ok(p.U, {p.U_stride}) && ok(grad_hbar, {gh_stride}) &&
+         ok(p.Bg, {p.Bg_stride0, p.Bg_stride1, p.Rg}) && ok(p.Bu, {p.Bu_stride0, p.Bu_stride1, p.Ru}) &&
+         ok(p.Ad, {p.Ad_stride0, p.Ad_stride1});
+}
+
+// The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row length Rp (zero-padded), 8 ranks
+// per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * Rp.
+__device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFloat16* B, int64_t s0, int64_t s1,
+                                            int R, int Rp, int e0, int ne, int i0, int I, bool vec) {
+  const int per_e = kMmaCols * (Rp / 8);
+  for (int idx = threadIdx.x; idx < ne * per_e; idx += blockDim.x) {
+    const int e = idx / per_e;
+    const int rem = idx - e * per_e;
+    const int c = rem / (Rp / 8);
+    const int r = (rem - c * (Rp / 8)) * 8;
+    const int n = i0 + c < I ? clamp8(R - r) : 0;
+    // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
+    const int off = static_cast<int>((e0 + e) * s0 + (i0 + c) * s1 + r);
+    copy8(dst + idx * 8, B + (n > 0 ? off : 0), n, vec);
+  }
+}
+
+// The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (zero-padded to Rp ranks).
+__device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFloat16* Ad, int64_t s0, int64_t s1,
+                                             int R, int Rp, int e0, int ne, int i0, int I, bool vec) {
+  for (int idx = threadIdx.x; idx < ne * Rp * (kMmaCols / 8); idx += blockDim.x) {
+    const int er = idx / (kMmaCols / 8);
+    const int c = (idx - er * (kMmaCols / 8)) * 8;
+    const int e = er / Rp;
+    const int r = er - e * Rp;
+    const int n = r < R ? clamp8(I - i0 - c) : 0;
+    const int off = static_cast<int>((e0 + e) * s0 + r * s1 + i0 + c);
+    copy8(dst + idx * 8, Ad + (n > 0 ? off : 0), n, vec);
+  }
+}
+
+// The slabs of columns [i0, i0 + 64) of every expert's Bg, Bu ([e][c][r]) and Ad ([e][r][c]) as bf16 (the weights'
+// own bits), zero-padded; and the tile's rows of the (T, I) inputs `rows` (G, U and, backward, dH̄).
 __device__ inline void mma_load_step(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
                                      int64_t t1, int i0, const c10::BFloat16* const* rows, const int64_t* strides,
                                      const int* row_offsets, int nrows) {
   const int I = static_cast<int>(p.I);
-  const unsigned short zero = 0;
-  unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
-  unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
-  unsigned short* sAd = smem_at<unsigned short>(sm, L.sAd);
-  const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru), Rd = static_cast<int>(p.Rd);
-  // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
-  const int bg0 = static_cast<int>(p.Bg_stride0), bg1 = static_cast<int>(p.Bg_stride1);
-  const int bu0 = static_cast<int>(p.Bu_stride0), bu1 = static_cast<int>(p.Bu_stride1);
-  const int ad0 = static_cast<int>(p.Ad_stride0), ad1 = static_cast<int>(p.Ad_stride1);
-  for (int idx = threadIdx.x; idx < L.E * kMmaCols * L.Rgp; idx += blockDim.x) {
-    const int e = idx / (kMmaCols * L.Rgp);
-    const int rem = idx - e * kMmaCols * L.Rgp;
-    const int c = rem / L.Rgp;
-    const int r = rem - c * L.Rgp;
-    sBg[idx] = (r < Rg && i0 + c < I) ? p.Bg[e * bg0 + (i0 + c) * bg1 + r].x : zero;
-  }
-  for (int idx = threadIdx.x; idx < L.E * kMmaCols * L.Rup; idx += blockDim.x) {
-    const int e = idx / (kMmaCols * L.Rup);
-    const int rem = idx - e * kMmaCols * L.Rup;
-    const int c = rem / L.Rup;
-    const int r = rem - c * L.Rup;
-    sBu[idx] = (r < Ru && i0 + c < I) ? p.Bu[e * bu0 + (i0 + c) * bu1 + r].x : zero;
-  }
-  for (int idx = threadIdx.x; idx < L.E * L.Rdp * kMmaCols; idx += blockDim.x) {
-    const int er = idx / kMmaCols;
-    const int c = idx - er * kMmaCols;
-    const int e = er / L.Rdp;
-    const int r = er - e * L.Rdp;
-    sAd[idx] = (r < Rd && i0 + c < I) ? p.Ad[e * ad0 + r * ad1 + i0 + c].x : zero;
-  }
+  const bool vec = L.vec != 0;
+  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp, 0,
+              L.E, i0, I, vec);
+  load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup, 0,
+              L.E, i0, I, vec);
+  load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
+               0, L.E, i0, I, vec);
   const int bt = static_cast<int>(t1 - t0);
   for (int n = 0; n < nrows; ++n) {
     if (rows[n] == nullptr) {
       continue;
     }
     unsigned short* dst = smem_at<unsigned short>(sm, row_offsets[n]);
-    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
-      const int tl = idx / kMmaCols;
-      const int c = idx - tl * kMmaCols;
-      dst[idx] = (tl < bt && i0 + c < I) ? rows[n][(t0 + tl) * strides[n] + i0 + c].x : zero;
+    for (int idx = threadIdx.x; idx < L.BT * (kMmaCols / 8); idx += blockDim.x) {
+      const int tl = idx / (kMmaCols / 8);
+      const int c = (idx - tl * (kMmaCols / 8)) * 8;
+      const int cnt = tl < bt ? clamp8(I - i0 - c) : 0;
+      copy8(dst + idx * 8, rows[n] + (cnt > 0 ? (t0 + tl) * strides[n] + i0 + c : 0), cnt, vec);
     }
   }
 }
 
-// acc (+)= [hi | lo](16 x 16k, row-major, ld lda) x B for k = 0..nk-1 fragments; B fragment kk at b + kk * bstep.
-template <typename BFragT>
+// acc (+)= [hi | lo](16 x 16k, row-major, ld lda) x B for k = 0..nk-1 fragments (nk <= NF); B fragment kk at
+// b + kk * bstep.
+template <typename BFragT, int NF>
 __device__ __forceinline__ void mma_split(CFrag& acc, const __nv_bfloat16* ahi, const __nv_bfloat16* alo, int lda,
                                           const __nv_bfloat16* b, int ldb, int bstep, int nk) {
   AFrag a;
   BFragT bf;
-  for (int kk = 0; kk < nk; ++kk) {
+#pragma unroll
+  for (int kk = 0; kk < NF; ++kk) {
+    if (kk >= nk) {
+      break;
+    }
     wmma::load_matrix_sync(bf, b + kk * bstep, ldb);
     wmma::load_matrix_sync(a, ahi + kk * 16, lda);
     wmma::mma_sync(acc, a, bf, acc);
@@ -586,6 +651,7 @@ __device__ __forceinline__ void mma_split(CFrag& acc, const __nv_bfloat16* ahi, 
 }
 
 // g and u of a position fragment f at column fragment n (16 x 16 each), stored row-major to stage_g / stage_u.
+template <int NF>
 __device__ __forceinline__ void mma_gu(const MmaLayout& L, unsigned char* sm, int f, int e, int n, float* stage_g,
                                        float* stage_u) {
   const __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi) + f * 16 * L.Lz;
@@ -593,17 +659,20 @@ __device__ __forceinline__ void mma_gu(const MmaLayout& L, unsigned char* sm, in
   CFrag acc;
   wmma::fill_fragment(acc, 0.0f);
   // B = Bg_e^T (rank x 16 columns): slab [e][c][r] read column-major with ld Rgp.
-  mma_split<BCol>(acc, zhi, zlo, L.Lz, smem_at<__nv_bfloat16>(sm, L.sBg) + (e * kMmaCols + n * 16) * L.Rgp, L.Rgp,
+  mma_split<BCol, NF>(acc, zhi, zlo, L.Lz, smem_at<__nv_bfloat16>(sm, L.sBg) + (e * kMmaCols + n * 16) * L.Rgp, L.Rgp,
                   16, L.Rgp / 16);
   wmma::store_matrix_sync(stage_g, acc, 16, wmma::mem_row_major);
   wmma::fill_fragment(acc, 0.0f);
-  mma_split<BCol>(acc, zhi + L.Rgp, zlo + L.Rgp, L.Lz,
+  mma_split<BCol, NF>(acc, zhi + L.Rgp, zlo + L.Rgp, L.Lz,
                   smem_at<__nv_bfloat16>(sm, L.sBu) + (e * kMmaCols + n * 16) * L.Rup, L.Rup, 16, L.Rup / 16);
   wmma::store_matrix_sync(stage_u, acc, 16, wmma::mem_row_major);
 }
 
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd).
+// NF: the padded ranks' 16-wide fragments, at most (1, 2 or 4: one instantiation each, so that R 16 runs no code
+// for larger ranks).
+template <int NF>
 __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
@@ -649,13 +718,13 @@ eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, flo
     __syncthreads();
     for (int f = warp; f < nfrag; f += kWarps) {
       const int e = frag_expert[f];
-      CFrag zd_acc[kMmaMaxRank / 16];
+      CFrag zd_acc[NF];
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nrd) wmma::load_matrix_sync(zd_acc[rn], zacc + f * 16 * L.Rdp + rn * 16, L.Rdp, wmma::mem_row_major);
       }
       for (int n = 0; n < ncf; ++n) {
-        mma_gu(L, sm, f, e, n, stage_g, stage_u);
+        mma_gu<NF>(L, sm, f, e, n, stage_g, stage_u);
         __syncwarp();
         for (int q = 0; q < 8; ++q) {
           const int idx = lane + 32 * q;
@@ -678,13 +747,13 @@ eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, flo
         // zd += drop(h) (16 x 16 columns) x Ad_e^T (16 columns x rank): slab [e][r][c], column-major with ld 64.
         const __nv_bfloat16* ad = smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16;
 #pragma unroll
-        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
-          if (rn < nrd) mma_split<BCol>(zd_acc[rn], ahi, alo, 16, ad + rn * 16 * kMmaCols, kMmaCols, 0, 1);
+        for (int rn = 0; rn < NF; ++rn) {
+          if (rn < nrd) mma_split<BCol, 1>(zd_acc[rn], ahi, alo, 16, ad + rn * 16 * kMmaCols, kMmaCols, 0, 1);
         }
         __syncwarp();
       }
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nrd) wmma::store_matrix_sync(zacc + f * 16 * L.Rdp + rn * 16, zd_acc[rn], L.Rdp, wmma::mem_row_major);
       }
     }
@@ -714,6 +783,7 @@ eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, flo
 
 // Grid (splits of the I steps, token tiles). Writes dG, dU for the tile's tokens and columns, and the block's
 // partial [dzg/s | dzu/s | dw] (sums over its columns) by slot into part[split] (S, Rg + Ru + 1).
+template <int NF>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
@@ -772,27 +842,27 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
     __syncthreads();
     for (int f = warp; f < nfrag; f += kWarps) {
       const int e = frag_expert[f];
-      CFrag dzg_acc[kMmaMaxRank / 16];
-      CFrag dzu_acc[kMmaMaxRank / 16];
+      CFrag dzg_acc[NF];
+      CFrag dzu_acc[NF];
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nrg) wmma::load_matrix_sync(dzg_acc[rn], dzacc + f * 16 * Rgu + rn * 16, Rgu, wmma::mem_row_major);
       }
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nru) wmma::load_matrix_sync(dzu_acc[rn], dzacc + f * 16 * Rgu + L.Rgp + rn * 16, Rgu, wmma::mem_row_major);
       }
       float dw_rows[8] = {};
       const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg) + e * kMmaCols * L.Rgp;
       const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu) + e * kMmaCols * L.Rup;
       for (int n = 0; n < ncf; ++n) {
-        mma_gu(L, sm, f, e, n, stage_g, stage_u);
+        mma_gu<NF>(L, sm, f, e, n, stage_g, stage_u);
         {
           // Ad_e^T dzd_j at these 16 columns: A = dzd (16 x rank), B = slab [e][r][c] row-major with ld 64.
           CFrag acc;
           wmma::fill_fragment(acc, 0.0f);
           const int zoff = f * 16 * L.Lz + Rgu;
-          mma_split<BRow>(acc, smem_at<__nv_bfloat16>(sm, L.zhi) + zoff, smem_at<__nv_bfloat16>(sm, L.zlo) + zoff,
+          mma_split<BRow, NF>(acc, smem_at<__nv_bfloat16>(sm, L.zhi) + zoff, smem_at<__nv_bfloat16>(sm, L.zlo) + zoff,
                           L.Lz, smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16, kMmaCols,
                           16 * kMmaCols, L.Rdp / 16);
           wmma::store_matrix_sync(stage_b, acc, 16, wmma::mem_row_major);
@@ -832,21 +902,21 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
         __syncwarp();
         // dzg += dg (16 x 16 columns) x Bg_e (16 columns x rank): slab [e][c][r] row-major with ld Rgp.
 #pragma unroll
-        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
-          if (rn < nrg) mma_split<BRow>(dzg_acc[rn], ghi, glo, 16, sBg + n * 16 * L.Rgp + rn * 16, L.Rgp, 0, 1);
+        for (int rn = 0; rn < NF; ++rn) {
+          if (rn < nrg) mma_split<BRow, 1>(dzg_acc[rn], ghi, glo, 16, sBg + n * 16 * L.Rgp + rn * 16, L.Rgp, 0, 1);
         }
 #pragma unroll
-        for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
-          if (rn < nru) mma_split<BRow>(dzu_acc[rn], uhi, ulo, 16, sBu + n * 16 * L.Rup + rn * 16, L.Rup, 0, 1);
+        for (int rn = 0; rn < NF; ++rn) {
+          if (rn < nru) mma_split<BRow, 1>(dzu_acc[rn], uhi, ulo, 16, sBu + n * 16 * L.Rup + rn * 16, L.Rup, 0, 1);
         }
         __syncwarp();
       }
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nrg) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + rn * 16, dzg_acc[rn], Rgu, wmma::mem_row_major);
       }
 #pragma unroll
-      for (int rn = 0; rn < kMmaMaxRank / 16; ++rn) {
+      for (int rn = 0; rn < NF; ++rn) {
         if (rn < nru) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + L.Rgp + rn * 16, dzu_acc[rn], Rgu, wmma::mem_row_major);
       }
       if (lane % 16 == 0) {
@@ -893,13 +963,17 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
 // with three MMAs per product (hi hi + hi lo + lo hi: both operands are fp32 values). Each warp keeps its output
 // fragments in registers across the chunks; fixed slot order, no atomics.
 constexpr int kWgSlots = 64;
-constexpr int kWgMaxOut = 6;  // output fragments per warp: 4 x (Rg + Ru + Rd) / 16 <= 48 for ranks <= 64 each
+// Output fragments per warp: 4 x (Rgp + Rup + Rdp) / 16 <= 12 NF over 8 warps.
+__host__ __device__ constexpr int wg_max_out(int NF) {
+  return (12 * NF + kWarps - 1) / kWarps;
+}
 
 using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
 
 struct WgLayout {
   int Rgp, Rup, Rdp, Lz;
   int slot, tok, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, stage, phi, plo;
+  int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
 
@@ -952,7 +1026,11 @@ __device__ __forceinline__ void mma_split3(CFrag& acc, const __nv_bfloat16* ahi,
                                            int bstep, int nk) {
   AT a, a2;
   BT b;
-  for (int kk = 0; kk < nk; ++kk) {
+#pragma unroll
+  for (int kk = 0; kk < kWgSlots / 16; ++kk) {
+    if (kk >= nk) {
+      break;
+    }
     wmma::load_matrix_sync(a, ahi + kk * astep, lda);
     wmma::load_matrix_sync(b, bhi + kk * bstep, ldb);
     wmma::mma_sync(acc, a, b, acc);
@@ -963,6 +1041,7 @@ __device__ __forceinline__ void mma_split3(CFrag& acc, const __nv_bfloat16* ahi,
   }
 }
 
+template <int NF>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
@@ -992,27 +1071,14 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   const int nrg = L.Rgp / 16, nru = L.Rup / 16, nrd = L.Rdp / 16;
   const int nout = 4 * (nrg + nru + nrd);
   const bool gated = p.U != nullptr;
-  const unsigned short zero = 0;
-  {
-    const int bg0 = static_cast<int>(p.Bg_stride0), bg1 = static_cast<int>(p.Bg_stride1);
-    const int bu0 = static_cast<int>(p.Bu_stride0), bu1 = static_cast<int>(p.Bu_stride1);
-    const int ad0 = static_cast<int>(p.Ad_stride0), ad1 = static_cast<int>(p.Ad_stride1);
-    for (int idx = threadIdx.x; idx < kMmaCols * L.Rgp; idx += blockDim.x) {
-      const int c = idx / L.Rgp, r = idx - c * L.Rgp;
-      sBg[idx] = (r < Rg && i0 + c < I) ? p.Bg[e * bg0 + (i0 + c) * bg1 + r].x : zero;
-    }
-    for (int idx = threadIdx.x; idx < kMmaCols * L.Rup; idx += blockDim.x) {
-      const int c = idx / L.Rup, r = idx - c * L.Rup;
-      sBu[idx] = (r < Ru && i0 + c < I) ? p.Bu[e * bu0 + (i0 + c) * bu1 + r].x : zero;
-    }
-    for (int idx = threadIdx.x; idx < L.Rdp * kMmaCols; idx += blockDim.x) {
-      const int r = idx / kMmaCols, c = idx - r * kMmaCols;
-      sAd[idx] = (r < Rd && i0 + c < I) ? p.Ad[e * ad0 + r * ad1 + i0 + c].x : zero;
-    }
-  }
-  CFrag acc[kWgMaxOut];
+  const bool vec = L.vec != 0;
+  load_b_slab(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, e, 1, i0, I, vec);
+  load_b_slab(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, e, 1, i0, I, vec);
+  load_ad_slab(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, e, 1, i0, I, vec);
+  constexpr int kOut = wg_max_out(NF);
+  CFrag acc[kOut];
 #pragma unroll
-  for (int k = 0; k < kWgMaxOut; ++k) {
+  for (int k = 0; k < kOut; ++k) {
     wmma::fill_fragment(acc[k], 0.0f);
   }
   const int64_t start = p.offsets[e];
@@ -1047,14 +1113,14 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       }
       split_bf16(v, zhi[idx], zlo[idx]);
     }
-    for (int idx = threadIdx.x; idx < kWgSlots * kMmaCols; idx += blockDim.x) {
-      const int q = idx / kMmaCols;
-      const int c = idx - q * kMmaCols;
-      const bool in = slot[q] >= 0 && i0 + c < I;
+    for (int idx = threadIdx.x; idx < kWgSlots * (kMmaCols / 8); idx += blockDim.x) {
+      const int q = idx / (kMmaCols / 8);
+      const int c = (idx - q * (kMmaCols / 8)) * 8;
+      const int n = slot[q] >= 0 ? clamp8(I - i0 - c) : 0;
       const int64_t t = tok[q];
-      sG[idx] = in ? p.G[t * p.G_stride + i0 + c].x : zero;
-      sU[idx] = in && gated ? p.U[t * p.U_stride + i0 + c].x : zero;
-      sGH[idx] = in ? grad_hbar[t * gh_stride + i0 + c].x : zero;
+      copy8(sG + idx * 8, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n, vec);
+      copy8(sU + idx * 8, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0, vec);
+      copy8(sGH + idx * 8, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n, vec);
     }
     __syncthreads();
     // Phase A: dg, du, drop(h) of the chunk, 16 fragments of 16 slots x 16 columns, two per warp.
@@ -1063,15 +1129,15 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       const int n = fr % (kMmaCols / 16);
       CFrag c;
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BCol>(c, zhi + f * 16 * L.Lz, zlo + f * 16 * L.Lz, L.Lz,
+      mma_split<BCol, NF>(c, zhi + f * 16 * L.Lz, zlo + f * 16 * L.Lz, L.Lz,
                       reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp, L.Rgp, 16, nrg);
       wmma::store_matrix_sync(stage, c, 16, wmma::mem_row_major);
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BCol>(c, zhi + f * 16 * L.Lz + L.Rgp, zlo + f * 16 * L.Lz + L.Rgp, L.Lz,
+      mma_split<BCol, NF>(c, zhi + f * 16 * L.Lz + L.Rgp, zlo + f * 16 * L.Lz + L.Rgp, L.Lz,
                       reinterpret_cast<const __nv_bfloat16*>(sBu) + n * 16 * L.Rup, L.Rup, 16, nru);
       wmma::store_matrix_sync(stage + 256, c, 16, wmma::mem_row_major);
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BRow>(c, zhi + f * 16 * L.Lz + Rgu, zlo + f * 16 * L.Lz + Rgu, L.Lz,
+      mma_split<BRow, NF>(c, zhi + f * 16 * L.Lz + Rgu, zlo + f * 16 * L.Lz + Rgu, L.Lz,
                       reinterpret_cast<const __nv_bfloat16*>(sAd) + n * 16, kMmaCols, 16 * kMmaCols, nrd);
       wmma::store_matrix_sync(stage + 512, c, 16, wmma::mem_row_major);
       __syncwarp();
@@ -1104,7 +1170,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
     __syncthreads();
     // Phase B: the chunk's contribution to this warp's output fragments, 4 steps of 16 slots.
 #pragma unroll
-    for (int k = 0; k < kWgMaxOut; ++k) {
+    for (int k = 0; k < kOut; ++k) {
       const int o = warp + kWarps * k;
       if (o < 4 * (nrg + nru)) {
         const bool up = o >= 4 * nrg;
@@ -1129,7 +1195,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   }
   // Every block writes its whole tile (zeros for an empty expert), so no memset is needed.
 #pragma unroll
-  for (int k = 0; k < kWgMaxOut; ++k) {
+  for (int k = 0; k < kOut; ++k) {
     const int o = warp + kWarps * k;
     if (o < nout) {
       wmma::store_matrix_sync(stage, acc[k], 16, wmma::mem_row_major);

@@ -60,6 +60,10 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+
 constexpr int warpSize = 32;
 
 using std::isnan;

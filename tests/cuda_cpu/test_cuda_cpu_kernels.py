@@ -104,6 +104,20 @@ def test_expand_act_combine(cuda_cpu, shape, dtype, dropout_p):
     check_op(cuda_cpu, "expand_act_combine_backward", P["grad_hbar"], P["grad_zd"], *args, input_dtype=dtype)
 
 
+@pytest.mark.parametrize("shape", [
+    # the LLaMA-2-7B expert shape (E 8, R 16) with I a multiple of 8 but not of 64: 16-byte rows, so the bf16
+    # tensor-core kernels stage G, U, dH̄ and the weights with vector loads, and their last 64-column step is ragged;
+    # 140 slots: two forward token tiles (128 slots) and three backward ones (64)
+    pytest.param(dict(T=70, H=40, I=200, E=8), id="aligned-rows"),
+    pytest.param(dict(T=70, H=40, I=200, E=8, Rg=32, Ru=24, Rd=40), id="aligned-rows-R32-40"),  # NF = 2 and 4
+])
+def test_expand_act_combine_tensor_core_shapes(cuda_cpu, shape):
+    P = make_problem(dtype=torch.bfloat16, **shape)
+    args = eac_args(P, "silu", 0.1)
+    check_op(cuda_cpu, "expand_act_combine", *args, input_dtype=torch.bfloat16)
+    check_op(cuda_cpu, "expand_act_combine_backward", P["grad_hbar"], P["grad_zd"], *args, input_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])  # silu: test_expand_act_combine
 @pytest.mark.parametrize("variant", [
     pytest.param(dict(gated=True), id="gated"),
