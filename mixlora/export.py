@@ -206,24 +206,26 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor 
 
     Returns W + s·B·A, or with DoRA m / ‖W + s·B·A‖_row ⊙ (W + s·B·A); W itself (as float64) when A is None.
     """
-    W = weight.detach().to(torch.float64)
+    W = weight.detach().to(torch.float64)  # no copy when the caller passes W in float64 already
     if A is None:
         return W
-    W = W + scaling * (B.detach().to(torch.float64) @ A.detach().to(torch.float64))
+    W = torch.addmm(W, B.detach().to(torch.float64), A.detach().to(torch.float64), alpha=scaling)
     if magnitude is not None:
-        W = (magnitude.detach().to(torch.float64) / W.norm(dim=1)).unsqueeze(1) * W
+        W = W.mul_((magnitude.detach().to(torch.float64) / W.norm(dim=1)).unsqueeze(1))
     return W
 
 
-def _expert_weights(moe, name: str) -> list[torch.Tensor]:
-    """Projection `name` of each of the E experts of a `MixLoraSparseMoe`, merged (float64)."""
-    base = getattr(moe, name).weight
+def _fill_experts(moe, name: str, out: torch.Tensor) -> None:
+    """Write projection `name` of each of the E experts of a `MixLoraSparseMoe`, merged, into out (E, rows, in)."""
+    base = getattr(moe, name).weight.detach()
     if name not in moe.experts:
-        return [merged_weight(base, None, None, 0.0)] * moe.num_experts
-    lora = moe.experts[name]
+        out.copy_(base.expand_as(out))
+        return
+    lora, W = moe.experts[name], base.to(torch.float64)
     magnitude = lora.lora_magnitude_vector
-    return [merged_weight(base, lora.lora_A[e], lora.lora_B[e], moe.scaling, None if magnitude is None else magnitude[e])
-            for e in range(moe.num_experts)]
+    for e in range(moe.num_experts):
+        out[e] = merged_weight(W, lora.lora_A[e], lora.lora_B[e], moe.scaling,
+                               None if magnitude is None else magnitude[e])
 
 
 def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progress: bool = False) -> dict:
@@ -231,7 +233,7 @@ def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progres
 
     Per decoder layer: attention LoRA merged into q/k/v/o, the router as `mlp.gate.weight` (E, H), the experts as
     `mlp.experts.gate_up_proj` (E, 2I, H) (gate rows first) and `mlp.experts.down_proj` (E, H, I). Every other base
-    tensor (embeddings, norms, q/k norms, biases, lm_head) is copied under its own name. All in `dtype`.
+    tensor (embeddings, norms, q/k norms, biases, lm_head) is copied under its own name. All in `dtype`, on the CPU.
     """
     from tqdm.auto import tqdm
 
@@ -248,27 +250,30 @@ def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progres
             if isinstance(child, LoraLinear):
                 out[f"{p}self_attn.{name}.weight"] = merged_weight(
                     child.weight, child.lora_A.weight, child.lora_B.weight, child.scaling,
-                    child.lora_magnitude_vector).to(dtype)
+                    child.lora_magnitude_vector).to("cpu", dtype)
         moe = layer.mlp
-        gates, ups, downs = (_expert_weights(moe, n) for n in ("gate_proj", "up_proj", "down_proj"))
-        out[f"{p}mlp.experts.gate_up_proj"] = torch.stack([torch.cat([g, u]).to(dtype) for g, u in zip(gates, ups)])
-        out[f"{p}mlp.experts.down_proj"] = torch.stack([d.to(dtype) for d in downs])
-        del gates, ups, downs
-        out[f"{p}mlp.gate.weight"] = moe.moe_gate.weight.detach().to(dtype)
+        I, H = moe.gate_proj.weight.shape
+        gate_up = torch.empty(moe.num_experts, 2 * I, H, dtype=dtype)
+        down = torch.empty(moe.num_experts, H, I, dtype=dtype)
+        _fill_experts(moe, "gate_proj", gate_up[:, :I])
+        _fill_experts(moe, "up_proj", gate_up[:, I:])
+        _fill_experts(moe, "down_proj", down)
+        out[f"{p}mlp.experts.gate_up_proj"], out[f"{p}mlp.experts.down_proj"] = gate_up, down
+        out[f"{p}mlp.gate.weight"] = moe.moe_gate.weight.detach().to("cpu", dtype)
         if format == "qwen2_moe":
             H = moe.moe_gate.weight.shape[1]
             out.update({f"{p}mlp.shared_expert.gate_proj.weight": torch.zeros(0, H, dtype=dtype),
                         f"{p}mlp.shared_expert.up_proj.weight": torch.zeros(0, H, dtype=dtype),
                         f"{p}mlp.shared_expert.down_proj.weight": torch.zeros(H, 0, dtype=dtype),
                         f"{p}mlp.shared_expert_gate.weight": torch.zeros(1, H, dtype=dtype)})
-    layer_prefix = f"{prefix}."
+    layer_prefix, module_part = f"{prefix}.", prefix.count(".") + 2  # prefix.{i}.<module>...
     for key, tensor in source.items():
         parts = key.split(".")
         if key in out or any(part in parts for part in ADAPTER_PARAMETER_NAMES):
             continue
-        if key.startswith(layer_prefix) and len(parts) > 3 and parts[3] == "mlp":
+        if key.startswith(layer_prefix) and len(parts) > module_part and parts[module_part] == "mlp":
             continue  # the dense FFN weights, now inside every expert
-        out[key] = tensor.detach().to(dtype)
+        out[key] = tensor.detach().to("cpu", dtype)
     return out
 
 

@@ -24,14 +24,14 @@ from mixlora.export import FORMATS, NO_TARGET, export_moe
 
 EXPORTABLE = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FFN = ["gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     # every FFN projection has experts
-    "lora": dict(target_modules=ATTENTION + ["gate_proj", "up_proj", "down_proj"]),
+    "lora": dict(target_modules=ATTENTION + FFN),
     # partially targeted FFN: gate_proj is the bare base in every expert; attention on q/v only
     "rslora": dict(use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
     # DoRA on attention and experts, the experts with their own rank and alpha
-    "dora": dict(use_dora=True, expert_lora={"r": 3, "lora_alpha": 5}, target_modules=ATTENTION + ["gate_proj", "up_proj",
-                                                                                                 "down_proj"]),
+    "dora": dict(use_dora=True, expert_lora={"r": 3, "lora_alpha": 5}, target_modules=ATTENTION + FFN),
 }
 DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-6)}
 # (variant, dtype) cases per architecture: fp64 for DoRA, the one merge that is not a plain sum
