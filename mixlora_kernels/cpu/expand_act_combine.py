@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from mixlora_kernels.checks import check_expand_act_combine
-from mixlora_kernels.cpu._common import (acc_dtype, activation, activation_and_grad, bounds, keep_mask,
+from mixlora_kernels.cpu._common import (DropoutMask, acc_dtype, activation, activation_and_grad, bounds,
                                          no_autocast)
 
 # fp32 elements per (rows, I) tile: 64 Ki = 256 KiB, so the half-dozen live tiles of the backward fit a 2 MiB L2.
@@ -41,6 +41,10 @@ class _Tiles:
         seg, rows = bounds(offsets), tile_rows(I)
         self.tiles = [(e, start, min(start + rows, seg[e + 1]))
                       for e in range(len(seg) - 1) for start in range(seg[e], seg[e + 1], rows)]
+
+    def mask(self, I: int, dropout_p: float, seed: int) -> DropoutMask | None:
+        """The down-LoRA dropout mask of the sorted slots (tile rows), None without dropout."""
+        return DropoutMask(self.order, I, dropout_p, seed) if dropout_p else None
 
     def sorted(self, slot_major: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
         return slot_major.index_select(0, self.order).to(acc)
@@ -86,13 +90,14 @@ def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: t
     AdT = Ad.to(acc).transpose(1, 2)
     hbar = G.new_zeros(T, I, dtype=acc)
     zd_sorted = G.new_zeros(tiles.S, Rd, dtype=acc)
+    mask = tiles.mask(I, dropout_p, seed) if Rd else None
     for e, start, end in tiles.tiles:
         tokens = tiles.tokens[start:end]
         h = activation(activation_name, _pre_activation(G, zg_s, BgT, e, tokens, start, end, acc))
         if U is not None:
             h.mul_(_pre_activation(U, zu_s, BuT, e, tokens, start, end, acc))
         if Rd:
-            h_in = h * keep_mask(tiles.order[start:end], I, dropout_p, seed) if dropout_p else h
+            h_in = h * mask.rows(start, end) if mask is not None else h
             torch.mm(h_in, AdT[e], out=zd_sorted[start:end])
         hbar.index_add_(0, tokens, h.mul_(tiles.weights[start:end]))
     if dropout_p and Rd:
@@ -129,6 +134,7 @@ def expand_act_combine_backward(
     dzg_s, dzu_s = G.new_empty(tiles.S, Rg, dtype=acc), G.new_empty(tiles.S, Ru, dtype=acc)
     dBg, dBu, dAd = (torch.zeros_like(t, dtype=acc) for t in (Bg, Bu, Ad))
     dw_s = G.new_empty(tiles.S, dtype=acc)
+    mask = tiles.mask(I, dropout_p, seed) if Rd else None
 
     for e, start, end in tiles.tiles:
         tokens = tiles.tokens[start:end]
@@ -141,8 +147,8 @@ def expand_act_combine_backward(
         if Rd:
             gzd = grad_zd_s[start:end]
             dh = torch.mm(gzd, Ad_acc[e])
-            if dropout_p:
-                keep = keep_mask(tiles.order[start:end], I, dropout_p, seed)
+            if mask is not None:
+                keep = mask.rows(start, end)
                 dh.mul_(keep)
                 h.mul_(keep)  # h is no longer needed unmasked (a is kept for du)
             dAd[e].addmm_(gzd.T, h)
