@@ -75,7 +75,9 @@ std::tuple<at::Tensor, at::Tensor> sort_slots_meta(const at::Tensor& experts, in
 //   - the large activations x, G, U, grad_y, grad_hbar and logits are read in their own dtype (fp32, fp16, bf16);
 //   - expand_act_combine reads its LoRA weights (Bg, Bu, Ad) as they are when they have G's dtype (its bf16
 //     tensor-core kernels multiply them in bf16 directly); weights of another dtype become fp32 copies;
-//   - the other small tensors (the other ops' LoRA weights, rank-R vectors z, routing weights) are converted to
+//   - lora_shrink reads A as it is when it has x's dtype (else an fp32 copy); lora_expand_combine reads B as it
+//     is (backward: when grad_y is fp32 or has B's dtype, else an fp32 copy);
+//   - the other small tensors (rank-R vectors z, routing weights) are converted to
 //     fp32 here (a no-op when already fp32, and exact otherwise, as the references compute in fp32 from the same
 //     values);
 //   - everything accumulates in fp32; outputs take the reference dtypes: rank-R outputs and y in fp32, hbar in
@@ -168,6 +170,12 @@ at::Tensor float_contiguous(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
+// A LoRA weight the kernels read as it is when it has the activations' dtype, else an fp32 copy (the kernels are
+// instantiated for weights in the activations' dtype and in fp32).
+at::Tensor weight_as_is(const at::Tensor& w, const at::Tensor& activations) {
+  return w.scalar_type() == activations.scalar_type() ? unit_inner_stride(w) : float_inner(w);
+}
+
 at::Tensor like_dtype(const at::Tensor& fp32, const at::Tensor& like) {
   return like.scalar_type() == at::kFloat ? fp32 : fp32.to(like.scalar_type());
 }
@@ -193,7 +201,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor z = x.size(1) == 0 ? at::zeros({experts.numel(), A.size(1)}, f32)
                                 : at::empty({experts.numel(), A.size(1)}, f32);
-  lora_shrink_forward_launch(unit_inner_stride(x), float_inner(A), order.contiguous(), offsets.contiguous(),
+  lora_shrink_forward_launch(unit_inner_stride(x), weight_as_is(A, x), order.contiguous(), offsets.contiguous(),
                              experts.size(1), dropout_p, seed, z, c10::cuda::getCurrentCUDAStream());
   return z;
 }
@@ -222,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cuda(const at::Tensor& g
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor dA = at::empty({A.size(0), A.size(1), A.size(2)}, A.options().dtype(at::kFloat));
-  lora_shrink_backward_launch(float_inner(grad_z), unit_inner_stride(x), float_inner(A),
+  lora_shrink_backward_launch(float_inner(grad_z), unit_inner_stride(x), weight_as_is(A, x),
                               experts.to(at::kLong).contiguous(), order.contiguous(), offsets.contiguous(), dropout_p,
                               seed, dx, dA, c10::cuda::getCurrentCUDAStream());
   return {dx, like_dtype(dA, A)};
@@ -257,7 +265,7 @@ at::Tensor lora_expand_combine_cuda(const at::Tensor& zd, const at::Tensor& B, c
   check_lora_expand_combine(zd, B, weights, experts, order, offsets);
   const c10::cuda::CUDAGuard device_guard(zd.device());
   at::Tensor y = at::empty({experts.size(0), B.size(1)}, zd.options().dtype(at::kFloat));
-  lora_expand_combine_forward_launch(float_inner(zd), float_inner(B), float_contiguous(weights),
+  lora_expand_combine_forward_launch(float_inner(zd), unit_inner_stride(B), float_contiguous(weights),
                                      experts.to(at::kLong).contiguous(), scale, y, c10::cuda::getCurrentCUDAStream());
   return y;
 }
@@ -288,7 +296,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_combine_backward_cuda
   at::Tensor dzd = at::empty({zd.size(0), zd.size(1)}, f32);
   at::Tensor dB = at::empty({B.size(0), B.size(1), B.size(2)}, f32);
   at::Tensor dweights = at::empty({weights.size(0), weights.size(1)}, f32);
-  lora_expand_combine_backward_launch(unit_inner_stride(grad_y), float_inner(zd), float_inner(B),
+  const bool B_as_is = B.scalar_type() == grad_y.scalar_type() || grad_y.scalar_type() == at::kFloat;
+  lora_expand_combine_backward_launch(unit_inner_stride(grad_y), float_inner(zd),
+                                      B_as_is ? unit_inner_stride(B) : float_inner(B),
                                       float_contiguous(weights), experts.to(at::kLong).contiguous(),
                                       order.contiguous(), offsets.contiguous(), scale, dzd, dB, dweights,
                                       c10::cuda::getCurrentCUDAStream());

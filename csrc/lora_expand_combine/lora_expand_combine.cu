@@ -48,11 +48,13 @@ void lora_expand_combine_forward_launch(const at::Tensor& zd, const at::Tensor& 
   const size_t smem = static_cast<size_t>(K * R) * sizeof(float);
   TORCH_CHECK(smem <= 48 * 1024, "lora_expand_combine: K * R = ", K * R, " floats of zd per token exceed the ",
               "48 KiB of shared memory this kernel version stages them in; use the torch or triton backend");
-  lora_expand_combine_fwd_kernel<<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-      zd.const_data_ptr<float>(), zd.stride(0), B.const_data_ptr<float>(), B.stride(0), B.stride(1),
-      weights.const_data_ptr<float>(), experts.const_data_ptr<int64_t>(), B.size(0), K, H, R,
-      static_cast<float>(scale), y.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  MIXLORA_DISPATCH_FLOAT_HALF_BF16(B.scalar_type(), "lora_expand_combine", [&] {
+    lora_expand_combine_fwd_kernel<scalar_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
+        zd.const_data_ptr<float>(), zd.stride(0), B.const_data_ptr<scalar_t>(), B.stride(0), B.stride(1),
+        weights.const_data_ptr<float>(), experts.const_data_ptr<int64_t>(), B.size(0), K, H, R,
+        static_cast<float>(scale), y.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Tensor& zd, const at::Tensor& B,
@@ -69,13 +71,27 @@ void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Ten
     const size_t smem = static_cast<size_t>(R) * sizeof(float);
     TORCH_CHECK(smem + (kWarps + 1) * kRanksPerPass * sizeof(float) <= 48 * 1024, "lora_expand_combine_backward: ",
                 "rank R = ", R, " exceeds what this kernel version keeps in shared memory");
+    // B in grad_y's dtype or fp32; an fp32 grad_y (y is fp32) also takes B in its 16-bit dtype.
     MIXLORA_DISPATCH_FLOAT_HALF_BF16(grad_y.scalar_type(), "lora_expand_combine_backward", [&] {
-      lora_expand_combine_bwd_q_kernel<scalar_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0), zd.const_data_ptr<float>(), zd.stride(0),
-          B.const_data_ptr<float>(), B.stride(0), B.stride(1), weights.const_data_ptr<float>(),
-          experts.const_data_ptr<int64_t>(), E, K, H, R, static_cast<float>(scale), dzd.mutable_data_ptr<float>(),
-          dweights.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      using gy_t = scalar_t;
+      auto launch = [&](auto wtag) {
+        using weight_t = decltype(wtag);
+        lora_expand_combine_bwd_q_kernel<gy_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
+            grad_y.const_data_ptr<gy_t>(), grad_y.stride(0), zd.const_data_ptr<float>(), zd.stride(0),
+            B.const_data_ptr<weight_t>(), B.stride(0), B.stride(1), weights.const_data_ptr<float>(),
+            experts.const_data_ptr<int64_t>(), E, K, H, R, static_cast<float>(scale),
+            dzd.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (B.scalar_type() == grad_y.scalar_type()) {
+        launch(gy_t{});
+      } else if (B.scalar_type() == at::kFloat) {
+        launch(float{});
+      } else if (B.scalar_type() == at::kBFloat16) {
+        launch(c10::BFloat16{});
+      } else {
+        launch(c10::Half{});
+      }
     });
   }
   if (E > 0 && H > 0 && R > 0) {

@@ -10,14 +10,15 @@
 
 namespace mixlora {
 
-// zd (S, R) fp32 with stride(1) == 1; B (E, H, R) fp32 with stride(2) == 1; weights (T, K) fp32 contiguous;
+// zd (S, R) fp32 with stride(1) == 1; B (E, H, R) fp32/fp16/bf16 (read as it is) with stride(2) == 1; weights
+// (T, K) fp32 contiguous;
 // experts (T, K) int64 contiguous. Writes y (T, H) fp32 contiguous.
 void lora_expand_combine_forward_launch(const at::Tensor& zd, const at::Tensor& B, const at::Tensor& weights,
                                         const at::Tensor& experts, double scale, at::Tensor& y,
                                         cudaStream_t stream);
 
-// grad_y (T, H) fp32/fp16/bf16 with stride(1) == 1; the rest as above plus order (S,), offsets (E+1,) int64
-// contiguous. Writes dzd (S, R), dB (E, H, R) and dweights (T, K), all fp32 contiguous.
+// grad_y (T, H) fp32/fp16/bf16 with stride(1) == 1; B in grad_y's dtype, fp32, or any when grad_y is fp32; the
+// rest as above plus order (S,), offsets (E+1,) int64 contiguous. Writes dzd (S, R), dB (E, H, R) and dweights (T, K), all fp32 contiguous.
 void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Tensor& zd, const at::Tensor& B,
                                          const at::Tensor& weights, const at::Tensor& experts,
                                          const at::Tensor& order, const at::Tensor& offsets, double scale,

@@ -16,8 +16,10 @@ namespace {
 constexpr int kChunkSlots = 16;
 constexpr int kRanksPerPass = 32;  // q: ranks reduced per pass over dy_t (32 fp32 partial sums per thread)
 
+// weight_t: B's dtype (read as it is, fp32 accumulation).
+template <typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-lora_expand_combine_fwd_kernel(const float* __restrict__ zd, int64_t zd_stride, const float* __restrict__ B,
+lora_expand_combine_fwd_kernel(const float* __restrict__ zd, int64_t zd_stride, const weight_t* __restrict__ B,
                                int64_t B_stride0, int64_t B_stride1, const float* __restrict__ weights,
                                const int64_t* __restrict__ experts, int64_t num_experts, int64_t K, int64_t H,
                                int64_t R, float scale, float* __restrict__ y) {
@@ -32,10 +34,10 @@ lora_expand_combine_fwd_kernel(const float* __restrict__ zd, int64_t zd_stride, 
     for (int64_t k = 0; k < K; ++k) {
       const int64_t e = experts[t * K + k];
       CUDA_KERNEL_ASSERT(e >= 0 && e < num_experts && "lora_expand_combine: expert id out of range [0, E)");
-      const float* B_row = B + e * B_stride0 + h * B_stride1;
+      const weight_t* B_row = B + e * B_stride0 + h * B_stride1;
       float s = 0.0f;
       for (int64_t r = 0; r < R; ++r) {
-        s = fmaf(B_row[r], z_rows[k * R + r], s);
+        s = fmaf(static_cast<float>(B_row[r]), z_rows[k * R + r], s);
       }
       acc += s * weights[t * K + k];
     }
@@ -43,10 +45,10 @@ lora_expand_combine_fwd_kernel(const float* __restrict__ zd, int64_t zd_stride, 
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
 lora_expand_combine_bwd_q_kernel(const scalar_t* __restrict__ grad_y, int64_t gy_stride,
-                                 const float* __restrict__ zd, int64_t zd_stride, const float* __restrict__ B,
+                                 const float* __restrict__ zd, int64_t zd_stride, const weight_t* __restrict__ B,
                                  int64_t B_stride0, int64_t B_stride1, const float* __restrict__ weights,
                                  const int64_t* __restrict__ experts, int64_t num_experts, int64_t K, int64_t H,
                                  int64_t R, float scale, float* __restrict__ dzd, float* __restrict__ dweights) {
@@ -59,16 +61,16 @@ lora_expand_combine_bwd_q_kernel(const scalar_t* __restrict__ grad_y, int64_t gy
     const int64_t j = t * K + k;
     const int64_t e = experts[j];
     CUDA_KERNEL_ASSERT(e >= 0 && e < num_experts && "lora_expand_combine_backward: expert id out of range [0, E)");
-    const float* B_e = B + e * B_stride0;
+    const weight_t* B_e = B + e * B_stride0;
     for (int64_t r0 = 0; r0 < R; r0 += kRanksPerPass) {
       float part[kRanksPerPass] = {};
       for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
         const float d = static_cast<float>(dy[h]);
-        const float* B_row = B_e + h * B_stride1 + r0;
+        const weight_t* B_row = B_e + h * B_stride1 + r0;
 #pragma unroll
         for (int c = 0; c < kRanksPerPass; ++c) {
           if (r0 + c < R) {
-            part[c] = fmaf(B_row[c], d, part[c]);
+            part[c] = fmaf(static_cast<float>(B_row[c]), d, part[c]);
           }
         }
       }

@@ -53,11 +53,15 @@ void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const 
   const dim3 grid(ceil_div(S, kTileM) + static_cast<unsigned int>(E), ceil_div(R, kTileN));
   const Dropout drop = make_dropout(dropout_p, seed);
   MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink", [&] {
-    lora_shrink_fwd_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), A.const_data_ptr<float>(), A.stride(0), A.stride(1),
-        order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
-        z.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](auto wtag) {
+      using weight_t = decltype(wtag);
+      lora_shrink_fwd_kernel<scalar_t, weight_t><<<grid, kBlock, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), x.stride(0), A.const_data_ptr<weight_t>(), A.stride(0), A.stride(1),
+          order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
+          z.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
   });
 }
 
@@ -77,10 +81,14 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
     TORCH_CHECK(smem <= 48 * 1024, "lora_shrink_backward: K * R = ", K * R, " floats of grad_z per token exceed the ",
                 "48 KiB of shared memory this kernel version stages them in; use the torch or triton backend");
     MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink_backward", [&] {
-      lora_shrink_bwd_dx_kernel<scalar_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-          grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<float>(), A.stride(0), A.stride(1),
-          experts.const_data_ptr<int64_t>(), E, K, H, R, drop, dx.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto wtag) {
+        using weight_t = decltype(wtag);
+        lora_shrink_bwd_dx_kernel<scalar_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
+            grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<weight_t>(), A.stride(0),
+            A.stride(1), experts.const_data_ptr<int64_t>(), E, K, H, R, drop, dx.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
     });
   }
   if (E > 0 && R > 0 && H > 0) {

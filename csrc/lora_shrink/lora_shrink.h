@@ -10,8 +10,8 @@
 
 namespace mixlora {
 
-// x (T, H) fp32/fp16/bf16 with stride(1) == 1; A (E, R, H) fp32 with stride(2) == 1; order (S,) and offsets
-// (E+1,) int64 contiguous; K = S / T. Writes z (S, R) fp32 contiguous.
+// x (T, H) fp32/fp16/bf16 with stride(1) == 1; A (E, R, H) in x's dtype or fp32 with stride(2) == 1; order (S,)
+// and offsets (E+1,) int64 contiguous; K = S / T. Writes z (S, R) fp32 contiguous.
 void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const at::Tensor& order,
                                 const at::Tensor& offsets, int64_t K, double dropout_p, int64_t seed, at::Tensor& z,
                                 cudaStream_t stream);

@@ -16,9 +16,10 @@ namespace {
 constexpr int kChunkH = 32;     // forward: H chunk per shared tile (64 rows x 32 = 8 loads per thread)
 constexpr int kChunkSlots = 16;  // dA: slots per shared tile (16 x 64 = 4 loads per thread)
 
-template <typename scalar_t>
+// weight_t: A's dtype, x's (read as it is) or float (api.cpp's copy of an A of another dtype); likewise below.
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-lora_shrink_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, const float* __restrict__ A,
+lora_shrink_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, const weight_t* __restrict__ A,
                        int64_t A_stride0, int64_t A_stride1, const int64_t* __restrict__ order,
                        const int64_t* __restrict__ offsets, int64_t num_experts, int64_t num_slots, int64_t K,
                        int64_t H, int64_t R, Dropout drop, float* __restrict__ z) {
@@ -47,7 +48,7 @@ lora_shrink_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, const f
   const int cg = tid / kTileM;
   const int kk = tid % kChunkH;
   float acc[kPerThread] = {};
-  const float* A_e = A + expert * A_stride0;
+  const weight_t* A_e = A + expert * A_stride0;
   for (int64_t h0 = 0; h0 < H; h0 += kChunkH) {
     const int64_t h = h0 + kk;
     // 64 rows x 32 h: 8 rows per thread, each warp reads 32 consecutive h of one row (coalesced).
@@ -64,7 +65,7 @@ lora_shrink_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, const f
 #pragma unroll
     for (int it = 0; it < kTileN * kChunkH / kBlock; ++it) {
       const int n = tid / kChunkH + it * (kBlock / kChunkH);
-      Q[kk * kLd + n] = (n < ncols && h < H) ? A_e[(rank0 + n) * A_stride1 + h] : 0.0f;
+      Q[kk * kLd + n] = (n < ncols && h < H) ? static_cast<float>(A_e[(rank0 + n) * A_stride1 + h]) : 0.0f;
     }
     __syncthreads();
     tile_fma(P, Q, kLd, m, cg, ncols, static_cast<int>(H - h0 < kChunkH ? H - h0 : kChunkH), acc);
@@ -82,9 +83,9 @@ lora_shrink_fwd_kernel(const scalar_t* __restrict__ x, int64_t x_stride, const f
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 __global__ void __launch_bounds__(kBlock)
-lora_shrink_bwd_dx_kernel(const float* __restrict__ grad_z, int64_t gz_stride, const float* __restrict__ A,
+lora_shrink_bwd_dx_kernel(const float* __restrict__ grad_z, int64_t gz_stride, const weight_t* __restrict__ A,
                           int64_t A_stride0, int64_t A_stride1, const int64_t* __restrict__ experts,
                           int64_t num_experts, int64_t K, int64_t H, int64_t R, Dropout drop,
                           scalar_t* __restrict__ dx) {
@@ -100,10 +101,10 @@ lora_shrink_bwd_dx_kernel(const float* __restrict__ grad_z, int64_t gz_stride, c
     for (int64_t k = 0; k < K; ++k) {
       const int64_t e = experts[t * K + k];
       CUDA_KERNEL_ASSERT(e >= 0 && e < num_experts && "lora_shrink_backward: expert id out of range [0, E)");
-      const float* A_e = A + e * A_stride0 + h;
+      const weight_t* A_e = A + e * A_stride0 + h;
       float s = 0.0f;
       for (int64_t r = 0; r < R; ++r) {
-        s = fmaf(A_e[r * A_stride1], dz[k * R + r], s);
+        s = fmaf(static_cast<float>(A_e[r * A_stride1]), dz[k * R + r], s);
       }
       acc += s * dropout_mult(drop, t * K + k, H, h);
     }

@@ -215,9 +215,11 @@ class Kernels:
         E, R, _ = A.shape
         S, K = experts.numel(), experts.shape[1]
         z = torch.zeros(S, R) if H == 0 else out.empty((S, R), torch.float32)  # api.cpp: H = 0 gives zeros
-        x, A = _guarded(_unit_inner_stride(x)), _guarded(_float_inner(A))
+        a_fp32 = A.dtype != x.dtype  # api.cpp: A in x's dtype is read as it is, otherwise as an fp32 copy
+        x, A = _guarded(_unit_inner_stride(x)), _guarded(_float_inner(A) if a_fp32 else _unit_inner_stride(A))
         self._launch("lora_shrink", "cuda_cpu_lora_shrink_forward", ctypes.c_int(_DTYPE_CODE[x.dtype]), _ptr(x),
-                     x.stride(0), H, _ptr(A), A.stride(0), A.stride(1), E, R, _ptr(order.contiguous()),
+                     x.stride(0), H, _ptr(A), ctypes.c_int(a_fp32), A.stride(0), A.stride(1), E, R,
+                     _ptr(order.contiguous()),
                      _ptr(offsets.contiguous()), S, K, float(dropout_p), seed, _ptr(z))
         out.check("lora_shrink")
         return z
@@ -228,10 +230,13 @@ class Kernels:
         E, R, _ = A.shape
         dx = out.empty((T, H), x.dtype)
         dA = out.empty((E, R, H), torch.float32)
-        gz, xk, Ak = _guarded(_float_inner(grad_z)), _guarded(_unit_inner_stride(x)), _guarded(_float_inner(A))
+        a_fp32 = A.dtype != x.dtype
+        gz, xk = _guarded(_float_inner(grad_z)), _guarded(_unit_inner_stride(x))
+        Ak = _guarded(_float_inner(A) if a_fp32 else _unit_inner_stride(A))
         experts = experts.long().contiguous()
         self._launch("lora_shrink_backward", "cuda_cpu_lora_shrink_backward", ctypes.c_int(_DTYPE_CODE[x.dtype]),
-                     _ptr(gz), gz.stride(0), _ptr(xk), xk.stride(0), T, H, _ptr(Ak), Ak.stride(0), Ak.stride(1), E, R,
+                     _ptr(gz), gz.stride(0), _ptr(xk), xk.stride(0), T, H, _ptr(Ak), ctypes.c_int(a_fp32),
+                     Ak.stride(0), Ak.stride(1), E, R,
                      _ptr(experts), experts.shape[1], _ptr(order.contiguous()), _ptr(offsets.contiguous()),
                      float(dropout_p), seed, _ptr(dx), _ptr(dA))
         out.check("lora_shrink_backward")
@@ -244,10 +249,12 @@ class Kernels:
         T, K = experts.shape
         E, H, R = B.shape
         y = out.empty((T, H), torch.float32)
-        zd, B, w = _guarded(_float_inner(zd)), _guarded(_float_inner(B)), _guarded(_float_contiguous(weights))
+        # api.cpp: B is read as it is
+        zd, B, w = _guarded(_float_inner(zd)), _guarded(_unit_inner_stride(B)), _guarded(_float_contiguous(weights))
         experts = experts.long().contiguous()
         self._launch("lora_expand_combine", "cuda_cpu_lora_expand_combine_forward", _ptr(zd), zd.stride(0), _ptr(B),
-                     B.stride(0), B.stride(1), E, H, R, _ptr(w), _ptr(experts), T, K, float(scale), _ptr(y))
+                     ctypes.c_int(_DTYPE_CODE[B.dtype]), B.stride(0), B.stride(1), E, H, R, _ptr(w), _ptr(experts), T,
+                     K, float(scale), _ptr(y))
         out.check("lora_expand_combine")
         return y
 
@@ -258,12 +265,14 @@ class Kernels:
         dzd = out.empty(tuple(zd.shape), torch.float32)
         dB = out.empty((E, H, R), torch.float32)
         dweights = out.empty((T, K), torch.float32)
-        gy, zk, Bk = _guarded(_unit_inner_stride(grad_y)), _guarded(_float_inner(zd)), _guarded(_float_inner(B))
+        B_as_is = B.dtype == grad_y.dtype or grad_y.dtype == torch.float32  # api.cpp's rule
+        gy, zk = _guarded(_unit_inner_stride(grad_y)), _guarded(_float_inner(zd))
+        Bk = _guarded(_unit_inner_stride(B) if B_as_is else _float_inner(B))
         w = _guarded(_float_contiguous(weights))
         experts = experts.long().contiguous()
         self._launch("lora_expand_combine_backward", "cuda_cpu_lora_expand_combine_backward",
                      ctypes.c_int(_DTYPE_CODE[grad_y.dtype]), _ptr(gy), gy.stride(0), _ptr(zk), zk.stride(0),
-                     _ptr(Bk), Bk.stride(0), Bk.stride(1), E, H, R, _ptr(w), _ptr(experts), T, K,
+                     _ptr(Bk), ctypes.c_int(_DTYPE_CODE[Bk.dtype]), Bk.stride(0), Bk.stride(1), E, H, R, _ptr(w), _ptr(experts), T, K,
                      _ptr(order.contiguous()), _ptr(offsets.contiguous()), float(scale), _ptr(dzd), _ptr(dB),
                      _ptr(dweights))
         out.check("lora_expand_combine_backward")

@@ -8,9 +8,9 @@ using cuda_cpu::ceil_div;
 
 extern "C" {
 
-// x (T, H) in dtype, row stride x_stride; A (E, R, H) fp32, strides A_stride0, A_stride1; order (S,), offsets
-// (E+1,) int64. Writes z (S, R) fp32.
-int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int64_t H, const float* A,
+// x (T, H) in dtype, row stride x_stride; A (E, R, H) in dtype (a_fp32 = 0) or fp32 (1), strides A_stride0,
+// A_stride1; order (S,), offsets (E+1,) int64. Writes z (S, R) fp32.
+int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int64_t H, const void* A, int a_fp32,
                                  int64_t A_stride0, int64_t A_stride1, int64_t E, int64_t R, const int64_t* order,
                                  const int64_t* offsets, int64_t S, int64_t K, double dropout_p, int64_t seed,
                                  float* z) {
@@ -22,8 +22,13 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
     const Dropout drop = make_dropout(dropout_p, seed);
     cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
       using scalar_t = decltype(tag);
-      CUDA_CPU_LAUNCH(lora_shrink_fwd_kernel<scalar_t>, grid, kBlock, 0, static_cast<const scalar_t*>(x), x_stride,
-                      A, A_stride0, A_stride1, order, offsets, E, S, K, H, R, drop, z);
+      auto launch = [&](auto wtag) {
+        using weight_t = decltype(wtag);
+        CUDA_CPU_LAUNCH((lora_shrink_fwd_kernel<scalar_t, weight_t>), grid, kBlock, 0,
+                        static_cast<const scalar_t*>(x), x_stride, static_cast<const weight_t*>(A), A_stride0,
+                        A_stride1, order, offsets, E, S, K, H, R, drop, z);
+      };
+      a_fp32 ? launch(float{}) : launch(scalar_t{});
     });
   });
 }
@@ -31,7 +36,7 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
 // grad_z (S, R) fp32, row stride gz_stride; x, A, order, offsets as above; experts (T, K) int64.
 // Writes dx (T, H) in dtype and dA (E, R, H) fp32.
 int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_stride, const void* x,
-                                  int64_t x_stride, int64_t T, int64_t H, const float* A, int64_t A_stride0,
+                                  int64_t x_stride, int64_t T, int64_t H, const void* A, int a_fp32, int64_t A_stride0,
                                   int64_t A_stride1, int64_t E, int64_t R, const int64_t* experts, int64_t K,
                                   const int64_t* order, const int64_t* offsets, double dropout_p, int64_t seed,
                                   void* dx, float* dA) {
@@ -45,8 +50,13 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
         if (smem > 48 * 1024) {
           throw cuda_cpu::Error("lora_shrink_backward: K * R floats of grad_z per token exceed 48 KiB");
         }
-        CUDA_CPU_LAUNCH(lora_shrink_bwd_dx_kernel<scalar_t>, static_cast<unsigned int>(T), kBlock, smem, grad_z,
-                        gz_stride, A, A_stride0, A_stride1, experts, E, K, H, R, drop, static_cast<scalar_t*>(dx));
+        auto launch = [&](auto wtag) {
+          using weight_t = decltype(wtag);
+          CUDA_CPU_LAUNCH((lora_shrink_bwd_dx_kernel<scalar_t, weight_t>), static_cast<unsigned int>(T), kBlock, smem,
+                          grad_z, gz_stride, static_cast<const weight_t*>(A), A_stride0, A_stride1, experts, E, K, H,
+                          R, drop, static_cast<scalar_t*>(dx));
+        };
+        a_fp32 ? launch(float{}) : launch(scalar_t{});
       }
       if (E > 0 && R > 0 && H > 0) {
         const dim3 grid(ceil_div(H, kTileM), static_cast<unsigned int>(E), ceil_div(R, kTileN));
