@@ -26,10 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Violations of the kernels at the current commit, kept exact by the test: the lora_expand_combine dots take the
 # fp32 rank-R zd / grad_y, so they run tf32x3. The Triton redesign (issue 9, item 3) removes the remaining entries.
-KNOWN_VIOLATIONS = {
-    "non-bf16-dot:_lora_expand_combine_bwd_kernel",
-    "non-bf16-dot:_lora_expand_combine_fwd_kernel",
-}
+KNOWN_VIOLATIONS: set[str] = set()
 
 
 def _fresh_python(code: str, timeout: int = 600) -> str:

@@ -20,8 +20,10 @@ CASES = [
     (1, 33, 4, 2, 8, "random", 0.0),     # T=1; odd H; R=8 padded to 16 for tl.dot
     (10, 45, 5, 2, 16, "empty", 0.0),    # T below the block size; prime E; odd H; an expert with no tokens
     (70, 32, 3, 3, 16, "random", 0.25),  # K=E; T above one 64-row block; dropout mask must match the reference
-    (20, 40, 4, 1, 64, "one", 0.0),      # K=1 with every token on expert 0; R=64
+    (20, 40, 4, 1, 64, "one", 0.0),      # K=1 with every token on expert 0; R=64 (dx fold 256: one chunk)
+    (9, 40, 8, 2, 64, "random", 0.1),    # dx fold 512 in 2 chunks; dropout: one folded dot per slot k
 ]
+# dx folds the experts E x next_pow2(R) wide (chunks of <= 256, >= 16): R=8 x E=4 is 32, prime E=5 pads 80 to 128.
 
 
 def _inputs(T, H, E, K, R, mode, dtype, noncontig):

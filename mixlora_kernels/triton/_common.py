@@ -82,11 +82,11 @@ def mma_operand(x, DT: tl.constexpr):
     return y
 
 
-def expert_fold(E: int, R: int) -> dict:
+def expert_fold(E: int, R: int, width: int = FOLD_WIDTH) -> dict:
     """Fold constexprs for E experts of rank R: BLOCK_R (rank padded to a power of two), EPC (experts per chunk) and
-    N_CHUNKS; a chunk is EPC * BLOCK_R >= 16 wide (tl.dot), at most FOLD_WIDTH unless one expert is wider."""
+    N_CHUNKS; a chunk is EPC * BLOCK_R >= 16 wide (tl.dot), at most `width` unless one expert is wider."""
     block_r = triton.next_power_of_2(max(R, 1))
-    epc = max(min(triton.next_power_of_2(E), max(1, FOLD_WIDTH // block_r)), triton.cdiv(16, block_r))
+    epc = max(min(triton.next_power_of_2(E), max(1, width // block_r)), triton.cdiv(16, block_r))
     return dict(BLOCK_R=block_r, EPC=epc, N_CHUNKS=triton.cdiv(E, epc))
 
 

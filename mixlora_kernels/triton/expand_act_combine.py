@@ -29,17 +29,19 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
                                             dropout_threshold, expert_fold, fold_rows, fold_slab, mma_dtype,
                                             mma_operand, round_to, unfold_rows)
 
-# Untuned (no GPU this session): chosen by compiling for sm_90 at LLaMA-2-7B (E 8, R 16, bf16, dropout 0 and 0.05,
-# T 4096 and 16384) for no spills with 64-row wgmma tiles. Forward: 64 slot rows x 32 columns of I, 8 warps (175-177
-# registers); token-major backward: 64 x 16, 8 warps (209-218); weight role: 64 columns x 32 sorted slots per step,
-# 8 warps (142-148; 64 slots per step needs 255 and spills with dropout), so its dB dots are 64-row wgmma and the
-# recompute dots 32-row mma.sync. A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
-# (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
-# 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
-_FWD = dict(ROWS=64, BLOCK_I=32, num_warps=8, num_stages=2)
-_BWD = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=2)
+# Untuned (no GPU this session): chosen by the predicted time of benchmarks/sm90_cost (LLaMA-2-7B, E 8, R 16, bf16,
+# T 4096 and 16384, dropout 0 and 0.05) among configurations that compile for sm_90 without spills. One warpgroup
+# (4 warps) per program: 8 warps split every 64-row wgmma's N between two warpgroups, which doubled the MMA, fence
+# and descriptor instructions per tile (predicted +65% for the backward). Forward: 64 slot rows x 32 columns of I
+# (242-245 registers); token-major backward: 64 x 16 (245-246; 32 columns spill); weight role: 64 columns x 32
+# sorted slots per step (184-187; 64 slots need 253-255), so its dB dots are 64-row wgmma and its recompute dots
+# 32-row mma.sync. A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples
+# the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need 640 KB); those
+# still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
+_FWD = dict(ROWS=64, BLOCK_I=32, num_warps=4, num_stages=2)
+_BWD = dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2)
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
-_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=8, num_stages=2)
+_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2)
 # Token-major programs to aim for per launch (row blocks x I splits): ~8 per H200 SM keeps the last wave short while
 # each split still loops over >= 20 I tiles at LLaMA-2-7B T 4096 (172 tiles / 8 splits). A prediction, not measured.
 _TARGET_PROGRAMS = 1024
