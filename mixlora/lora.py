@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter parameters are created in: fp32 over a 16-bit base (the trainable parameters and their
+    optimizer states keep fp32 precision while the frozen base runs its GEMMs in bf16, as PEFT's
+    `autocast_adapter_dtype`), otherwise the base's own dtype (fp32, or fp64 in a fp64 model)."""
+    return torch.promote_types(base_dtype, torch.float32)
+
+
 def init_lora_A(A: torch.Tensor, lora_init: str) -> None:
     """Initialise a LoRA A in place ((R, in), or stacked (E, R, in) with each expert drawn independently)."""
     for a in A.view(-1, *A.shape[-2:]):
@@ -45,7 +52,7 @@ class LoraAdapter(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = settings.scaling
         self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A = nn.Linear(self.in_features, settings.r, bias=False, **factory)
         self.lora_B = nn.Linear(settings.r, self.out_features, bias=False, **factory)
         init_lora_A(self.lora_A.weight.data, settings.lora_init)
@@ -56,14 +63,16 @@ class LoraAdapter(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(norm.to(**factory))
 
     def adapt(self, x: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        """x (..., in) and its frozen projection base = W x (..., out), no bias -> the adapted output (..., out):
-        `base + b + s·B A drop(x)`, DoRA `m/‖W + sBA‖ ⊙ (base + s·B A drop(x)) + b` (norm detached)."""
-        delta = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        """x (..., in) and its frozen projection base = W x (..., out), no bias -> the adapted output (..., out) in
+        base's dtype: `base + b + s·B A drop(x)`, DoRA `m/‖W + sBA‖ ⊙ (base + s·B A drop(x)) + b` (norm detached).
+        The adapter runs in its own dtype (fp32 over a 16-bit base, `adapter_dtype`); the sum is rounded once."""
+        delta = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
         if self.lora_magnitude_vector is not None:
             norm = dora_row_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
-            out = (self.lora_magnitude_vector / norm.to(x.dtype)) * (base + delta)
+            out = (self.lora_magnitude_vector / norm.to(delta.dtype)) * (base + delta)
         else:
             out = base + delta
+        out = out.to(base.dtype)
         return out if bias is None else out + bias
 
     def extra_repr(self) -> str:

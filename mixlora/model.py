@@ -120,7 +120,9 @@ class MixLoraModelForCausalLM:
         """Load the base model named in the adapter's config and the adapter from `name_or_path`.
 
         `model_args`/`kwargs` (e.g. `dtype`/`torch_dtype`, `device_map`) go to the base model's `from_pretrained`;
-        `base_model_name_or_path=...` overrides the config's base. Returns (model, config).
+        `base_model_name_or_path=...` overrides the config's base. Returns (model, config). The adapter takes the
+        dtype the base was loaded in (the router stays fp32): a model loaded in bf16 for inference is bf16 throughout,
+        while `get_mixlora_model` on a 16-bit base creates fp32 adapters for training (`mixlora.lora.adapter_dtype`).
         """
         from transformers import AutoModelForCausalLM
 
@@ -130,7 +132,12 @@ class MixLoraModelForCausalLM:
             raise ValueError(f"{name_or_path}: adapter_config.json has no base_model_name_or_path; pass "
                              "base_model_name_or_path=... to from_pretrained")
         model = AutoModelForCausalLM.from_pretrained(base, *model_args, **kwargs)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         inject_adapter_in_model(model, config, weights)
+        with torch.no_grad():
+            for name, p in adapter_state_dict(model).items():
+                if "moe_gate" not in name.split("."):
+                    p.data = p.data.to(dtype)
         return model, config
 
 

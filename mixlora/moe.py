@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlora.lora import dora_row_norm, init_lora_A
+from mixlora.lora import adapter_dtype, dora_row_norm, init_lora_A
 from mixlora_kernels import ops
 from mixlora_kernels.ops._common import activation
 
@@ -55,11 +55,12 @@ def _router_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class ExpertLoRA(nn.Module):
     """E LoRA adapters of one FFN projection, stacked: `lora_A` (E, R, in), `lora_B` (E, out, R), zero-initialised B;
-    DoRA adds `lora_magnitude_vector` (E, out) initialised to the base weight's row norms."""
+    DoRA adds `lora_magnitude_vector` (E, out) initialised to the base weight's row norms. In `adapter_dtype` of the
+    base (fp32 over a bf16 base)."""
 
     def __init__(self, base: nn.Linear, num_experts: int, settings) -> None:
         super().__init__()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty(num_experts, settings.r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, base.out_features, settings.r, **factory))
         init_lora_A(self.lora_A.data, settings.lora_init)
@@ -225,13 +226,15 @@ class MixLoraSparseMoe(MoeExperts):
         out = F.linear(rows, base.weight)
         if name in self.experts:
             lora = self.experts[name]
-            dropped = F.dropout(rows, self.lora_dropout, self.training)
-            delta = self.scaling * ((dropped @ lora.lora_A[e].T) @ lora.lora_B[e].T)
+            A, B = lora.lora_A[e], lora.lora_B[e]
+            dropped = F.dropout(rows, self.lora_dropout, self.training).to(A.dtype)
+            delta = self.scaling * ((dropped @ A.T) @ B.T)
             if lora.lora_magnitude_vector is None:
                 out = out + delta
             else:
-                norm = dora_row_norm(base.weight, lora.lora_A[e], lora.lora_B[e], self.scaling)
-                out = (lora.lora_magnitude_vector[e] / norm.to(out.dtype)) * (out + delta)
+                norm = dora_row_norm(base.weight, A, B, self.scaling)
+                out = (lora.lora_magnitude_vector[e] / norm.to(delta.dtype)) * (out + delta)
+            out = out.to(rows.dtype)
         return out if base.bias is None else out + base.bias
 
     def _per_expert_forward(self, x, weights, experts, order, offsets):
