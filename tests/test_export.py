@@ -295,7 +295,8 @@ SMOLLM2 = os.path.join(os.path.expanduser("~"), ".cache", "mixlora", "smollm2-13
 @pytest.mark.skipif(not os.path.isdir(SMOLLM2), reason="the converted SmolLM2-135M is not cached")
 def test_smollm2_default_adapter_exports(tmp_path):
     """The embedded default: 2 steps of `mixlora train`, export, plain transformers gives our greedy tokens.
-    About 90 s on the 2-core CPU (train 2 steps, export 690 M fp32 parameters, two generations)."""
+    718 s and 950 s wall on the shared 2-core CPU (load average 7-14; about 4 minutes of CPU time), most of it the
+    two training steps; the export writes 692 M fp32 parameters (2.77 GB)."""
     from mixlora.train import config_from_dict, train
 
     started = time.perf_counter()
