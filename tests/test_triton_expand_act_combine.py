@@ -19,8 +19,9 @@ pytestmark = requires_interpreter
 NAMES = ("hbar", "zd", "dG", "dU", "dzg", "dBg", "dzu", "dBu", "dweights", "dAd")
 SCALE = 0.5
 
-# Tiles: 64 slot rows (64 // KP tokens) x 64 columns of I; the expert fold is E x next_pow2(R) wide, cut into chunks
-# of at most 128 (at least 16); I is split over the grid (per-split rank-R parts summed) when T has few row blocks.
+# Tiles: 64 or 128 slot rows (rows // KP tokens) x 16-64 columns of I; the expert fold is E x next_pow2(R) wide, cut
+# into chunks of at most 128 (at least 16); I is split over the grid (per-split rank-R parts summed) when T has few
+# row blocks: I=200 and 130 give several splits in both directions.
 CASES = [
     # T, I, E, K, R (gate/up), Rd, routing, activation, gated, dropout_p
     (1, 33, 4, 2, 8, 8, "random", "silu", True, 0.0),        # T=1 (below one row block); odd I; fold 4 x 8 = 32
@@ -29,7 +30,7 @@ CASES = [
     (12, 40, 4, 1, 64, 16, "one", "relu", False, 0.1),       # K=1, all tokens on expert 0; ungated; R=64: 2 chunks
     (7, 24, 3, 2, 0, 8, "random", "silu", True, 0.0),        # no gate/up expert LoRA (rank 0), only the down one
     (7, 24, 3, 2, 8, 0, "random", "silu", True, 0.0),        # no down LoRA (Rd=0): zd is (S, 0)
-    (70, 200, 8, 2, 16, 16, "random", "silu", True, 0.1),    # 3 row blocks, last partial; 4 I tiles in 4 splits; fold 128
+    (70, 200, 8, 2, 16, 16, "random", "silu", True, 0.1),    # > 1 row block, last partial; I split; fold 128
     (9, 130, 3, 2, 4, 64, "random", "gelu", True, 0.0),      # R=4: fold 12 padded to 16; Rd=64: 2 chunks; 3 I splits
 ]
 

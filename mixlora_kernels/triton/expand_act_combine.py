@@ -4,10 +4,10 @@ All inputs are read through their strides, so zg, zu = z.split(...) and Bg = B[:
 outputs are allocated contiguous.
 
 Row layout of the token-major programs: BLOCK_T tokens x KP = next_pow2(K) slot rows per token, row = t_local * KP + k
-(rows with k >= K are padding), ROWS = BLOCK_T * KP = 64 rows so the dots are 64-row wgmma tiles on sm_90. G / U /
-grad_hbar rows are loaded once per token per tile (the KP repeats hit L1), and the K slots of a token are summed by a
-reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics. The rows of a block belong to mixed experts; every
-rank-R product is one dot over the expert fold (see `_common`): z of a row placed in its expert's block of an
+(rows with k >= K are padding), ROWS = BLOCK_T * KP = 64 or 128 rows so the dots are 64-row wgmma tiles on sm_90.
+G / U / grad_hbar rows are loaded once per token per tile (the KP repeats hit L1), and the K slots of a token are summed
+by a reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics. The rows of a block belong to mixed experts;
+every rank-R product is one dot over the expert fold (see `_common`): z of a row placed in its expert's block of an
 E * R-wide row against the (E * R, BLOCK_I) slab of all experts' B, so a tile costs one MMA per projection whatever E.
 
 I is split over the second grid axis when the row blocks alone do not fill the GPU; the rank-R reductions over I
@@ -31,14 +31,15 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 
 # Untuned (no GPU this session): chosen by the predicted time of benchmarks/sm90_cost (LLaMA-2-7B, E 8, R 16, bf16,
 # T 4096 and 16384, dropout 0 and 0.05) among configurations that compile for sm_90 without spills. One warpgroup
-# (4 warps) per program: 8 warps split every 64-row wgmma's N between two warpgroups, which doubled the MMA, fence
-# and descriptor instructions per tile (predicted +65% for the backward). Forward: 64 slot rows x 32 columns of I
-# (242-245 registers); token-major backward: 64 x 16 (245-246; 32 columns spill); weight role: 64 columns x 32
-# sorted slots per step (184-187; 64 slots need 253-255), so its dB dots are 64-row wgmma and its recompute dots
+# per 64 slot rows: 8 warps on 64 rows split every wgmma's N between two warpgroups, which doubled the MMA, fence
+# and descriptor instructions per tile (predicted +65% for the backward). Forward: 128 slot rows (two warpgroups of
+# 64) x 32 columns of I, 8 warps (236-239 registers; predicted 0.22 ms at T 4096 against 0.30 for 64 rows x 4 warps);
+# token-major backward: 64 x 16, 4 warps (245-246; 32 columns spill, 128 rows gain nothing); weight role: 64 columns
+# x 32 sorted slots per step (184-187; 64 slots need 253-255), so its dB dots are 64-row wgmma and its recompute dots
 # 32-row mma.sync. A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples
 # the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need 640 KB); those
 # still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
-_FWD = dict(ROWS=64, BLOCK_I=32, num_warps=4, num_stages=2)
+_FWD = dict(ROWS=128, BLOCK_I=32, num_warps=8, num_stages=2)
 _BWD = dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2)
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
 _BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2)
