@@ -478,10 +478,15 @@ def _tokenizer(source: str | None):
 
     if not source:
         return None
-    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in
-                                         ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if os.path.isdir(source):
+        if not any(os.path.isfile(os.path.join(source, f)) for f in
+                   ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        return AutoTokenizer.from_pretrained(source)
+    try:  # a hub id: unreachable offline; the export is still complete without it (reported in the notes)
+        return AutoTokenizer.from_pretrained(source)
+    except OSError:
         return None
-    return AutoTokenizer.from_pretrained(source)
 
 
 def _size(num_bytes: int) -> str:
