@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mixlora_kernels.checks import check_expand_act_combine
+from mixlora_kernels.checks import check, check_expand_act_combine
 from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_supported, dot_block, dropout_keep,
                                             dropout_threshold, expert_fold, fold_rows, fold_slab, mma_dtype,
                                             mma_operand, round_to, unfold_rows)
@@ -424,6 +424,7 @@ def expand_act_combine_backward(
     (T, I), (_, K), E = G.shape, experts.shape, Bg.shape[0]
     Rg, Ru, Rd = zg.shape[1], zu.shape[1], Ad.shape[1]
     S = T * K
+    check(S < 2**31, op, f"T * K must be < 2**31, got {S}")
 
     def new(shape, like):  # every element is written by the kernels (or the early return zeroes it)
         return torch.empty(shape, dtype=like.dtype, device=G.device)
