@@ -67,6 +67,7 @@ def _inject(model: nn.Module, config: MixLoraConfig) -> None:
             if isinstance(base, nn.Linear):
                 setattr(layer.self_attn, name, LoraLinear(base, attention))
         layer.mlp = MixLoraSparseMoe(layer.mlp, config, act)
+    model.train(model.training)  # the new modules take the model's mode: an eval model (from_pretrained) has no dropout
     model.mixlora_config = config
     model.save_mixlora = functools.partial(save_mixlora, model)
     _AuxLossHooks(model)

@@ -140,12 +140,15 @@ class MoeExperts(nn.Module):
             self.expert_load += offsets.diff()
         return weights, experts, order, offsets
 
-    def _lora(self, ffn: nn.Module, name: str | None, in_features: int, out_features: int):
-        """(A (E, R, in), B (E, out, R)) of projection `name`, or rank-0 stand-ins when it has no expert LoRA."""
+    def _lora(self, ffn: nn.Module, name: str | None, in_features: int, out_features: int, dtype: torch.dtype):
+        """(A (E, R, in), B (E, out, R)) of projection `name` in the activations' `dtype`, or rank-0 stand-ins when it
+        has no expert LoRA. fp32 adapters over a 16-bit base are cast (autograd carries the gradient back to the fp32
+        parameters): every kernel sees one dtype, so 16-bit models get 16-bit tensor-core operands."""
         if name in self.experts:
-            return self.experts[name].lora_A, self.experts[name].lora_B
+            return self.experts[name].lora_A.to(dtype), self.experts[name].lora_B.to(dtype)
         w = getattr(ffn, self.projections[-1]).weight
-        return w.new_zeros(self.num_experts, 0, in_features), w.new_zeros(self.num_experts, out_features, 0)
+        return (w.new_zeros(self.num_experts, 0, in_features, dtype=dtype),
+                w.new_zeros(self.num_experts, out_features, 0, dtype=dtype))
 
     def _dropout_seeds(self) -> tuple[float, int, int]:
         """(LoRA dropout p, seed of the in-projection masks, seed of the down-projection masks)."""
@@ -169,16 +172,17 @@ class MoeExperts(nn.Module):
         H, I = x.shape[1], G.shape[1]
         p, seed_in, seed_down = self._dropout_seeds()
         if self.kind == "fused":
-            A, B = self._lora(ffn, "gate_up_proj", H, 2 * I)
+            A, B = self._lora(ffn, "gate_up_proj", H, 2 * I, x.dtype)
             zg = zu = ops.lora_shrink(x, A, experts, order, offsets, p, seed_in)
             Bg, Bu = B[:, :I], B[:, I:]
         else:
             gate_name, up_name = ("gate_proj", "up_proj") if self.kind == "gated" else ("fc1", None)
-            (Ag, Bg), (Au, Bu) = self._lora(ffn, gate_name, H, I), self._lora(ffn, up_name, H, I)
+            Ag, Bg = self._lora(ffn, gate_name, H, I, x.dtype)
+            Au, Bu = self._lora(ffn, up_name, H, I, x.dtype)
             z = ops.lora_shrink(x, torch.cat([Ag, Au], dim=1), experts, order, offsets, p, seed_in)
             zg, zu = z.split([Ag.shape[1], Au.shape[1]], dim=1)
         down_name = self.projections[-1]
-        Ad, Bd = self._lora(ffn, down_name, I, H)
+        Ad, Bd = self._lora(ffn, down_name, I, H, x.dtype)
         hbar, zd = ops.expand_act_combine(G, U, zg, Bg, zu, Bu, weights, experts, order, offsets, Ad, self.scaling,
                                           self.activation, p, seed_down)
         if down_name not in self.experts:

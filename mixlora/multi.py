@@ -175,6 +175,7 @@ def get_multi_mixlora_model(model: nn.Module, configs: Mapping[str, MixLoraConfi
             if settings:
                 setattr(layer.self_attn, proj, MultiLoraLinear(getattr(layer.self_attn, proj), settings, plan))
         layer.mlp = MultiMixLoraMoe(layer.mlp, configs, acts, plan)
+    model.train(model.training)  # the new modules take the model's mode
     model.mixlora_configs = configs
     model._mixlora_plan = plan
     _MultiLossHooks(model)

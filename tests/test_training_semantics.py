@@ -220,3 +220,20 @@ def test_cuda_sort_slots_is_a_stable_argsort(T, K, E):
     assert torch.equal(order.cpu(), torch.argsort(experts.reshape(-1).cpu(), stable=True))
     assert torch.equal(offsets.cpu(), torch.cat([torch.zeros(1, dtype=torch.long),
                                                  torch.bincount(experts.reshape(-1).cpu(), minlength=E).cumsum(0)]))
+
+
+def test_injected_modules_take_the_models_mode(tmp_path):
+    """A model in eval mode (as `from_pretrained` returns it) gets adapters in eval mode: no dropout until `.train()`."""
+    from mixlora import MixLoraModelForCausalLM, save_mixlora
+
+    config = MixLoraConfig(r=4, num_experts=3, lora_dropout=0.5, target_modules=["q_proj", "gate_proj", "down_proj"])
+    model = get_mixlora_model(tiny_model("llama"), config)
+    assert not any(m.training for m in model.modules())
+    randomize_adapters(model)
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    config.base_model_name_or_path = str(tmp_path / "base")
+    save_mixlora(model, tmp_path / "adapter")
+    loaded, _ = MixLoraModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(input_ids=ids).logits, loaded(input_ids=ids).logits)
