@@ -13,6 +13,31 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+
+def _fix_old_triton_interpreter() -> None:
+    """Triton < 3.7's interpreter turns a runtime int kernel argument into a 1-element array whose `__index__`
+    fails, so `for e in range(E)` raises "only 0-dimensional arrays can be converted" (interpreter only: compiled
+    kernels are unaffected; triton 3.8 squeezes the array). `.ci/gpu_stack` runs the Triton tests under triton
+    3.6, the lent GPU's version: give its interpreter the later `__index__`."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_old_triton_interpreter()
+
 # model_type -> (config class, model class, config overrides). Sizes are tiny and deliberately odd (I = 45).
 _COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=45, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64)
