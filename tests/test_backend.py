@@ -26,6 +26,7 @@ _PROBE = textwrap.dedent("""
     import json, sys, types
     import torch
     torch.cuda.is_available = lambda: True
+    sys.modules["mixlora_kernels._C"] = None  # as if not built, even where it is (CI builds it)
     if {fake_extension}:
         sys.modules["mixlora_kernels._C"] = types.ModuleType("mixlora_kernels._C")
         lib = torch.library.Library("mixlora_cuda", "DEF")
