@@ -8,7 +8,7 @@ from torch import nn
 
 from mixlora.lora import adapter_dtype, dora_row_norm, init_lora_A
 from mixlora_kernels import ops
-from mixlora_kernels.ops._common import activation
+from mixlora_kernels.activations import activation
 
 # FFN layouts, detected from the FFN module's children; first match wins. in-projections read x, the last one is
 # the down projection. `fused` is Phi-3's gate_up_proj (gate rows first, then up rows).
@@ -159,7 +159,7 @@ class MoeExperts(nn.Module):
         return p, seed_in, seed_down
 
     def expert_in(self, ffn: nn.Module, x, G, U, weights, experts, order, offsets):
-        """mixlora.md §2 between the dense GEMMs, for this adapter's experts on the projections of `ffn`.
+        """docs/algorithm.md §2 between the dense GEMMs, for this adapter's experts on the projections of `ffn`.
 
         Args:
             x: (T, H) the tokens (after jitter); G, U: (T, I) contiguous, from `dense_in(ffn, x)` (U None ungated).
@@ -218,7 +218,7 @@ class MixLoraSparseMoe(MoeExperts):
         return y.reshape(shape)
 
     def _shared_base_forward(self, x, weights, experts, order, offsets):
-        """mixlora.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
+        """docs/algorithm.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
         G, U = dense_in(self, x)
         hbar, down_delta = self.expert_in(self, x, G, U, weights, experts, order, offsets)
         y = getattr(self, self.projections[-1])(hbar)

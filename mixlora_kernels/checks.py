@@ -1,7 +1,7 @@
 """Input checks of every `mixlora::` op, one function per op, shared by the reference, the CPU kernels and the Triton
 launchers (the CUDA extension mirrors them in csrc/api.cpp).
 
-A leaf module: it imports torch only, so any backend can use it while `mixlora_kernels.ops` is still importing.
+A leaf module (torch and `mixlora_kernels.activations` only), so any backend can use it while `mixlora_kernels.ops` is still importing.
 Each check raises a ValueError that names the op, the tensor and the expected shape/dtype/device. Nothing here reads
 a tensor's values (that would synchronise with the device).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+from mixlora_kernels.activations import ACTIVATIONS
 
 
 def check(cond: bool, op: str, msg: str) -> None:

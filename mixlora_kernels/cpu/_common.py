@@ -1,7 +1,7 @@
 """Pieces shared by the CPU kernels: accumulation dtype, slot permutations, activations with their derivatives, the
 LoRA-dropout hash in int32, and matrix products over expert segments.
 
-A leaf module (imports torch only): `mixlora_kernels.ops` imports the backend, which imports this package.
+A leaf module (imports torch only; the activations come from the leaf `mixlora_kernels.activations`): `mixlora_kernels.ops` imports the backend, which imports this package.
 """
 
 from __future__ import annotations
@@ -38,18 +38,6 @@ def bounds(offsets: torch.Tensor) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Activations
-
-def activation(name: str, g: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return torch.nn.functional.silu(g)
-    if name == "gelu":
-        return torch.nn.functional.gelu(g)
-    if name == "gelu_tanh":
-        return torch.nn.functional.gelu(g, approximate="tanh")
-    if name == "relu":
-        return torch.relu(g)
-    raise ValueError(f"unknown activation {name!r}")
-
 
 def activation_and_grad(name: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ(g), σ'(g)) elementwise, sharing the intermediate passes (g is not modified)."""

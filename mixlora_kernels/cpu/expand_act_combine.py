@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
+from mixlora_kernels.activations import activation
 from mixlora_kernels.checks import check_expand_act_combine
-from mixlora_kernels.cpu._common import (DropoutMask, acc_dtype, activation, activation_and_grad, bounds,
-                                         no_autocast)
+from mixlora_kernels.cpu._common import DropoutMask, acc_dtype, activation_and_grad, bounds, no_autocast
 
 # fp32 elements per (rows, I) tile: 64 Ki = 256 KiB, so the half-dozen live tiles of the backward fit a 2 MiB L2.
 _TILE_ELEMS = 2**16

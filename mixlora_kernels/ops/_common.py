@@ -1,14 +1,12 @@
-"""Pieces shared by the op references: activations, the counter-based dropout mask, segments."""
+"""Pieces shared by the op references: the autocast-off wrapper, the accumulation dtype, the counter-based dropout
+mask, expert segments."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 
 import torch
-
-from mixlora_kernels.checks import ACTIVATIONS
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27, so x * _HASH_MUL stays below 2**63 for 32-bit x: exact in int64, uint32 in kernels
@@ -32,36 +30,6 @@ def reference(fn):
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: fp32 for 16-bit inputs, fp64 when any input is fp64."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def activation(name: str, g: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return torch.nn.functional.silu(g)
-    if name == "gelu":
-        return torch.nn.functional.gelu(g)
-    if name == "gelu_tanh":
-        return torch.nn.functional.gelu(g, approximate="tanh")
-    if name == "relu":
-        return torch.relu(g)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-
-
-def activation_grad(name: str, g: torch.Tensor) -> torch.Tensor:
-    """d act(g) / dg, elementwise."""
-    if name == "silu":
-        sig = torch.sigmoid(g)
-        return sig * (1 + g * (1 - sig))
-    if name == "gelu":
-        cdf = 0.5 * (1 + torch.erf(g / math.sqrt(2)))
-        return cdf + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
-    if name == "gelu_tanh":
-        c = math.sqrt(2 / math.pi)
-        inner = c * (g + 0.044715 * g**3)
-        th = torch.tanh(inner)
-        return 0.5 * (1 + th) + 0.5 * g * (1 - th * th) * c * (1 + 3 * 0.044715 * g * g)
-    if name == "relu":
-        return (g > 0).to(g.dtype)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from mixlora_kernels import backend
 from mixlora_kernels.checks import check_expand_act_combine
-from mixlora_kernels.ops._common import acc_dtype, activation, activation_grad, dropout_scale, reference, segments
+from mixlora_kernels.activations import activation, activation_grad
+from mixlora_kernels.ops._common import acc_dtype, dropout_scale, reference, segments
 
 
 def _recompute(G, U, zg, Bg, zu, Bu, e, slots, K, scale, act, acc):
