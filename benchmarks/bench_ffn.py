@@ -50,7 +50,7 @@ if DEVICE.type == "cuda":
         FfnShape("llama2-7b-T4096", 4096, 4096, 11008, 8, 2, 16, torch.bfloat16),  # LLaMA-2-7B FFN, 2x2048 tokens
         FfnShape("llama2-7b-T16384", 16384, 4096, 11008, 8, 2, 16, torch.bfloat16),  # LLaMA-2-7B FFN, 8x2048 tokens
     ]
-    ROUNDS = 20  # the anchor numbers in docs/gpu.md are medians of 20
+    ROUNDS = 20  # the anchor numbers in docs/cost-model.md are medians of 20
 else:
     # LLaMA-2-7B FFN scaled down 16x (I/H = 688/256 keeps LLaMA's ratio), fp32: the CPU suite runs in seconds.
     SHAPES = [FfnShape("cpu-small-T512", 512, 256, 688, 8, 2, 16, torch.float32)]

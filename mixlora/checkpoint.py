@@ -1,4 +1,4 @@
-"""MixLoRA adapter checkpoints (mixlora.md §4): published state-dict keys and the files on disk.
+"""MixLoRA adapter checkpoints (docs/algorithm.md §4): published state-dict keys and the files on disk.
 
 Inside a model, the adapter parameters have this package's names (the prefix before `layers.` depends on the
 architecture, e.g. `model.` or `model.language_model.`); experts are stacked along a leading dimension E:

@@ -1,4 +1,4 @@
-"""MixLoRA adapter configuration: the dataclass behind `adapter_config.json` (mixlora.md §1, §4)."""
+"""MixLoRA adapter configuration: the dataclass behind `adapter_config.json` (docs/algorithm.md §1, §4)."""
 
 from __future__ import annotations
 

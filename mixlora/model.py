@@ -144,7 +144,7 @@ class MixLoraModelForCausalLM:
 
 def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, coef: float, z_coef: float = 0.0,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Load-balance loss over the concatenated router logits of all MoE layers (mixlora.md §1).
+    """Load-balance loss over the concatenated router logits of all MoE layers (docs/algorithm.md §1).
 
     Args:
         router_logits: per layer (T, E) logits, T = batch·seq in row-major order.

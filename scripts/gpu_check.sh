@@ -63,7 +63,7 @@ except ImportError as e:
 print(subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip(), '(+ working tree)')
 "
 
-# Build in place against this machine's torch (gpu.md: pip -e needs network here; build_ext does not).
+# Build in place against this machine's torch (pip -e needs network on the lent machine; build_ext does not).
 run_stage build 200 250 "$PYTHON" setup.py build_ext --inplace
 
 # Every op on every dtype through its first-use self-check: any fallback (a kernel that errs or is off the

@@ -1,5 +1,5 @@
-"""Activation memory of the MixLoRA FFN (mixlora.md §2): the shared-base layer saves for backward no more than PEFT
-LoRA on the same FFN, and at most half of the published per-expert loop. Measured with the benchmarks' own factory
+"""Activation memory of the MixLoRA FFN (docs/algorithm.md §2): the shared-base layer saves for backward no more than
+PEFT LoRA on the same FFN, and at most half of the published per-expert loop. Measured with the benchmarks' own factory
 and counter (benchmarks/bench_ffn.py), at the CPU benchmark shape."""
 
 from __future__ import annotations

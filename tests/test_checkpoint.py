@@ -1,4 +1,4 @@
-"""Adapter checkpoints: our parameter names <-> published keys (mixlora.md §4), and the files on disk."""
+"""Adapter checkpoints: our parameter names <-> published keys (docs/algorithm.md §4), and the files on disk."""
 
 import datetime
 import json

@@ -1,4 +1,4 @@
-"""MixLoraConfig: published JSON round trip, validation messages, expert overrides (mixlora.md §4)."""
+"""MixLoraConfig: published JSON round trip, validation messages, expert overrides (docs/algorithm.md §4)."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 
 from mixlora.config import CONFIG_NAME, LoraSettings, MixLoraConfig
 
-# The example adapter_config.json of mixlora.md §4, verbatim.
+# The example adapter_config.json of docs/algorithm.md §4, verbatim.
 PUBLISHED_EXAMPLE = """
 {"bias":"none","peft_type":"MIXLORA","r":16,"lora_alpha":32,"lora_dropout":0.05,
  "target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","down_proj","up_proj"],

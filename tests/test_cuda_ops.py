@@ -3,7 +3,7 @@
 Every CUDA result (output and every gradient output of the `*_backward` ops) is compared with the registered
 `torch.ops.mixlora.*` reference run on CPU float64 copies of the same (already rounded) inputs, on fresh random inputs.
 
-Tolerance rule (flash-attention, style.md), stated once: for fp32 inputs the kernels must agree with float64 to fp32
+Tolerance rule (flash-attention), stated once: for fp32 inputs the kernels must agree with float64 to fp32
 accumulation noise (`_FP32_RTOL` of the output's scale). For bf16/fp16 inputs the error may be at most twice the
 error of the torch reference run in the same dtype (on CPU: it accumulates in fp32 and rounds its outputs like the
 kernels do) plus a small atol, because rounding an output to bf16/fp16 alone already costs up to half an ulp:

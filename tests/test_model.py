@@ -58,7 +58,7 @@ def test_inject_train_save_load(arch, tmp_path):
 
 
 def _published_checkpoint(num_layers, E, H, I, r, attn):
-    """A checkpoint in the published layout, keys written out from mixlora.md §4 (not from our code)."""
+    """A checkpoint in the published layout, keys written out from docs/algorithm.md §4 (not from our code)."""
     g = torch.Generator().manual_seed(7)
     w = {}
     for i in range(num_layers):

@@ -192,7 +192,7 @@ def test_reentrant_checkpointing_is_refused_because_it_drops_the_router_gradient
         model(input_ids=ids, labels=ids)
 
 
-# --- the stable expert sort on every device ----------------------------------------------------------------------------
+# --- the stable expert sort on every device -------------------------------------------------------------------------
 
 def _experts_with_ties(T, K, E, device):
     g = torch.Generator().manual_seed(T * 31 + E)
@@ -223,7 +223,7 @@ def test_cuda_sort_slots_is_a_stable_argsort(T, K, E):
 
 
 def test_injected_modules_take_the_models_mode(tmp_path):
-    """A model in eval mode (as `from_pretrained` returns it) gets adapters in eval mode: no dropout until `.train()`."""
+    """A model in eval mode (as `from_pretrained` returns it) gets adapters in eval mode: no dropout until .train()."""
     from mixlora import MixLoraModelForCausalLM, save_mixlora
 
     config = MixLoraConfig(r=4, num_experts=3, lora_dropout=0.5, target_modules=["q_proj", "gate_proj", "down_proj"])

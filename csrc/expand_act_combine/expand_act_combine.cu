@@ -1,9 +1,9 @@
-// The expert part of a MixLoRA FFN between the dense gate/up GEMMs and the dense down GEMM (docs: mixlora.md §2-3),
+// The expert part of a MixLoRA FFN between the dense gate/up GEMMs and the dense down GEMM (docs/algorithm.md §2-3),
 // and its backward. Semantics: mixlora_kernels/ops/expand_act_combine.py. Per slot j = (token t, expert e, w):
 //   g_j = G_t + s Bg_e zg_j;  u_j = U_t + s Bu_e zu_j;  h_j = act(g_j) * u_j  (act(g_j) when U is absent)
 //   hbar_t = sum_k w_j h_j;  zd_j = Ad_e drop_j(h_j)
 //
-// The per-slot elementwise part is bandwidth-bound (algorithm.md §2 cost model): the only I-sized rows that must
+// The per-slot elementwise part is bandwidth-bound (docs/algorithm.md §2, cost model): the only I-sized rows that must
 // move are G_t, U_t (and dH̄_t) read and hbar_t (dG_t, dU_t) written; everything per slot is rank R.
 //
 // Tensor-core kernels (bf16 G/U with bf16 weights, read as they are; ranks <= 64, K <= 64, shared memory <= 227 KiB):

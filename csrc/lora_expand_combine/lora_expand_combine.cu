@@ -1,4 +1,4 @@
-// Down-projection LoRA expand, combined per token (docs: mixlora.md §2-3), and its backward. Semantics:
+// Down-projection LoRA expand, combined per token (docs/algorithm.md §2-3), and its backward. Semantics:
 // mixlora_kernels/ops/lora_expand_combine.py.
 //
 // Forward, y_t = s sum_k w_j B_e zd_j (fp32 out):

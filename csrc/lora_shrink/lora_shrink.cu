@@ -1,4 +1,4 @@
-// Grouped LoRA shrink (docs: mixlora.md §2-3) and its backward. Semantics: mixlora_kernels/ops/lora_shrink.py.
+// Grouped LoRA shrink (docs/algorithm.md §2-3) and its backward. Semantics: mixlora_kernels/ops/lora_shrink.py.
 //
 // Forward, z_j = A_e drop_j(x_t) for slot j = t*K + k routed to expert e:
 //   lora_shrink_fwd_kernel: a grouped GEMM over the expert-sorted slot order. Block = (64 consecutive positions

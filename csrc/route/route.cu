@@ -1,4 +1,4 @@
-// Top-k routing (docs: mixlora.md §1) and its backward. Semantics: mixlora_kernels/ops/route.py.
+// Top-k routing (docs/algorithm.md §1) and its backward. Semantics: mixlora_kernels/ops/route.py.
 //   p = softmax(logits) in fp32;  (w, e) = topk(p, K) in descending p;  w <- w / sum_k w
 // One thread per token: E is small (8-64 experts), the row is a few hundred bytes, and the whole op moves T*E
 // inputs and 2*T*K outputs, so a warp per token would only add shuffles. The K selections rescan the row

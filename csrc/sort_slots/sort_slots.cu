@@ -1,4 +1,4 @@
-// Token permutation by routed expert (docs: mixlora.md §3).
+// Token permutation by routed expert (docs/algorithm.md §3).
 //
 // Semantics, identical to the pure-torch reference (S = T*K slots, slot j = t*K + k):
 //   flat    = experts.reshape(-1)
