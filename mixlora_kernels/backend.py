@@ -35,6 +35,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from mixlora_kernels.selftest import check_against_reference
+
 BACKENDS = ("auto", "cuda", "triton", "torch")
 GPU_BACKENDS = ("cuda", "triton")
 _HERE = Path(__file__).resolve().parent
@@ -159,8 +161,6 @@ def _choose(name: str, device: torch.device, dtype: torch.dtype | None) -> tuple
     for backend, impl in _CHAINS.get((name, device.type), []):
         if not selftest_enabled():
             return backend, impl
-        from mixlora_kernels.selftest import check_against_reference  # noqa: PLC0415  (imports the ops)
-
         error = check_against_reference(name, impl, _REFERENCES[name], device, dtype or torch.float32)
         if error is None:
             return backend, impl
@@ -172,13 +172,13 @@ def _choose(name: str, device: torch.device, dtype: torch.dtype | None) -> tuple
 
 
 def _dispatch(name: str) -> Callable:
-    def run(*args):
-        device = _device(args)
-        key = (name, device, _dtype_key(args))
+    def run(*args, **kwargs):
+        values = (*args, *kwargs.values())
+        key = (name, _device(values), _dtype_key(values))
         chosen = _CHOSEN.get(key)
         if chosen is None:
-            chosen = _CHOSEN[key] = _choose(name, *key[1:])
-        return chosen[1](*args)
+            chosen = _CHOSEN[key] = _choose(*key)
+        return chosen[1](*args, **kwargs)
 
     return run
 
