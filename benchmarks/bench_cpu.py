@@ -17,11 +17,9 @@ import contextlib
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from benchmarks.bench_model import ModelShape, _randomize_lora_B, base_model, oracle64, use_naive_moe
+from benchmarks.bench_model import ModelShape, build_model, oracle64
 from benchmarks.common import DEVICE, MIB, check_close, environment, saved_bytes
-from mixlora import MixLoraConfig, get_mixlora_model
 from mixlora_kernels import backend
 
 FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -34,15 +32,8 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU benchmark: on 
 
 
 def build(provider: str, shape: ModelShape = SHAPE, seed: int = 0) -> torch.nn.Module:
-    model = base_model(shape, seed)
-    if provider == "peft_lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=FFN_TARGETS,
-                                                 task_type="CAUSAL_LM"))
-    else:
-        get_mixlora_model(model, MixLoraConfig(r=16, lora_alpha=32, num_experts=8, top_k=2, lora_dropout=0.0,
-                                               target_modules=FFN_TARGETS))
-    _randomize_lora_B(model, seed + 1)
-    return use_naive_moe(model) if provider == "naive" else model
+    """bench_model's factory on the FFN projections only, PEFT LoRA at the experts' rank 16 (issue shape)."""
+    return build_model(provider, shape, seed, targets=FFN_TARGETS, peft_r=16)
 
 
 def ops_backend(provider: str):

@@ -90,16 +90,19 @@ def use_naive_moe(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(provider: str, shape: ModelShape, seed: int = 0) -> nn.Module:
+def build_model(provider: str, shape: ModelShape, seed: int = 0, targets: list[str] = TARGETS,
+                peft_r: int = 80) -> nn.Module:
+    """The model of `provider`: PEFT LoRA r `peft_r` on `targets`, or MixLoRA E 8, K 2, R 16 on `targets` (with the
+    published loop for `naive`/`naive_mixlora`); LoRA B random so the adapters matter."""
     model = base_model(shape, seed)
     if provider == "peft_lora":
-        model = get_peft_model(model, LoraConfig(r=80, lora_alpha=160, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=peft_r, lora_alpha=2 * peft_r, lora_dropout=0.0,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     else:
         get_mixlora_model(model, MixLoraConfig(r=16, lora_alpha=32, num_experts=8, top_k=2, lora_dropout=0.0,
-                                               target_modules=TARGETS))
+                                               target_modules=targets))
     _randomize_lora_B(model, seed + 1)
-    return use_naive_moe(model) if provider == "naive_mixlora" else model
+    return use_naive_moe(model) if provider in ("naive", "naive_mixlora") else model
 
 
 def oracle64(provider: str, model: nn.Module) -> nn.Module:
