@@ -9,8 +9,12 @@ LoRA dropout 0 and 0.05:
   backward) on `meta` tensors, with a stub driver that reports sm_90 and a `JITFunction.run` that compiles only.
   Constexprs, integer specialisation, num_warps / num_stages and the grid are exactly a run's.
 - CUDA: every `csrc/**/*.cu` with nvcc `-cubin -O3 -lineinfo -arch=sm_90 -Xptxas -v` and setup.py's / torch's
-  extension flags (device code only: the host side does not change the kernels); the bf16 instantiation of each
-  templated kernel; grids from `CUDA_LAUNCHES` (transcribed from the `*_launch` functions, shape formulas).
+  extension flags (device code only: the host side does not change the kernels); of each templated kernel the
+  instantiation the bf16 pipeline launches (`CudaLaunch.instance`: dtypes, the tensor-core kernels' rank-fragment
+  count NF); grids, shared memory and bytes from `CUDA_LAUNCHES` (transcribed from the `*_launch` functions, shape
+  formulas; every `__global__` kernel of csrc/ is either in it or in `CUDA_NOT_IN_PIPELINE`, which
+  tests/test_sm90_cost.py checks against the launch sites). sort_slots' cub radix sort and api.cpp's casts of the
+  fp32 weight gradients to bf16 are modelled at HBM bandwidth (`cuda_model_only_records`).
 - Each kernel's SASS (nvdisasm with line info) is read: registers / stack (cuobjdump -res-usage, ptxas -v for
   CUDA), spills (STL/LDL), MMA kinds (HGMMA = wgmma, HMMA = mma.sync, with the operand type from the opcode and the
   PTX), and dynamic counts (see `profile_sass`): loops are backward branches; each SASS loop is matched to the
@@ -983,9 +987,12 @@ def _in_kernel(text: str, line: int):
 @dataclass
 class CudaLaunch:
     """One CUDA kernel launch of an op: grid from the shape (transcribed from csrc/<op>/<op>.cu's *_launch
-    function), threads per block, compulsory HBM bytes (formula, documented), dynamic shared memory bytes, and
-    the values of the kernel's parameters its loop bounds use (with those of the common.cuh helpers it calls:
-    N of block_sum = the pass width, 32 here; nk of tile_fma = the chunk it is called with; num_experts)."""
+    function), threads per block, compulsory HBM bytes (formula, documented), dynamic shared memory bytes, the
+    values of the kernel's parameters its loop bounds use (with those of the common.cuh helpers it calls: N of
+    block_sum = the pass width, 32 here; nk of tile_fma = the chunk it is called with; num_experts; ne, Rp of the
+    slab loaders = the experts per slab and the padded rank), the template instantiation the bf16 model launches
+    (`instance`: its template arguments as c++filt writes them, "<float, c10::BFloat16>", "<1>"; "" for a kernel
+    that is no template; a str or Shape -> str) and whether the launch happens at a shape (`when`)."""
     op: str
     file: str
     kernel: str
@@ -994,95 +1001,170 @@ class CudaLaunch:
     threads: int = 256      # common.cuh kBlock
     dyn_smem: object = lambda s: 0
     params: object = lambda s: {}
+    instance: object = ""   # str or Shape -> str
+    when: object = lambda s: True
+
+    def instance_at(self, shape: Shape) -> str:
+        return self.instance(shape) if callable(self.instance) else self.instance
+
+
+def _round16(v: int) -> int:
+    return -(-v // 16) * 16
+
+
+def _rank_frags(s: Shape) -> int:
+    """dispatch_rank_frags (csrc/expand_act_combine/expand_act_combine_kernels.cuh): the NF instantiation of the
+    tensor-core kernels for the largest of the gate / up / down ranks (all R here)."""
+    return 1 if s.R <= 16 else 2 if s.R <= 32 else 4
+
+
+def _mma_layout_bytes(s: Shape, backward: bool) -> int:
+    """make_mma_layout(K, E, R, R, R, backward).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory
+    of eac_fwd_mma_kernel / eac_bwd_mma_kernel, every array rounded up to 128 bytes."""
+    slots = 64 if backward else 128
+    bt = slots // s.K if s.K <= slots else 0
+    ts, e = bt * s.K, min(s.E, 65536)
+    np_ = _round16(ts + 15 * min(e, ts))
+    rp = _round16(min(s.R, 4096))
+    lz = 3 * rp if backward else 2 * rp
+    warps = 8
+    sizes = [np_ * 4, np_ * 4, (np_ // 16 + 1) * 4, ts * 4, e * 4, ts * 4, np_ * lz * 2, np_ * lz * 2,
+             e * 64 * rp * 2, e * 64 * rp * 2, e * 64 * rp * 2, bt * 64 * 2, bt * 64 * 2,
+             bt * 64 * 2 if backward else 0, ts * 64 * 4 * (2 if backward else 1),
+             np_ * (2 * rp if backward else rp) * 4, np_ * 4 if backward else 0,
+             warps * 256 * 4 * (3 if backward else 2), warps * 256 * 2 * (2 if backward else 1),
+             warps * 256 * 2 * (2 if backward else 1)]
+    return sum(-(-b // 128) * 128 for b in sizes)
+
+
+def _wg_layout_bytes(s: Shape) -> int:
+    """make_wg_layout(R, R, R).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory of
+    eac_bwd_weight_mma_kernel (kWgSlots = 64 slots per chunk, kMmaCols = 64 columns, 8 warps)."""
+    rp = _round16(min(s.R, 4096))
+    lz = 3 * rp
+    sizes = [64 * 4, 64 * 4, 64 * lz * 2, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2,
+             64 * 64 * 2, 64 * 64 * 2, 8 * 768 * 4, 3 * 64 * 64 * 2, 3 * 64 * 64 * 2]
+    return sum(-(-b // 128) * 128 for b in sizes)
+
+
+def mma_path(s: Shape) -> bool:
+    """use_mma / mma_fits (expand_act_combine.cu, _kernels.cuh) for a bf16 model with bf16 weights: whether
+    expand_act_combine runs its tensor-core kernels (CUDA_LAUNCHES) rather than the SIMT ones
+    (CUDA_NOT_IN_PIPELINE)."""
+    limit = 227 * 1024
+    return (s.R <= 64 and s.K <= 64 and s.E <= 4096 and _mma_layout_bytes(s, False) <= limit
+            and _mma_layout_bytes(s, True) <= limit and _wg_layout_bytes(s) <= limit)
 
 
 def _mma(s: Shape, backward: bool) -> dict:
     """Launch values of the tensor-core expand_act_combine kernels, from make_mma_layout / mma_splits in
     csrc/expand_act_combine/expand_act_combine_kernels.cuh: tokens per tile BT, slot rows TS, positions NP (each
-    expert's group padded to 16), padded ranks, I splits (gridDim.x), and the fragments per tile at balanced routing
-    (TS / E slots per expert, padded to 16 rows)."""
-    def r16(v):
-        return -(-v // 16) * 16
+    expert's group padded to 16), padded ranks, I splits (gridDim.x), the fragments per tile at balanced routing
+    (TS / E slots per expert, padded to 16 rows), and the slab loaders' ne (every expert) and Rp."""
     slots = 64 if backward else 128
     bt = slots // s.K
     ts = bt * s.K
     tiles = -(-s.T // bt)
     steps = -(-s.I // 64)
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
-    rp = r16(s.R)
-    return dict(L_BT=bt, L_TS=ts, L_E=s.E, L_NP=r16(ts + 15 * min(s.E, ts)), L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
+    rp = _round16(s.R)
+    return dict(L_BT=bt, L_TS=ts, L_E=s.E, L_NP=_round16(ts + 15 * min(s.E, ts)), L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
                 L_Lz=3 * rp if backward else 2 * rp, ns=ts, nfrag=s.E * -(-(ts // s.E) // 16), grid_x=splits,
-                tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, H=s.H, N=32, num_experts=s.E)
+                tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, H=s.H, N=32, num_experts=s.E,
+                ne=s.E, Rp=rp)
+
+
+def _wg(s: Shape) -> dict:
+    """Launch values of eac_bwd_weight_mma_kernel: WgLayout's padded ranks and z row length, one expert per slab
+    (ne 1), its expert's slots [start, end) at balanced routing (set by analyse_cuda)."""
+    rp = _round16(s.R)
+    return dict(L_Rgp=rp, L_Rup=rp, L_Rdp=rp, L_Lz=3 * rp, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R,
+                H=s.H, N=32, num_experts=s.E, ne=1, Rp=rp)
 
 
 def _split_sum_blocks(n: int) -> int:
     return max(1, min(1024, -(-n // 256)))
 
 
-def _eac_params(s: Shape):
-    return dict(I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, T=s.T, H=s.H, N=32, num_experts=s.E)
-
-
-# bf16 activations (2 bytes), fp32 rank-R tensors and weights (api.cpp casts the LoRA weights to fp32: 4 bytes).
+# Bytes: bf16 activations and LoRA weights (2; api.cpp passes the weights of a bf16 model as they are), fp32 rank-R
+# tensors, routing weights, y (the down delta) and weight gradients (4; api.cpp casts the gradients to bf16 after the
+# launches: cuda_model_only_records), int64 experts / order (8). Instances: logits and the routing tensors are fp32
+# (router_logits), grad_y of lora_expand_combine is fp32 (y is), everything else bf16; the tensor-core kernels'
+# NF from dispatch_rank_frags.
 CUDA_LAUNCHES = [
     CudaLaunch("route", "csrc/route/route.cu", "route_fwd_kernel", lambda s: (math.ceil(s.T / 128),),
-               lambda s: s.T * s.E * 4 + s.T * s.K * 12, threads=128, params=lambda s: dict(E=s.E, K=s.K)),
+               lambda s: s.T * s.E * 4 + s.T * s.K * 12, threads=128, params=lambda s: dict(E=s.E, K=s.K),
+               instance="<float>"),
     CudaLaunch("sort_slots", "csrc/sort_slots/sort_slots.cu", "sort_slots_keys_kernel",
-               lambda s: (math.ceil(s.S / 256),), lambda s: s.S * (8 + 4 + 8)),
+               lambda s: (math.ceil(s.S / 256),), lambda s: s.S * (8 + 4 + 8), instance="<long>"),
     CudaLaunch("sort_slots", "csrc/sort_slots/sort_slots.cu", "sort_slots_offsets_kernel",
                lambda s: (math.ceil((s.E + 1) / 256),), lambda s: s.S * 4),
-    # lora_shrink: grid (ceil(S/64) + E, ceil(2R/64)); reads x rows (gathered) and A, writes z (S, 2R) fp32.
+    # lora_shrink: grid (ceil(S/64) + E, ceil(2R/64)); reads x rows (gathered) and A (bf16), writes z (S, 2R) fp32.
     CudaLaunch("lora_shrink", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_fwd_kernel",
                lambda s: (math.ceil(s.S / 64) + s.E, math.ceil(2 * s.R / 64)),
-               lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 4 + s.S * 2 * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, num_experts=s.E, nk=32)),
+               lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 2 + s.S * 2 * s.R * 4 + s.S * 16,
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, num_experts=s.E, nk=32),
+               instance="<c10::BFloat16, c10::BFloat16>"),
     # expand_act_combine on tensor cores (bf16 G/U and weights, ranks <= 64): grid (I splits, token tiles of
-    # BT = 128 / K tokens forward, 64 / K backward), the split partial sums added by eac_split_sum_kernel.
+    # BT = 128 / K tokens forward, 64 / K backward), the split partial sums added by eac_split_sum_kernel (forward:
+    # only when there are splits; backward: always).
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_fwd_mma_kernel",
                lambda s: (_mma(s, False)["grid_x"], _mma(s, False)["tiles"]),
                lambda s: 3 * s.T * s.I * 2 + s.S * 2 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
                + _mma(s, False)["grid_x"] * s.S * s.R * 4,
-               dyn_smem=lambda s: 184 * 1024, params=lambda s: _mma(s, False)),
+               dyn_smem=lambda s: _mma_layout_bytes(s, False), params=lambda s: _mma(s, False),
+               instance=lambda s: f"<{_rank_frags(s)}>"),
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_split_sum_kernel",
                lambda s: (_split_sum_blocks(s.S * s.R),), lambda s: (_mma(s, False)["grid_x"] + 1) * s.S * s.R * 4,
                params=lambda s: dict(splits=_mma(s, False)["grid_x"], rows=s.S, cols=s.R,
-                                     grid_x=_split_sum_blocks(s.S * s.R))),
+                                     grid_x=_split_sum_blocks(s.S * s.R)),
+               when=lambda s: _mma(s, False)["grid_x"] > 1 and s.R > 0),
     CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "lora_expand_combine_fwd_kernel", lambda s: (s.T,),
-               lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 12,
-               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E)),
+               lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 12,
+               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E),
+               instance="<c10::BFloat16>"),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "lora_expand_combine_bwd_q_kernel", lambda s: (s.T,),
-               lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, N=32)),
+               lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 16,
+               dyn_smem=lambda s: s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, N=32),
+               instance="<float, c10::BFloat16>"),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "lora_expand_combine_bwd_dB_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, nk=16)),
+               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, nk=16), instance="<float>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_mma_kernel", lambda s: (_mma(s, True)["grid_x"], _mma(s, True)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
                + _mma(s, True)["grid_x"] * s.S * (2 * s.R + 1) * 4,
-               dyn_smem=lambda s: 211 * 1024, params=lambda s: _mma(s, True)),
+               dyn_smem=lambda s: _mma_layout_bytes(s, True), params=lambda s: _mma(s, True),
+               instance=lambda s: f"<{_rank_frags(s)}>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_split_sum_kernel", lambda s: (_split_sum_blocks(s.S * (2 * s.R + 1)),),
                lambda s: (_mma(s, True)["grid_x"] + 1) * s.S * (2 * s.R + 1) * 4,
                params=lambda s: dict(splits=_mma(s, True)["grid_x"], rows=s.S, cols=2 * s.R + 1,
                                      grid_x=_split_sum_blocks(s.S * (2 * s.R + 1)))),
+    # Weight gradients on tensor cores: grid (ceil(I / 64) column tiles, E experts), 256 threads, WgLayout's shared
+    # memory. A block stages its expert's 64-column slabs of Bg, Bu, Ad (bf16) once, then walks the expert's sorted
+    # slots 64 at a time: order, zg / zu / dzd rows (fp32) and the slots' G, U, dH-bar rows (bf16, by token; read
+    # once from HBM, re-read from L2 by the other K-1 slots of a token and by the other experts) and the routing
+    # weights; writes dBg, dBu, dAd (fp32) once.
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
-               "eac_bwd_weight_kernel", lambda s: (math.ceil(s.I / 64), s.E, math.ceil(3 * s.R / 64)),
-               lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 6 * s.E * s.I * s.R * 4 + s.S * 16,
-               dyn_smem=lambda s: 16 * 3 * s.R * 4, params=_eac_params),
+               "eac_bwd_weight_mma_kernel", lambda s: (math.ceil(s.I / 64), s.E),
+               lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * (2 + 4) + s.S * (8 + 4),
+               dyn_smem=_wg_layout_bytes, params=_wg, instance=lambda s: f"<{_rank_frags(s)}>"),
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dx_kernel",
-               lambda s: (s.T,), lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 8,
-               dyn_smem=lambda s: s.K * 2 * s.R * 4, params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E)),
+               lambda s: (s.T,), lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
+               dyn_smem=lambda s: s.K * 2 * s.R * 4, params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E),
+               instance="<c10::BFloat16, c10::BFloat16>"),
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dA_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, nk=16)),
+               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, nk=16), instance="<c10::BFloat16>"),
     CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
-               lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K)),
+               lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K),
+               instance="<float>"),
 ]
 
 
@@ -1095,20 +1177,33 @@ def _ptx_entry(ptx: str, mangled: str) -> str:
     return ptx[start:end if end > 0 else len(ptx)]
 
 
-def _cuda_function(info: dict, kernel: str) -> str | None:
-    """The mangled name of `kernel`: its bf16 instantiation when templated."""
-    names = [n for n in info if re.search(r"\d" + re.escape(kernel) + r"(I|E|v)", n)]
-    bf16 = [n for n in names if "BFloat16" in n]
-    return (bf16 or names or [None])[0]
+@functools.lru_cache(maxsize=None)
+def _demangle(names: tuple[str, ...]) -> tuple[str, ...]:
+    """c++filt of mangled names (binutils, which nvcc's host compiler comes with)."""
+    tool = shutil.which("c++filt")
+    if tool is None:
+        raise RuntimeError("c++filt (binutils) is needed to pick a CUDA kernel's template instantiation")
+    out = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, check=True).stdout
+    return tuple(out.splitlines()[:len(names)])
+
+
+def _cuda_function(info: dict, kernel: str, instance: str) -> str | None:
+    """The mangled name of `kernel`'s instantiation `instance` (template arguments as c++filt writes them, "" for a
+    kernel that is no template); None when the compiled file has no such function."""
+    names = tuple(info)
+    want = f"::{kernel}{instance}("
+    found = [n for n, d in zip(names, _demangle(names)) if want in d]
+    return found[0] if len(found) == 1 else None
 
 
 def analyse_cuda(launch: CudaLaunch, shape: Shape) -> dict:
     path = str(ROOT / launch.file)
     cubin, log, ptx = compile_cu(path)
     info = ptxas_info(log)
-    mangled = _cuda_function(info, launch.kernel)
+    mangled = _cuda_function(info, launch.kernel, launch.instance_at(shape))
     if mangled is None:
-        raise RuntimeError(f"{launch.kernel} not found in the nvcc output of {launch.file}")
+        raise RuntimeError(f"{launch.kernel}{launch.instance_at(shape)} not found (or not unique) in the nvcc output "
+                           f"of {launch.file}")
     instrs, labels = _cuda_sass(path, mangled)
     env = dict(start=0, end=shape.S // shape.E, **launch.params(shape))
     common = ROOT / "csrc" / "common.cuh"
@@ -1137,9 +1232,10 @@ def analyse_cuda(launch: CudaLaunch, shape: Shape) -> dict:
     fi = info[mangled]
     shared = fi.get("smem", 0) + launch.dyn_smem(shape)
     occ = occupancy(fi.get("regs", 0), shared, warps)
-    rec = _record("cuda", launch.op, launch.kernel, shape, fi.get("regs", 0), fi.get("stack", 0), prof, shared, occ,
-                  warps, grid, float(launch.hbm(shape)), ptx_mma_types(_ptx_entry(ptx, mangled)), [],
-                  {"threads": launch.threads})
+    rec = _record("cuda", launch.op, launch.kernel + launch.instance_at(shape), shape, fi.get("regs", 0),
+                  fi.get("stack", 0), prof, shared, occ, warps, grid, float(launch.hbm(shape)),
+                  ptx_mma_types(_ptx_entry(ptx, mangled)), [],
+                  {"threads": launch.threads, "instance": launch.instance_at(shape)})
     rec["spill_bytes"] = {"stores": fi.get("spill_stores", 0), "loads": fi.get("spill_loads", 0)}
     return rec
 
@@ -1162,49 +1258,118 @@ def _cuda_sass(path: str, mangled: str):
     return parse_sass(_cuda_disassembly(path).get(mangled, ""))
 
 
-# Kernels of csrc/ that the bf16 LLaMA-2-7B pipeline does not launch, and why.
+# Kernels of csrc/ that the bf16 LLaMA-2-7B pipeline does not launch, and why (each launched only inside a
+# `dispatch_simt(` call of csrc/expand_act_combine/expand_act_combine.cu: the SIMT path, taken when `use_mma` is
+# false; tests/test_sm90_cost.py checks both).
 CUDA_NOT_IN_PIPELINE = {
     "eac_fwd_kernel": "SIMT expand_act_combine: fp32/fp16 models, or ranks the tensor-core tiles do not fit",
     "eac_bwd_token_kernel": "SIMT expand_act_combine backward: as eac_fwd_kernel",
+    "eac_bwd_weight_kernel": "SIMT expand_act_combine weight gradients: as eac_fwd_kernel (bf16 models with ranks "
+                             "that fit take eac_bwd_weight_mma_kernel)",
 }
+
+_GLOBAL_DEF = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
+
+
+def cuda_global_kernels() -> set[str]:
+    """Every `__global__` kernel defined in csrc/ (.cu, .cuh)."""
+    found = set()
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in (".cu", ".cuh"):
+            found |= set(_GLOBAL_DEF.findall(path.read_text()))
+    return found
 
 
 def cuda_unmodelled_kernels() -> list[str]:
     """`__global__` kernels in csrc/ that CUDA_LAUNCHES does not describe: the CUDA prediction misses them (a kernel
     was added or renamed since the table was written), so the report lists them next to the CUDA numbers."""
     known = {launch.kernel for launch in CUDA_LAUNCHES} | set(CUDA_NOT_IN_PIPELINE)
-    found = set()
-    for path in sorted((ROOT / "csrc").rglob("*")):
-        if path.suffix in (".cu", ".cuh"):
-            found |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(",
-                                    path.read_text()))
-    return sorted(found - known)
+    return sorted(cuda_global_kernels() - known)
+
+
+@dataclass(frozen=True)
+class LaunchSite:
+    """A `<<<...>>>` launch in the host code of a csrc/ .cu file: the kernel it launches, its line, and whether it
+    sits inside a `dispatch_simt(` call (expand_act_combine's SIMT path)."""
+    file: str    # relative to the repository root
+    line: int
+    kernel: str
+    simt: bool
+
+
+def _call_spans(text: str, callee: str) -> list[tuple[int, int]]:
+    """Character spans of the calls `callee(...)` in text (not its definition: a call is not preceded by a type)."""
+    spans = []
+    for m in re.finditer(r"(?<![\w:])" + re.escape(callee) + r"\s*\(", text):
+        before = text[:m.start()].rstrip()
+        if re.search(r"\b(void|bool|int|auto|inline)$", before):
+            continue
+        depth, j = 0, m.end() - 1
+        while j < len(text):
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            if depth == 0:
+                break
+            j += 1
+        spans.append((m.start(), j))
+    return spans
+
+
+def cuda_launch_sites() -> list[LaunchSite]:
+    """Every kernel launch of csrc/**/*.cu: `kernel<...><<<` directly, or through a local alias
+    (`const auto kernel = eac_fwd_mma_kernel<...>;` ... `kernel<<<`)."""
+    sites = []
+    for path in sorted((ROOT / "csrc").rglob("*.cu")):
+        text = path.read_text()
+        aliases = [(m.start(), m.group(1), m.group(2))
+                   for m in re.finditer(r"\bauto\s+(\w+)\s*=\s*&?(\w+)\s*(?:<[^;]*>)?\s*;", text)]
+        simt = _call_spans(text, "dispatch_simt")
+        for m in re.finditer(r"\b(\w+)\s*(?:<(?:[^<>;]|<[^<>;]*>)*>)?\s*<<<", text):
+            name = m.group(1)
+            alias = [k for at, a, k in aliases if a == name and at < m.start()]
+            sites.append(LaunchSite(str(path.relative_to(ROOT)), text.count("\n", 0, m.start()) + 1,
+                                    alias[-1] if alias else name,
+                                    any(a <= m.start() <= b for a, b in simt)))
+    return sites
 
 
 def cuda_records(shape: Shape, kernels=None) -> list[dict]:
-    """Records of the CUDA pipeline (kernels: restrict to these kernel names)."""
-    return [analyse_cuda(launch, shape) for launch in CUDA_LAUNCHES if kernels is None or launch.kernel in kernels]
+    """Records of the CUDA pipeline (kernels: restrict to these kernel names); launches that do not happen at this
+    shape (`when`) are left out."""
+    return [analyse_cuda(launch, shape) for launch in CUDA_LAUNCHES
+            if (kernels is None or launch.kernel in kernels) and launch.when(shape)]
 
 
-def api_cast_records(shape: Shape) -> list[dict]:
-    """api.cpp casts every bf16 LoRA weight to fp32 per call and the weight gradients back: torch copies at HBM
-    bandwidth (bytes: bf16 read + fp32 write, and fp32 read + bf16 write for gradients)."""
+def lora_weight_elements(shape: Shape) -> int:
+    """Elements of the LoRA weights of one FFN: A_in (E, 2R, H), Bg, Bu (E, I, R), Ad (E, R, I), Bd (E, H, R)."""
     s = shape
-    weights = s.E * (2 * s.R * s.H + 2 * s.I * s.R + s.R * s.I + s.H * s.R)  # A_in, Bg, Bu, Ad, Bd
-    recs = []
-    for op, n in (("api_casts_fwd", weights), ("api_casts_bwd", 2 * weights)):
-        b = n * 6.0
-        lower = b / HBM_BPS
-        recs.append(_model_only("cuda", op, "fp32 weight casts (torch)", s, b, lower, launches=6))
-    return recs
+    return s.E * (2 * s.R * s.H + 2 * s.I * s.R + s.R * s.I + s.H * s.R)
 
 
-def _model_only(backend, op, name, shape, hbm, lower, launches=1) -> dict:
+def cuda_model_only_records(shape: Shape) -> list[dict]:
+    """What the CUDA path launches beyond csrc/'s kernels, modelled at HBM bandwidth:
+    - sort_slots' cub::DeviceRadixSort::SortPairs of the S (key, slot) pairs (csrc/sort_slots/sort_slots.cu;
+      onesweep at these sizes: histogram, exclusive sum and one onesweep pass over <= 8 key bits, plus the
+      memset of its lookback counters): keys and slots read twice and written once;
+    - api.cpp's casts of the fp32 weight gradients (dA, dB of lora_shrink / lora_expand_combine, dBg, dBu, dAd of
+      expand_act_combine) to the bf16 weights' dtype (`like_dtype`): fp32 read + bf16 write, one launch each.
+    The forward weights are not cast any more (api.cpp reads bf16 weights as they are)."""
+    s = shape
+    sort_bytes = float(s.S * (4 + 8) * 3)
+    casts = float(lora_weight_elements(s) * (4 + 2))
+    return [_model_only("cuda", "sort_slots", "cub::DeviceRadixSort::SortPairs", s, sort_bytes,
+                        sort_bytes / HBM_BPS, launches=4,
+                        note="modelled at HBM bandwidth (cub's kernels, not analysed here)"),
+            _model_only("cuda", "api_grad_casts", "fp32 -> bf16 weight-gradient casts (torch, api.cpp)", s, casts,
+                        casts / HBM_BPS, launches=5)]
+
+
+def _model_only(backend, op, name, shape, hbm, lower, launches=1,
+                note="modelled at HBM bandwidth (torch ops, not compiled here)") -> dict:
     return {"backend": backend, "op": op, "name": name, "T": shape.T, "dropout": shape.dropout, "regs": None,
             "spills": 0, "shared_bytes": None, "occupancy": None, "mma": {}, "hbm_bytes": hbm, "l2_bytes": 0.0,
             "flops": {"tensor": {}, "simt": 0.0}, "warp_instructions": None, "lower_ms": lower * 1e3,
             "central_ms": (CENTRAL_HIGH_OCC * lower + launches * LAUNCH_S) * 1e3, "bound_by": "hbm",
-            "notes": ["modelled at HBM bandwidth (torch ops, not compiled here)"]}
+            "notes": [note]}
 
 
 def router_logits_record(shape: Shape) -> dict:
@@ -1269,7 +1434,7 @@ def build_report(tokens=TARGET_TOKENS, dropouts=TARGET_DROPOUTS, backends=("trit
             if "triton" in backends:
                 records += triton_records(shape)
             if "cuda" in backends:
-                records += cuda_records(shape) + api_cast_records(shape)
+                records += cuda_records(shape) + cuda_model_only_records(shape)
     pred = predict(records)
     return {
         "label": LABEL,

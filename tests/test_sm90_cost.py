@@ -5,7 +5,12 @@
   break a rule at the current commit are listed in KNOWN_VIOLATIONS; a new violation fails, and so does a listed one
   that no longer occurs, so the list stays exact (whoever fixes a kernel removes its entry).
 - The cost model's arithmetic on a synthetic SASS listing, against a hand computation.
-- The CUDA path (nvcc -cubin for sm_90, ptxas -v, nvdisasm, loop matching) on the smallest .cu file.
+- The CUDA path (nvcc -cubin for sm_90, ptxas -v, nvdisasm, loop matching) on the smallest .cu file, and on the
+  tensor-core weight-gradient kernel of expand_act_combine.
+- The CUDA launch table covers the pipeline: every kernel that csrc/'s launch functions launch on the bf16
+  tensor-core path is in `CUDA_LAUNCHES` (a kernel missing from it fails), every entry is still launched, the
+  kernels left out (`CUDA_NOT_IN_PIPELINE`) are only launched on the SIMT path, and each entry's template
+  instantiation exists in the compiled code.
 
 Compilation runs in a fresh process without TRITON_INTERPRET (the test_triton_* modules set it, and triton.jit
 decides interpreter vs compiler at decoration), like tests/test_triton_compile.py.
@@ -123,9 +128,55 @@ def test_committed_prediction_is_readable():
     cost = c.load_predicted_cost()
     if not cost:
         pytest.skip("no committed mixlora_kernels/predicted_cost.json")
-    assert "triton" in cost  # cuda is left out while csrc/ has kernels the CUDA launch table does not describe
+    assert "triton" in cost
+    # cuda is left out only while csrc/ has kernels the CUDA launch table does not describe
+    assert ("cuda" in cost) == (not c.cuda_unmodelled_kernels())
     for by_t in cost.values():
         assert set(by_t) == {4096, 16384} and all(0 < ms < 1000 for ms in by_t.values())
+
+
+def test_cuda_launch_table_covers_every_kernel_the_pipeline_launches():
+    from benchmarks import sm90_cost as c
+    sites = c.cuda_launch_sites()
+    defined = c.cuda_global_kernels()
+    assert sites and {s.kernel for s in sites} <= defined, [s for s in sites if s.kernel not in defined]
+    # The bf16 LLaMA-2-7B shape takes expand_act_combine's tensor-core path (use_mma), not its SIMT fallback.
+    assert c.mma_path(c.Shape(T=4096)) and c.mma_path(c.Shape(T=16384))
+    pipeline = {s.kernel for s in sites if not s.simt}
+    table = {launch.kernel for launch in c.CUDA_LAUNCHES}
+    missing = sorted(pipeline - table)
+    assert not missing, f"launched by the CUDA fwd+bwd pipeline but not described in CUDA_LAUNCHES: {missing}"
+    stale = sorted(table - pipeline)
+    assert not stale, f"in CUDA_LAUNCHES but no longer launched by csrc/ (or only on the SIMT path): {stale}"
+    for launch in c.CUDA_LAUNCHES:  # launched from the file the entry compiles
+        assert any(s.kernel == launch.kernel and s.file == launch.file for s in sites), launch
+    simt_only = {s.kernel for s in sites if s.simt} - pipeline
+    assert set(c.CUDA_NOT_IN_PIPELINE) == simt_only
+    assert not set(c.CUDA_NOT_IN_PIPELINE) & table
+    assert c.cuda_unmodelled_kernels() == []  # nor a defined kernel that is launched nowhere and listed nowhere
+
+
+def test_cuda_table_instances_and_the_weight_gradient_kernel():
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    if shutil.which("nvcc") is None and not (cuda_home / "bin" / "nvcc").is_file():
+        pytest.skip("nvcc is not installed")
+    pytest.importorskip("triton", reason="nvdisasm and cuobjdump come with triton")
+    from benchmarks import sm90_cost as c
+    shape = c.Shape(T=4096)
+    for launch in c.CUDA_LAUNCHES:  # every entry names exactly one compiled function
+        info = c.ptxas_info(c.compile_cu(str(c.ROOT / launch.file))[1])
+        assert c._cuda_function(info, launch.kernel, launch.instance_at(shape)), (launch.kernel, launch.instance)
+    (wg,) = c.cuda_records(shape, kernels={"eac_bwd_weight_mma_kernel"})
+    assert wg["name"] == "eac_bwd_weight_mma_kernel<1>"           # R 16: one rank fragment (dispatch_rank_frags)
+    assert wg["grid"] == [172, 8, 1] and wg["warps"] == 8         # (ceil(I / 64) column tiles, E experts) x 256
+    assert wg["shared_bytes"] == c._wg_layout_bytes(shape) == 117248 and wg["occupancy"] == 0.125
+    assert 0 < wg["regs"] <= 255 and wg["spills"] == 0
+    assert set(wg["mma"]["sass"]) == {"HMMA.bf16"} and wg["flops"]["tensor"]["HMMA.bf16"] > 0
+    assert not wg["notes"], wg["notes"]
+    # the expert's slots at balanced routing, 64 per chunk: S / E / 64 = 16 chunks
+    assert any(re.search(r"c0 < end; c0 \+= kWgSlots\) x16$", loop) for loop in wg["loops"]), wg["loops"]
+    assert wg["hbm_bytes"] == 3 * 4096 * 11008 * 2 + 8192 * 48 * 4 + 3 * 8 * 11008 * 16 * 6 + 8192 * 12
+    assert wg["central_ms"] > wg["lower_ms"] > 0 and math.isfinite(wg["central_ms"])
 
 
 def test_cuda_kernel_analysis_on_route():
