@@ -334,7 +334,7 @@ def test_train_summary_has_answer_loss_and_accuracy_intervals(env):
         row, before, after = held[task], summary["accuracy"]["before"][task], summary["accuracy"]["after"][task]
         assert row["n"] == 4 and len(before["answer_nll"]) == len(after["answer_nll"]) == 4
         assert row["answer_loss_before"] == pytest.approx(sum(before["answer_nll"]) / 4)
-        change = [a - b for a, b in zip(after["answer_nll"], before["answer_nll"])]
+        change = [a - b for a, b in zip(after["answer_nll"], before["answer_nll"], strict=True)]
         assert row["answer_loss_change"] == pytest.approx(sum(change) / 4)
         low, high = row["accuracy_ci95_after"]
         assert 0 <= low <= row["accuracy_after"] <= high <= 1

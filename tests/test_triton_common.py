@@ -1,14 +1,15 @@
 """Shared helpers for the Triton launcher tests, and tests of the pieces in `mixlora_kernels.triton._common`.
 
 The launchers run on CPU tensors through the Triton interpreter (`TRITON_INTERPRET=1`, set before triton is imported),
-so shapes stay tiny. References are the registered ops run in float64 on CPU.
+so shapes stay tiny. References: the registered ops run in float64 on CPU (fp64 is always served by the reference)
+and, for ref_same, the pure-torch references called directly (`backend_checks.reference`: on CPU tensors of other
+dtypes the registry would serve the CPU kernels).
 
-Low-precision tolerance rule (flash-attention): |triton - ref64| <= 2 * |torch_same_dtype - ref64| + atol, where
-torch_same_dtype is the reference op on the same 16-bit inputs; atol is about one output ulp of the largest entry,
-because the kernel and the reference accumulate in a different order and may round an entry to neighbouring 16-bit
-values. An fp32 output of a 16-bit model (the rank-R z, zd and their gradients are fp32 by contract) gets the same
-atol in that 16-bit dtype: the kernels multiply its operands on 16-bit tensor cores (`_common.mma_dtype`), rounding
-each to 16 bits as a bf16 LoRA does, while the reference multiplies them in fp32.
+Outputs are checked with the backends' one tolerance rule (`mixlora_kernels.selftest`, asserted by
+`backend_checks.assert_tolerance`): ref_same is the reference op on the kernel's own inputs, and, for an fp32 output
+that the kernels compute from 16-bit MMA operands (`_common.mma_dtype`: the fp32 rank-R tensors z, zd, their
+gradients and the fp32 intermediates of a 16-bit model are rounded to 16 bits first, as a bf16 LoRA rounds its own),
+the reference with its matmul operands rounded the same way (`backend_checks.mma_operands`).
 """
 
 import os
@@ -38,8 +39,6 @@ requires_interpreter = pytest.mark.skipif(
 
 tl = triton.language
 
-ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
 
 def make_routing(T: int, E: int, K: int, mode: str = "random", gen: torch.Generator | None = None):
     """experts (T, K) int64 with distinct experts per token, plus (order, offsets) from the reference sort_slots.
@@ -54,27 +53,6 @@ def make_routing(T: int, E: int, K: int, mode: str = "random", gen: torch.Genera
     experts = scores.topk(K, dim=1).indices
     order, offsets = torch.ops.mixlora.sort_slots(experts, E)
     return experts, order, offsets
-
-
-def assert_close(out: torch.Tensor, ref64: torch.Tensor, lowp: torch.Tensor | None = None, name: str = "",
-                 mma: torch.dtype | None = None) -> None:
-    """fp32: tight relative tolerance scaled to the magnitude; 16-bit, or fp32 from 16-bit MMA operands (`mma`, with
-    `lowp` the fp32 reference on the same inputs): the rule in the module docstring."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    if out.numel() == 0:
-        return
-    out64 = out.double()
-    scale = max(ref64.abs().max().item(), 1e-6)
-    err = (out64 - ref64).abs()
-    if out.dtype == torch.float32 and mma in (None, torch.float32):
-        bound = 1e-4 * ref64.abs() + 1e-5 * scale
-    else:
-        assert lowp is not None and lowp.dtype == out.dtype, f"{name}: need the same-dtype torch result"
-        bound = 2 * (lowp.double() - ref64).abs() + 2 * ULP[mma or out.dtype] * scale
-    worst = (err - bound).argmax() if err.numel() else None
-    assert bool((err <= bound).all()), (
-        f"{name}: max excess at flat index {int(worst)}: |{out64.flatten()[worst].item()} - "
-        f"{ref64.flatten()[worst].item()}| > {bound.flatten()[worst].item()}")
 
 
 @triton.jit
@@ -117,7 +95,7 @@ def test_expert_block_covers_each_segment_once():
     expert, start = torch.empty(nb, dtype=torch.int32), torch.empty(nb, dtype=torch.int64)
     _block_kernel[(nb,)](offsets, expert, start, E, BLOCK_M=4)
     covered = []
-    for e, s in zip(expert.tolist(), start.tolist()):
+    for e, s in zip(expert.tolist(), start.tolist(), strict=True):
         if e < E:
             covered += [(e, p) for p in range(s, min(s + 4, int(offsets[e + 1])))]
     want = [(e, p) for e in range(E) for p in range(int(offsets[e]), int(offsets[e + 1]))]

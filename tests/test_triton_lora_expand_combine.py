@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from test_triton_common import assert_close, make_routing, requires_interpreter  # noqa: E402
+from backend_checks import assert_tolerance, mma_operands, reference, rounded_to  # noqa: E402
+from test_triton_common import make_routing, requires_interpreter  # noqa: E402
 
 from mixlora_kernels.triton.lora_expand_combine import (  # noqa: E402
     lora_expand_combine_backward, lora_expand_combine_forward)
@@ -39,10 +40,22 @@ def _inputs(T, H, E, K, R, mode, dtype, noncontig=False):
     return zd, B, weights, gy, experts, order, offsets
 
 
-def _ref(zd, B, weights, gy, experts, order, offsets, dtype, scale=2.0):
-    args = (zd.to(dtype), B.to(dtype), weights.to(dtype), experts, order, offsets, scale)
-    y = torch.ops.mixlora.lora_expand_combine(*args)
-    return (y,) + tuple(torch.ops.mixlora.lora_expand_combine_backward(gy.to(dtype), *args))
+def _ref(zd, B, weights, gy, experts, order, offsets, dtype=None, scale=2.0, mma=None):
+    """(y, dzd, dB, dweights) of the reference, the float inputs in `dtype` (None: as given, for ref_same); mma: the
+    kernels' 16-bit MMA operand dtype (fp32 operands rounded to it, see test_triton_common).
+
+    For ref_same (dtype None) y is the reference on the forward kernel's own MMA operands: it folds each slot's
+    routing weight into its rank vector, zw_j = w_j·zd_j in fp32, and one dot does the K expands and the combine; so
+    the reference gets zd·w and weights 1 (the rule's input, not a looser rule)."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+    args = (cast(zd), cast(B), cast(weights), experts, order, offsets, scale)
+    fwd_args = args
+    if dtype is None:
+        zw = weights.reshape(-1, 1).float() * zd.float()
+        fwd_args = (zw, B, torch.ones_like(weights, dtype=torch.float32), experts, order, offsets, scale)
+    with mma_operands(rounded_to(mma) if mma else None):
+        y = reference("lora_expand_combine")(*fwd_args)
+        return (y,) + tuple(reference("lora_expand_combine_backward")(cast(gy), *args))
 
 
 @pytest.mark.parametrize("T,H,E,K,R,mode", CASES)
@@ -52,9 +65,10 @@ def test_lora_expand_combine_fp32(T, H, E, K, R, mode):
     y = lora_expand_combine_forward(zd, B, weights, experts, order, offsets, 2.0)
     grads = lora_expand_combine_backward(gy, zd, B, weights, experts, order, offsets, 2.0)
     ref = _ref(zd, B, weights, gy, experts, order, offsets, torch.float64)
-    for name, out, r in zip(("y", "dzd", "dB", "dweights"), (y,) + grads, ref):
+    same = _ref(zd, B, weights, gy, experts, order, offsets)
+    for name, out, r, s in zip(("y", "dzd", "dB", "dweights"), (y,) + grads, ref, same, strict=True):
         assert out.dtype == torch.float32, name
-        assert_close(out, r, name=name)
+        assert_tolerance(out, s, r, name)
 
 
 # bf16 everywhere (zd too) on non-contiguous column slices: the stride path and the 16-bit dot in the backward.
@@ -65,11 +79,11 @@ def test_lora_expand_combine_bf16_noncontiguous():
     y = lora_expand_combine_forward(zd, B, weights, experts, order, offsets, 2.0)
     grads = lora_expand_combine_backward(gy, zd, B, weights, experts, order, offsets, 2.0)
     ref = _ref(zd, B, weights, gy, experts, order, offsets, torch.float64)
-    low = _ref(zd, B, weights, gy, experts, order, offsets, torch.bfloat16)
-    assert_close(y, ref[0], low[0], name="y", mma=torch.bfloat16)  # fp32 from bf16 MMA operands
-    for name, out, r, lo in zip(("dzd", "dB", "dweights"), grads, ref[1:], low[1:]):
-        assert out.dtype == torch.bfloat16, name
-        assert_close(out, r, lo, name=name)
+    same = _ref(zd, B, weights, gy, experts, order, offsets, mma=torch.bfloat16)
+    assert y.dtype == torch.float32  # fp32 from bf16 MMA operands
+    for name, out, r, s in zip(("y", "dzd", "dB", "dweights"), (y,) + grads, ref, same, strict=True):
+        assert out.dtype == torch.bfloat16 or name == "y", name
+        assert_tolerance(out, s, r, name)
 
 
 # Rank 0: zeros without launching.
@@ -92,8 +106,6 @@ def test_lora_expand_combine_bf16_model():
     y = lora_expand_combine_forward(zd, B, weights, experts, order, offsets, 2.0)
     grads = lora_expand_combine_backward(gy, zd, B, weights, experts, order, offsets, 2.0)
     ref = _ref(zd, B, weights, gy, experts, order, offsets, torch.float64)
-    low = (torch.ops.mixlora.lora_expand_combine(zd, B, weights, experts, order, offsets, 2.0),) + tuple(
-        torch.ops.mixlora.lora_expand_combine_backward(gy, zd, B, weights, experts, order, offsets, 2.0))
-    for name, out, r, lo in zip(("y", "dzd", "dB", "dweights"), (y,) + grads, ref, low):
-        assert out.dtype == lo.dtype, name
-        assert_close(out, r, lo, name=name, mma=torch.bfloat16)
+    same = _ref(zd, B, weights, gy, experts, order, offsets, mma=torch.bfloat16)
+    for name, out, r, s in zip(("y", "dzd", "dB", "dweights"), (y,) + grads, ref, same, strict=True):
+        assert_tolerance(out, s, r, name)

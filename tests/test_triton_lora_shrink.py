@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from test_triton_common import assert_close, make_routing, requires_interpreter  # noqa: E402
+from backend_checks import assert_tolerance, mma_operands, reference, rounded_to  # noqa: E402
+from test_triton_common import make_routing, requires_interpreter  # noqa: E402
 
 from mixlora_kernels.triton.lora_shrink import lora_shrink_backward, lora_shrink_forward  # noqa: E402
 
@@ -37,10 +38,13 @@ def _inputs(T, H, E, K, R, mode, dtype, noncontig):
     return x, A, gz, experts, order, offsets
 
 
-def _ref(x, A, gz, experts, order, offsets, p, seed, dtype):
-    z = torch.ops.mixlora.lora_shrink(x.to(dtype), A.to(dtype), experts, order, offsets, p, seed)
-    dx, dA = torch.ops.mixlora.lora_shrink_backward(gz.to(z.dtype), x.to(dtype), A.to(dtype), experts, order,
-                                                    offsets, p, seed)
+def _ref(x, A, gz, experts, order, offsets, p, seed, dtype, mma=None):
+    """(z, dx, dA) of the reference with x, A in `dtype`; mma: the kernels' 16-bit MMA operand dtype (the fp32
+    grad_z is rounded to it, see test_triton_common)."""
+    with mma_operands(rounded_to(mma) if mma else None):
+        z = reference("lora_shrink")(x.to(dtype), A.to(dtype), experts, order, offsets, p, seed)
+        dx, dA = reference("lora_shrink_backward")(gz.to(z.dtype), x.to(dtype), A.to(dtype), experts, order,
+                                                   offsets, p, seed)
     return z, dx, dA
 
 
@@ -51,9 +55,10 @@ def test_lora_shrink_fp32(T, H, E, K, R, mode, p):
     z = lora_shrink_forward(x, A, experts, order, offsets, p, 7)
     dx, dA = lora_shrink_backward(gz, x, A, experts, order, offsets, p, 7)
     assert z.dtype == torch.float32 and dx.dtype == x.dtype and dA.dtype == A.dtype
-    for name, out, ref in zip(("z", "dx", "dA"), (z, dx, dA), _ref(x, A, gz, experts, order, offsets, p, 7,
-                                                                  torch.float64)):
-        assert_close(out, ref, name=name)
+    ref = _ref(x, A, gz, experts, order, offsets, p, 7, torch.float64)
+    same = _ref(x, A, gz, experts, order, offsets, p, 7, torch.float32)
+    for name, out, r, s in zip(("z", "dx", "dA"), (z, dx, dA), ref, same, strict=True):
+        assert_tolerance(out, s, r, name)
 
 
 # 16-bit with dropout on non-contiguous views (x and A are column slices): the stride path and the 16-bit dot.
@@ -65,10 +70,10 @@ def test_lora_shrink_16bit_noncontiguous_dropout(dtype):
     z = lora_shrink_forward(x, A, experts, order, offsets, 0.3, 99)
     dx, dA = lora_shrink_backward(gz, x, A, experts, order, offsets, 0.3, 99)
     ref = _ref(x, A, gz, experts, order, offsets, 0.3, 99, torch.float64)
-    low = _ref(x, A, gz, experts, order, offsets, 0.3, 99, dtype)
-    assert_close(z, ref[0], name="z")  # z is fp32 for every input dtype
-    assert_close(dx, ref[1], low[1], name="dx")
-    assert_close(dA, ref[2], low[2], name="dA")
+    same = _ref(x, A, gz, experts, order, offsets, 0.3, 99, dtype, mma=dtype)
+    assert z.dtype == torch.float32  # z is fp32 for every input dtype
+    for name, out, r, s in zip(("z", "dx", "dA"), (z, dx, dA), ref, same, strict=True):
+        assert_tolerance(out, s, r, name)
 
 
 # Rank 0 (a projection without expert LoRA) returns zeros without launching.

@@ -1,4 +1,5 @@
-"""Triton `sort_slots` launcher against the reference op (interpreter, CPU): integer outputs, compared exactly."""
+"""Triton `sort_slots` launcher (interpreter, CPU) against `torch.argsort(experts.flatten(), stable=True)` and the
+cumulative slot counts per expert (`backend_checks.stable_sort_slots`): integer outputs, compared exactly."""
 
 import os
 
@@ -9,6 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
+from backend_checks import stable_sort_slots, tied_experts  # noqa: E402
 from test_triton_common import make_routing, requires_interpreter  # noqa: E402
 
 from mixlora_kernels.triton.sort_slots import sort_slots_forward  # noqa: E402
@@ -30,9 +32,19 @@ def test_sort_slots(T, E, K, mode, idtype):
     gen = torch.Generator().manual_seed(T + E)
     experts = make_routing(T, E, K, mode, gen)[0].to(idtype)
     order, offsets = sort_slots_forward(experts, E)
-    ref_order, ref_offsets = torch.ops.mixlora.sort_slots(experts, E)
+    want_order, want_offsets = stable_sort_slots(experts, E)
     assert order.dtype == offsets.dtype == torch.int64
-    assert torch.equal(offsets, ref_offsets) and torch.equal(order, ref_order)
+    assert torch.equal(offsets, want_offsets) and torch.equal(order, want_order)
+
+
+# Fresh random ids (`tied_experts`: each expert's slots tie, tokens may repeat an expert, expert E // 2 has none).
+@pytest.mark.parametrize("T,K,E,seed", [(300, 2, 5, 0), (7, 3, 4, 2), (1, 1, 2, 3)])
+def test_sort_slots_stable_with_ties(T, K, E, seed):
+    experts = tied_experts(T, K, E, seed)
+    order, offsets = sort_slots_forward(experts, E)
+    want_order, want_offsets = stable_sort_slots(experts, E)
+    assert want_offsets[E // 2 + 1] == want_offsets[E // 2]  # the expert without slots
+    assert torch.equal(offsets, want_offsets) and torch.equal(order, want_order)
 
 
 # Non-contiguous experts (a transposed view) and duplicate ids within a token: still the stable order.
@@ -40,5 +52,5 @@ def test_sort_slots_noncontiguous_duplicates():
     experts = torch.randint(0, 6, (3, 200), generator=torch.Generator().manual_seed(0)).T
     assert not experts.is_contiguous()
     order, offsets = sort_slots_forward(experts, 7)
-    ref_order, ref_offsets = torch.ops.mixlora.sort_slots(experts, 7)
-    assert torch.equal(offsets, ref_offsets) and torch.equal(order, ref_order)
+    want_order, want_offsets = stable_sort_slots(experts, 7)
+    assert torch.equal(offsets, want_offsets) and torch.equal(order, want_order)

@@ -119,7 +119,7 @@ def _guarded(t: torch.Tensor) -> torch.Tensor:
     """`t` (same values, shape and strides) inside a buffer with _GUARD NaNs on both sides of its span."""
     if not t.is_floating_point() or t.numel() == 0:
         return t
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
     buf = torch.full((span + 2 * _GUARD,), float("nan"), dtype=t.dtype)
     view = buf.as_strided(t.shape, t.stride(), _GUARD)
     view.copy_(t)
