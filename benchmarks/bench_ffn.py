@@ -92,8 +92,8 @@ def mixlora_moe(shape: FfnShape, seed: int = 0) -> MixLoraSparseMoe:
     """Our MoE on the base MLP: E experts, top-K, LoRA r R (alpha 2R) on gate/up/down, random non-zero B."""
     config = MixLoraConfig(r=shape.R, lora_alpha=2 * shape.R, num_experts=shape.E, top_k=shape.K, lora_dropout=0.0,
                            target_modules=FFN_PROJECTIONS)
-    moe = MixLoraSparseMoe(base_mlp(shape, seed), config, "silu")
-    _randomize([moe.experts[n].lora_B for n in FFN_PROJECTIONS], seed + 1)
+    moe = MixLoraSparseMoe(base_mlp(shape, seed), {"default": config}, "silu")
+    _randomize([moe.adapters.default.experts[n].lora_B for n in FFN_PROJECTIONS], seed + 1)
     return moe
 
 

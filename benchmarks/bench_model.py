@@ -79,7 +79,7 @@ def _randomize_lora_B(model: nn.Module, seed: int) -> None:
 
 def _naive_moe_forward(moe, hidden_states: torch.Tensor) -> torch.Tensor:
     y, logits = reference_moe_forward(moe, hidden_states, "silu")
-    moe.router_logits = logits  # the aux-loss hook reads it, as it does for our forward
+    moe.adapters.default.router_logits = logits  # the aux-loss hook reads it, as it does for our forward
     return y
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from benchmarks.bench_model import TARGETS, ModelShape, base_model
 from benchmarks.common import DEVICE, MIB, check_close, environment, peak_memory, saved_bytes, synchronize
 from mixlora import MixLoraConfig, adapter_state_dict, get_mixlora_model
-from mixlora.multi import adapter_named_parameters, batch_adapters, get_multi_mixlora_model
+from mixlora.multi import batch_adapters, get_multi_mixlora_model
 
 N_ADAPTERS = 2
 if DEVICE.type == "cuda":
@@ -90,7 +90,7 @@ def build(provider: str, shape: ModelShape) -> Case:
     if provider == "together":
         model = get_multi_mixlora_model(base_model(shape), {name: _config() for name in NAMES})
         for i, name in enumerate(NAMES):
-            _randomize(adapter_named_parameters(model, name), seed=1 + i)
+            _randomize(adapter_state_dict(model, name), seed=1 + i)
         job = _job(model, ids, [name for name in NAMES for _ in range(shape.batch)])
         return Case([model], [job], lambda: job().logits)
     models, jobs = [], []

@@ -10,12 +10,18 @@ _EXPORTS = {
     "MixLoraConfig": "mixlora.config",
     "MixLoraModelForCausalLM": "mixlora.model",
     "MixLoraSparseMoe": "mixlora.moe",
+    "adapter_parameters": "mixlora.model",
     "adapter_state_dict": "mixlora.model",
+    "batch_adapters": "mixlora.model",
+    "disable_adapter": "mixlora.model",
     "get_mixlora_model": "mixlora.model",
+    "get_multi_mixlora_model": "mixlora.model",
     "inject_adapter_in_model": "mixlora.model",
     "moe_layers": "mixlora.model",
-    "router_aux_loss": "mixlora.model",
+    "router_aux_loss": "mixlora.losses",
     "save_mixlora": "mixlora.model",
+    "set_adapter_weights": "mixlora.model",
+    "unload_mixlora": "mixlora.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,7 +35,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .config import CONFIG_NAME, LEGACY_PROJECTION_NAMES, AdapterFileError, MixLoraConfig, write_file_atomically
+from .config import CONFIG_NAME, LEGACY_PROJECTION_NAMES, MixLoraConfig
+from .fileio import AdapterFileError, write_file_atomically
 
 __all__ = [
     "AdapterFileError",
@@ -43,9 +44,9 @@ __all__ = [
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "from_published_state_dict",
-    "load_adapter",
+    "read_adapter",
     "read_torch_file",
-    "save_adapter",
+    "write_adapter",
     "to_published_state_dict",
 ]
 
@@ -172,7 +173,7 @@ def from_published_state_dict(
     return ours_state
 
 
-def save_adapter(
+def write_adapter(
     directory: str | os.PathLike[str],
     config: MixLoraConfig,
     published_state: Mapping[str, torch.Tensor],
@@ -191,7 +192,7 @@ def save_adapter(
     Each file is replaced atomically (temporary file in the same directory, then `os.replace`): a failed save
     leaves the previous files as they were and no temporary file behind. The weights are written before the
     config. After a successful save, a weights file of the other format left by an earlier save is removed, since
-    `load_adapter` prefers safetensors and would otherwise read stale weights.
+    `read_adapter` prefers safetensors and would otherwise read stale weights.
     """
     directory = os.fspath(directory)
     config.validate()
@@ -224,7 +225,7 @@ def save_adapter(
     return weights_path
 
 
-def load_adapter(path: str | os.PathLike[str]) -> tuple[MixLoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike[str]) -> tuple[MixLoraConfig, dict[str, torch.Tensor]]:
     """Read an adapter: its config and its published state dict (on CPU, dtypes as stored).
 
     Args:

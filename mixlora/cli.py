@@ -17,10 +17,9 @@ import sys
 import yaml
 
 _EPILOG_TRAIN = """\
-settings: --config FILE (JSON or YAML) and/or --KEY VALUE overrides (later wins; '-' and '_' are the same).
-Training keys: {train}.
-Adapter keys (MixLoraConfig): {adapter}.
-Values are read as YAML scalars (8, 1e-3, true); lists as a,b,c. A bare --resume means true.
+Settings come from --config FILE (JSON or YAML, the keys above with '_') and the options above (they win; '_'
+and '-' are the same).
+Values are read as YAML scalars (8, 1e-3, true); lists as a,b,c. A bare flag (--resume) means true.
 Several adapters trained together (config file): 'adapters:' maps each name to its adapter keys, 'data' and/or
 'tasks', and optionally 'lr'; top-level adapter keys are their defaults, batch_size is per adapter, and each adapter
 is written to OUTPUT_DIR/NAME. Example:
@@ -29,7 +28,7 @@ is written to OUTPUT_DIR/NAME. Example:
   adapters:
     colors: {{data: colors.jsonl, num_experts: 8, top_k: 2, r: 8}}
     animals: {{data: animals.jsonl, num_experts: 4, top_k: 1, r: 4, lr: 5.0e-4}}
-With no arguments: SmolLM2-135M-Instruct on BIG-bench {tasks} (about 5 minutes on a 2-core CPU)."""
+With no arguments: SmolLM2-135M-Instruct on BIG-bench {tasks} (about 3 minutes on a 2-core CPU)."""
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -44,29 +43,12 @@ class UsageError(ValueError):
     """A bad command line."""
 
 
-def _parse_overrides(tokens: list[str]) -> dict[str, object]:
-    values: dict[str, object] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or token == "--":
-            raise UsageError(f"unexpected argument {token!r}: settings are given as --KEY VALUE")
-        key, _, inline = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if inline:
-            raw = inline
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            i += 1
-            raw = tokens[i]
-        else:
-            raw = "true"
-        try:
-            value = yaml.load(raw, Loader=_YamlLoader)
-        except yaml.YAMLError:
-            value = raw
-        values[key] = value
-        i += 1
-    return values
+def _yaml_value(text: str) -> object:
+    """A command-line value read as a YAML scalar (8, 1e-3, true, null), or the text itself."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError:
+        return text
 
 
 def _read_config_file(path: str) -> dict[str, object]:
@@ -86,19 +68,61 @@ def _read_config_file(path: str) -> dict[str, object]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def _cmd_train(args, extra: list[str]) -> int:
+def _setting_fields() -> list[tuple[str, object, str, str]]:
+    """(key, shown default, help, group) of every `mixlora train` setting given as an option: the TrainConfig fields
+    (but the `adapter`/`adapters` mappings, config-file only) and the MixLoraConfig fields of the adapter."""
+    from dataclasses import MISSING, fields
+
+    from mixlora.config import MixLoraConfig
+    from mixlora.train_config import ADAPTER_FIELDS, CPU_DEFAULTS, DEFAULT_ADAPTER, GPU_DEFAULTS, TrainConfig
+
+    out = []
+    for f in fields(TrainConfig):
+        if f.name in ("adapter", "adapters"):
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name in CPU_DEFAULTS:
+            default = f"{CPU_DEFAULTS[f.name]} on CPU, {GPU_DEFAULTS[f.name]} on GPU"
+        out.append((f.name, default, f.metadata.get("help", ""), "training"))
+    for f in fields(MixLoraConfig):
+        if f.name in ADAPTER_FIELDS:
+            default = f.default if f.default is not MISSING else f.default_factory()
+            out.append((f.name, DEFAULT_ADAPTER.get(f.name, default), f.metadata.get("help", ""), "adapter"))
+    return out
+
+
+def train_settings(args) -> dict[str, object]:
+    """The settings of `mixlora train`: the config file's, then the options given (they win)."""
+    values = _read_config_file(args.config) if args.config else {}
+    values.update({key: getattr(args, key) for key, *_ in _setting_fields() if hasattr(args, key)})
+    return values
+
+
+def _cmd_train(args) -> int:
     from mixlora.train import config_from_dict, train
 
-    values = _read_config_file(args.config) if args.config else {}
-    values.update(_parse_overrides(extra))
-    train(config_from_dict(values))
+    train(config_from_dict(train_settings(args)))
     return 0
+
+
+def _dashed(option: str) -> str:
+    key, eq, value = option.partition("=")
+    return key.replace("_", "-") + eq + value
+
+
+def _unknown_setting(token: str) -> UsageError:
+    from mixlora.config import did_you_mean
+
+    key = token[2:].partition("=")[0].replace("-", "_")
+    known = [key for key, *_ in _setting_fields()]
+    return UsageError(f"unknown config key {key!r}{did_you_mean(key, known)} (`mixlora train --help` lists the keys)")
 
 
 def _adapter_config(path: str):
     """The MixLoraConfig of the adapter directory `path`, read before anything heavy is imported; a file where the
     directory is expected, or a missing one, is an error naming it."""
-    from mixlora.config import CONFIG_NAME, AdapterFileError, MixLoraConfig
+    from mixlora.config import CONFIG_NAME, MixLoraConfig
+    from mixlora.fileio import AdapterFileError
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"adapter directory {path} does not exist")
@@ -132,7 +156,7 @@ def _load_adapter_model(args):
 
 def _recorded_config(summary_path: str) -> dict:
     """The training config recorded in a train_summary.json."""
-    from mixlora.config import AdapterFileError
+    from mixlora.fileio import AdapterFileError
 
     try:
         with open(summary_path, encoding="utf-8") as f:
@@ -149,7 +173,8 @@ def _eval_examples(args, adapter_dir: str):
     """Held-out evaluation examples: --data/--tasks, else the data and tasks recorded in train_summary.json (for an
     adapter OUTPUT_DIR/NAME of a multi-adapter run, in OUTPUT_DIR's)."""
     from mixlora.data import load_examples, split_examples
-    from mixlora.train import DEFAULT_TASKS, SUMMARY_NAME
+    from mixlora.train_config import DEFAULT_TASKS
+    from mixlora.train_state import SUMMARY_NAME
 
     data, tasks, seed, eval_size = args.data, args.tasks, 0, args.limit
     if data is None and tasks is None:
@@ -178,7 +203,7 @@ def _eval_examples(args, adapter_dir: str):
     return {t: [e for e in v if e.choices] for t, v in grouped.items()}
 
 
-def _cmd_eval(args, extra) -> int:
+def _cmd_eval(args) -> int:
     _adapter_config(args.adapter)  # a bad path fails here, before any data is read or torch is imported
     examples = _eval_examples(args, args.adapter)
     model, tokenizer, _ = _load_adapter_model(args)
@@ -189,7 +214,7 @@ def _cmd_eval(args, extra) -> int:
     return 0
 
 
-def _cmd_generate(args, extra) -> int:
+def _cmd_generate(args) -> int:
     model, tokenizer, _ = _load_adapter_model(args)
     from mixlora.evaluate import generate
 
@@ -197,7 +222,7 @@ def _cmd_generate(args, extra) -> int:
     return 0
 
 
-def _cmd_inspect(args, extra) -> int:
+def _cmd_inspect(args) -> int:
     _adapter_config(args.adapter)  # a bad path fails here, before any data is read or torch is imported
     grouped = _eval_examples(args, args.adapter)
     examples = [e for v in grouped.values() for e in v]
@@ -212,7 +237,7 @@ def _cmd_inspect(args, extra) -> int:
     return 0
 
 
-def _cmd_export(args, extra) -> int:
+def _cmd_export(args) -> int:
     from mixlora.export import check_routing_strategy, export_moe
 
     check_routing_strategy(args.adapter)  # the export's reason, before the config's "not implemented"
@@ -235,16 +260,23 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mixlora.train import ADAPTER_FIELDS, DEFAULT_TASKS, TRAIN_FIELDS
+    from mixlora.train_config import DEFAULT_TASKS
 
     parser = argparse.ArgumentParser(prog="mixlora", description="Fine-tune and use MixLoRA adapters.")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,generate,inspect,export}")
-    train = sub.add_parser("train", help="fine-tune a base model with a MixLoRA adapter",
+    train = sub.add_parser("train", help="fine-tune a base model with a MixLoRA adapter", allow_abbrev=False,
+                           usage="mixlora train [--config FILE] [--KEY [VALUE] ...]",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=_EPILOG_TRAIN.format(train=", ".join(f for f in TRAIN_FIELDS if f != "adapter"),
-                                                       adapter=", ".join(ADAPTER_FIELDS),
-                                                       tasks=", ".join(DEFAULT_TASKS)))
+                           epilog=_EPILOG_TRAIN.format(tasks=", ".join(DEFAULT_TASKS)))
     train.add_argument("--config", help="JSON or YAML file of settings")
+    groups = {"training": train.add_argument_group("training settings"),
+              "adapter": train.add_argument_group("adapter settings (MixLoraConfig; with 'adapters' in the config "
+                                                  "file, each adapter's defaults)")}
+    for key, default, help, group in _setting_fields():
+        shown = ",".join(default) if isinstance(default, list) else default
+        groups[group].add_argument(f"--{key.replace('_', '-')}", dest=key, type=_yaml_value, nargs="?", const=True,
+                                   default=argparse.SUPPRESS, metavar="VALUE",
+                                   help=help if "default" in help else f"{help} (default: {shown})")
     train.set_defaults(func=_cmd_train)
 
     def adapter_command(name: str, help: str, func, data: bool = True):
@@ -282,14 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv:
         argv = ["train"]
+    if argv[0] == "train":  # --output_dir is --output-dir
+        argv = [_dashed(t) if t.startswith("--") else t for t in argv]
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if extra and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args, extra)
+        if extra and args.command == "train" and extra[0].startswith("--"):
+            raise _unknown_setting(extra[0])
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
     except (ValueError, OSError) as e:
         # One line: messages of nested errors (e.g. a config file path prefixed to a MixLoraConfig error) included.
         # OSError: a file that cannot be read or written (missing, a directory, no permission), named by its message.

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
+
+from mixlora.fileio import AdapterFileError, write_json_atomically
 
 # The file name of the configuration inside an adapter directory. The weight file names live in
 # `mixlora.checkpoint`, which re-exports this one; it is defined here so that `checkpoint` can depend on
@@ -32,38 +32,6 @@ _EXPERT_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora"
 # so these keys appear in published `expert_lora` blocks without any meaning for the experts. `bias` must still
 # be "none"; the other two repeat top-level values and are dropped.
 _PUBLISHED_EXPERT_LORA_EXTRAS = ("bias", "task_type", "base_model_name_or_path")
-
-
-def write_file_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Write a file so that `path` only ever holds a complete version of it.
-
-    `write(tmp_path)` creates the new content under a temporary name in the same directory; it then replaces
-    `path` with one `os.replace` (atomic on POSIX and Windows). If anything fails, the temporary file is removed
-    and the previous `path`, if any, is left as it was. The temporary file is created by `write` itself, so it
-    gets the usual permissions (umask), not the 0600 of `tempfile.mkstemp`.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
-
-
-
-class AdapterFileError(ValueError):
-    """A file of an adapter (or of a training checkpoint) that cannot be read: truncated, corrupt, of the wrong
-    kind, or a file where a directory is expected. `path` is the file, `problem` what is wrong with it; the
-    message is "PATH: PROBLEM". A ValueError, so callers that catch bad input already catch it."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        self.path, self.problem = os.fspath(path), problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 def close_matches(name: str, known: list[str] | tuple[str, ...]) -> list[str]:
@@ -338,14 +306,8 @@ class MixLoraConfig:
         """Write `adapter_config.json` into `directory` (created if needed) atomically; return the file path."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
         file = os.path.join(directory, CONFIG_NAME)
-
-        def write(tmp_path: str) -> None:
-            with open(tmp_path, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        write_file_atomically(file, write)
+        write_json_atomically(file, self.to_dict())
         return file
 
 

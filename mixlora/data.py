@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mixlora.base_models import cache_root
-from mixlora.config import did_you_mean, write_file_atomically
+from mixlora.config import did_you_mean
+from mixlora.fileio import write_bytes_atomically, write_json_atomically
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
@@ -170,11 +171,9 @@ def _extract_tasks(wanted: set[str]) -> list[str]:
                 known.append(parts[3])
                 if parts[3] in wanted:
                     data = tar.extractfile(member).read()
-                    write_file_atomically(os.path.join(folder, f"{parts[3]}.json"),
-                                          lambda tmp, data=data: open(tmp, "wb").write(data))
+                    write_bytes_atomically(os.path.join(folder, f"{parts[3]}.json"), data)
     known.sort()
-    write_file_atomically(os.path.join(folder, _TASK_INDEX),
-                          lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(known)))
+    write_json_atomically(os.path.join(folder, _TASK_INDEX), known)
     return known
 
 

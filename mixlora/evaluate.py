@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mixlora.data import Example, collate, encode
-from mixlora.model import moe_layers
+from mixlora.model import adapter_name, batch_adapters, moe_layers
 
 EXPERT_LOAD_PLOT_NAME = "expert_load.png"
 Z95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
@@ -195,16 +195,17 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 @torch.no_grad()
 def router_statistics(model, tokenizer, examples: list[Example], max_len: int, batch_size: int,
-                      desc: str | None = None) -> dict[str, Any]:
+                      desc: str | None = None, adapter: str | None = None) -> dict[str, Any]:
     """Per MoE layer: the share of routed slots each expert got (`load`, (L, E)), the mean per-token router entropy
     in nats (`entropy`, (L,): the entropy of each token's softmax over the E router logits, averaged over tokens)
     and the token count, from the router logits of forwards over `prompt + answer` of every example; padding tokens
     are excluded (the `expert_load` buffers count them, so the load is recomputed here). `desc`: label of a
-    progress bar on stderr (None: no bar)."""
+    progress bar on stderr (None: no bar). `adapter`: which adapter (default: the model's only one)."""
     from tqdm.auto import tqdm
 
     model.eval()
-    layers = moe_layers(model)
+    name = adapter_name(model, adapter)
+    layers = [moe.adapters[name] for moe in moe_layers(model)]
     device = next(model.parameters()).device
     E, K = layers[0].num_experts, layers[0].top_k
     counts = torch.zeros(len(layers), E, dtype=torch.float64)
@@ -215,8 +216,9 @@ def router_statistics(model, tokenizer, examples: list[Example], max_len: int, b
         for start in range(0, len(sequences), batch_size):
             batch = collate(sequences[start:start + batch_size], tokenizer.pad_token_id)
             keep = batch["attention_mask"].reshape(-1).bool()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                  use_cache=False, logits_to_keep=1)
+            with batch_adapters(model, name):
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False, logits_to_keep=1)
             for index, moe in enumerate(layers):
                 logits = moe.router_logits.float().cpu()[keep]
                 probs = torch.softmax(logits, dim=-1)
@@ -259,7 +261,7 @@ def plot_expert_load(stats: dict[str, Any], path: str, title: str | None = None)
     import matplotlib.pyplot as plt
     from matplotlib.colors import TwoSlopeNorm
 
-    from mixlora.config import write_file_atomically
+    from mixlora.fileio import write_file_atomically
 
     load = 100 * torch.tensor(stats["load"], dtype=torch.float64)
     L, E = load.shape

@@ -215,21 +215,23 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor | None, B: torch.Tensor 
     return W
 
 
-def _fill_experts(moe, name: str, out: torch.Tensor) -> None:
-    """Write projection `name` of each of the E experts of a `MixLoraSparseMoe`, merged, into out (E, rows, in)."""
-    base = getattr(moe, name).weight.detach()
-    if name not in moe.experts:
+def _fill_experts(ffn, experts, name: str, out: torch.Tensor) -> None:
+    """Write projection `name` of each of the E experts (`experts`, a `MoeExperts` of the `MixLoraSparseMoe` `ffn`),
+    merged, into out (E, rows, in)."""
+    base = getattr(ffn, name).weight.detach()
+    if name not in experts.experts:
         out.copy_(base.expand_as(out))
         return
-    lora, W = moe.experts[name], base.to(torch.float64)
+    lora, W = experts.experts[name], base.to(torch.float64)
     magnitude = lora.lora_magnitude_vector
-    for e in range(moe.num_experts):
-        out[e] = merged_weight(W, lora.lora_A[e], lora.lora_B[e], moe.scaling,
+    for e in range(experts.num_experts):
+        out[e] = merged_weight(W, lora.lora_A[e], lora.lora_B[e], experts.scaling,
                                None if magnitude is None else magnitude[e])
 
 
 def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progress: bool = False) -> dict:
-    """The state dict of the export (the target class's own parameter names) from a MixLoRA model.
+    """The state dict of the export (the target class's own parameter names) from a MixLoRA model (its only
+    adapter).
 
     Per decoder layer: attention LoRA merged into q/k/v/o, the router as `mlp.gate.weight` (E, H), the experts as
     `mlp.experts.gate_up_proj` (E, 2I, H) (gate rows first) and `mlp.experts.down_proj` (E, H, I). Every other base
@@ -238,30 +240,32 @@ def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progres
     from tqdm.auto import tqdm
 
     from mixlora.lora import LoraLinear
-    from mixlora.model import ADAPTER_PARAMETER_NAMES, decoder_layers
+    from mixlora.model import adapter_name, decoder_layers
 
+    adapter = adapter_name(model)
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
-    source = model.state_dict()
+    # A wrapped attention projection's own tensors sit under `base_layer.` (LoraLinear): the target's names drop it.
+    source = {key.replace(".base_layer.", "."): value for key, value in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(layers, desc="merge", unit="layer", disable=not progress, dynamic_ncols=True)):
         p = f"{prefix}.{i}."
         for name, child in layer.self_attn.named_children():
-            if isinstance(child, LoraLinear):
+            if isinstance(child, LoraLinear) and adapter in child.adapters:
+                lora = child.adapters[adapter]
                 out[f"{p}self_attn.{name}.weight"] = merged_weight(
-                    child.weight, child.lora_A.weight, child.lora_B.weight, child.scaling,
-                    child.lora_magnitude_vector).to("cpu", dtype)
-        moe = layer.mlp
-        I, H = moe.gate_proj.weight.shape
-        gate_up = torch.empty(moe.num_experts, 2 * I, H, dtype=dtype)
-        down = torch.empty(moe.num_experts, H, I, dtype=dtype)
-        _fill_experts(moe, "gate_proj", gate_up[:, :I])
-        _fill_experts(moe, "up_proj", gate_up[:, I:])
-        _fill_experts(moe, "down_proj", down)
+                    child.weight, lora.lora_A.weight, lora.lora_B.weight, lora.scaling,
+                    lora.lora_magnitude_vector).to("cpu", dtype)
+        ffn, experts = layer.mlp, layer.mlp.adapters[adapter]
+        I, H = ffn.gate_proj.weight.shape
+        gate_up = torch.empty(experts.num_experts, 2 * I, H, dtype=dtype)
+        down = torch.empty(experts.num_experts, H, I, dtype=dtype)
+        _fill_experts(ffn, experts, "gate_proj", gate_up[:, :I])
+        _fill_experts(ffn, experts, "up_proj", gate_up[:, I:])
+        _fill_experts(ffn, experts, "down_proj", down)
         out[f"{p}mlp.experts.gate_up_proj"], out[f"{p}mlp.experts.down_proj"] = gate_up, down
-        out[f"{p}mlp.gate.weight"] = moe.moe_gate.weight.detach().to("cpu", dtype)
+        out[f"{p}mlp.gate.weight"] = experts.moe_gate.weight.detach().to("cpu", dtype)
         if format == "qwen2_moe":
-            H = moe.moe_gate.weight.shape[1]
             out.update({f"{p}mlp.shared_expert.gate_proj.weight": torch.zeros(0, H, dtype=dtype),
                         f"{p}mlp.shared_expert.up_proj.weight": torch.zeros(0, H, dtype=dtype),
                         f"{p}mlp.shared_expert.down_proj.weight": torch.zeros(H, 0, dtype=dtype),
@@ -269,7 +273,7 @@ def merged_state_dict(model: nn.Module, format: str, dtype: torch.dtype, progres
     layer_prefix, module_part = f"{prefix}.", prefix.count(".") + 2  # prefix.{i}.<module>...
     for key, tensor in source.items():
         parts = key.split(".")
-        if key in out or any(part in parts for part in ADAPTER_PARAMETER_NAMES):
+        if key in out or _is_adapter(key):
             continue
         if key.startswith(layer_prefix) and len(parts) > module_part and parts[module_part] == "mlp":
             continue  # the dense FFN weights, now inside every expert
@@ -335,10 +339,12 @@ def export_moe(adapter_dir_or_model, output_dir: str | os.PathLike, format: str 
     model = tokenizer_source = None
     if isinstance(adapter_dir_or_model, nn.Module):
         model = adapter_dir_or_model
-        config = getattr(model, "mixlora_config", None)
-        if config is None:
+        from mixlora.model import adapter_name
+
+        if not hasattr(model, "mixlora_configs"):
             raise ValueError("export: the model has no MixLoRA adapter (get_mixlora_model or "
                              "MixLoraModelForCausalLM.from_pretrained first)")
+        config = model.mixlora_configs[adapter_name(model)]
         base_config = model.config
         tokenizer_source = base_model_name_or_path or config.base_model_name_or_path
     else:
@@ -457,9 +463,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _is_adapter(name: str) -> bool:
-    from mixlora.model import ADAPTER_PARAMETER_NAMES
-
-    return any(part in name.split(".") for part in ADAPTER_PARAMETER_NAMES)
+    """Whether a parameter or state-dict key of a MixLoRA model belongs to an adapter (`...adapters.{name}...`)."""
+    return "adapters" in name.split(".")
 
 
 def _generation_config(model, source: str | None, tconfig):

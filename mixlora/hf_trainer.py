@@ -11,8 +11,8 @@ import os
 import torch
 from transformers import Trainer
 
-from mixlora.model import save_mixlora
-from mixlora.train import load_adapter_weights
+from mixlora.checkpoint import read_adapter
+from mixlora.model import save_mixlora, set_adapter_weights
 
 
 class MixLoraTrainer(Trainer):
@@ -35,4 +35,4 @@ class MixLoraTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
+        set_adapter_weights(model if model is not None else self.model, read_adapter(resume_from_checkpoint)[1])

@@ -1,12 +1,15 @@
-"""Attention LoRA: an nn.Linear with a LoRA (optionally rsLoRA / DoRA) adapter, keeping the base parameter names."""
+"""Attention LoRA: a frozen linear layer with LoRA (optionally rsLoRA / DoRA) adapters, one per adapter name."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mixlora.rows import AdapterRows
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -14,6 +17,14 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     optimizer states keep fp32 precision while the frozen base runs its GEMMs in bf16, as PEFT's
     `autocast_adapter_dtype`), otherwise the base's own dtype (fp32, or fp64 in a fp64 model)."""
     return torch.promote_types(base_dtype, torch.float32)
+
+
+def frozen_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a frozen linear layer computes in: its weight's, or a quantized layer's compute dtype (bitsandbytes
+    4-bit `compute_dtype`; fp32 when it names none, as an 8-bit layer)."""
+    if layer.weight.is_floating_point():
+        return layer.weight.dtype
+    return getattr(layer, "compute_dtype", None) or torch.float32
 
 
 def init_lora_A(A: torch.Tensor, lora_init: str) -> None:
@@ -41,18 +52,15 @@ def dora_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
 
 
 class LoraAdapter(nn.Module):
-    """The adapter half of a LoRA linear layer over a frozen projection it does not own (`mixlora.multi` puts several
-    on one projection): `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,)."""
+    """One adapter's LoRA on a frozen projection it does not own (`LoraLinear` holds one per adapter name):
+    `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,)."""
 
     def __init__(self, base: nn.Linear, settings) -> None:
         super().__init__()
-        self._init_adapter(base, settings)
-
-    def _init_adapter(self, base: nn.Linear, settings) -> None:
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = settings.scaling
         self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(frozen_dtype(base))}
         self.lora_A = nn.Linear(self.in_features, settings.r, bias=False, **factory)
         self.lora_B = nn.Linear(settings.r, self.out_features, bias=False, **factory)
         init_lora_A(self.lora_A.weight.data, settings.lora_init)
@@ -79,18 +87,50 @@ class LoraAdapter(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, scaling={self.scaling:g}"
 
 
-class LoraLinear(LoraAdapter):
-    """`y = W x + b + s·B A drop(x)`; DoRA: `y = m/‖W + sBA‖ ⊙ (W x + s·B A drop(x)) + b` (norm detached).
+class LoraLinear(nn.Module):
+    """A frozen linear layer (`base_layer`: an nn.Linear, or a quantized one) with a LoRA adapter for each adapter
+    name that targets it.
 
-    Shares `weight` and `bias` with the wrapped nn.Linear, so the base model's state-dict keys are unchanged.
-    Adapter parameters: `lora_A.weight` (R, in), `lora_B.weight` (out, R), DoRA `lora_magnitude_vector` (out,).
+    `y = W x + b + s·B A drop(x)`; DoRA: `y = m/‖W + sBA‖ ⊙ (W x + s·B A drop(x)) + b` (norm detached).
+    `adapters[name]` is a `LoraAdapter`. Forward: x (rows, ..., in) -> (rows, ..., out): W x once for all rows, then
+    each adapter's delta on the rows `rows` (`mixlora.rows.AdapterRows`) gives it; the base layer alone while the
+    adapters are disabled. `mixlora.unload_mixlora` puts `base_layer` back in its place.
     """
 
-    def __init__(self, base: nn.Linear, settings) -> None:
-        nn.Module.__init__(self)
-        # The base parameters come first in named_parameters(), as in the wrapped nn.Linear.
-        self.weight, self.bias = base.weight, base.bias
-        self._init_adapter(base, settings)
+    def __init__(self, base: nn.Module, settings: Mapping[str, object], rows: AdapterRows) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_layer = base
+        self.adapters = nn.ModuleDict({name: LoraAdapter(base, s) for name, s in settings.items()})
+        self._rows = rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def unwrap(self) -> nn.Module:
+        return self.base_layer
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """W x without the bias: F.linear for an nn.Linear; a quantized layer (bitsandbytes) runs its own forward,
+        less its bias."""
+        if type(self.base_layer) is nn.Linear:
+            return F.linear(x, self.weight)
+        out = self.base_layer(x)
+        return out if self.bias is None else out - self.bias.to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapt(x, F.linear(x, self.weight), self.weight, self.bias)
+        if self._rows.disabled:
+            return self.base_layer(x)
+        base = self._project(x)
+        outs = []
+        for name, start, end in self._rows.slices(x.shape[0], "LoraLinear"):
+            if name in self.adapters:
+                outs.append(self.adapters[name].adapt(x[start:end], base[start:end], self.weight, self.bias))
+            else:
+                outs.append(base[start:end] if self.bias is None else base[start:end] + self.bias)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1,21 +1,43 @@
-"""Injection of MixLoRA into Hugging Face decoder models, the aux loss, saving and loading adapters."""
+"""Injection of MixLoRA adapters into Hugging Face decoder models, undoing it, and the adapters' weights.
+
+A model holds one or more named adapters (`get_mixlora_model`: one, named "default"; `get_multi_mixlora_model`:
+several, each with its own `MixLoraConfig`). Every attention projection an adapter targets becomes a
+`mixlora.lora.LoraLinear` and every FFN a `mixlora.moe.MixLoraSparseMoe`, each holding one adapter per name; one
+`mixlora.rows.AdapterRows` tells them which adapter owns which batch rows, and `mixlora.losses.LossHooks` add each
+adapter's losses to the output. Parameter names: `...self_attn.{P}.adapters.{name}.lora_A.weight`,
+`...mlp.adapters.{name}.moe_gate.weight`, `...mlp.adapters.{name}.experts.{P}.lora_A`; `adapter_state_dict` gives one
+adapter's parameters without `adapters.{name}.`, the names `mixlora.checkpoint` maps to the published keys.
+"""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
-from typing import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mixlora.checkpoint import from_published_state_dict, load_adapter, save_adapter, to_published_state_dict
-from mixlora.config import MixLoraConfig
+from mixlora.checkpoint import from_published_state_dict, read_adapter, to_published_state_dict, write_adapter
+from mixlora.config import MixLoraConfig, did_you_mean
 from mixlora.lora import LoraLinear
+from mixlora.losses import LossHooks
 from mixlora.moe import FFN_KINDS, SUPPORTED_ARCHITECTURES, MixLoraSparseMoe, require_ffn_kind
+from mixlora.rows import AdapterRows
 
-ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "moe_gate")
+DEFAULT_ADAPTER_NAME = "default"
+
+
+@dataclass
+class _Injection:
+    """What `_inject` changed in a model, for `unload_mixlora`: the (parent, attribute) of every module it put in,
+    the base parameters' `requires_grad` by name, the hook handles; and the rows object its modules share."""
+
+    rows: AdapterRows
+    replaced: list[tuple[nn.Module, str]]
+    requires_grad: dict[str, bool]
+    handles: list
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -43,74 +65,220 @@ def model_activation(model: nn.Module) -> str:
     return name
 
 
+def _attention_projections(layer: nn.Module) -> list[str]:
+    return [n for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)]
+
+
 def check_targets(model: nn.Module, config: MixLoraConfig) -> nn.ModuleList:
     """The decoder layers, after checking that every FFN is supported and every target names a projection."""
     layers = decoder_layers(model)
     ffn_names = {n for layer in layers for n in FFN_KINDS[require_ffn_kind(layer.mlp)]}
-    attn_names = {n for layer in layers for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)}
-    unknown = [t for t in config.target_modules if t not in ffn_names | attn_names]
+    attn_names = {n for layer in layers for n in _attention_projections(layer)}
+    known = sorted(ffn_names | attn_names)
+    unknown = [t for t in config.target_modules if t not in known]
     if unknown:
-        raise ValueError(f"MixLoraConfig.target_modules {unknown} match no projection of {type(model).__name__}; "
-                         f"attention projections: {sorted(attn_names)}, FFN projections: {sorted(ffn_names)}")
+        hints = "".join(did_you_mean(t, known) for t in unknown)
+        raise ValueError(f"MixLoraConfig.target_modules {unknown} match no projection of {type(model).__name__}"
+                         f"{hints}; attention projections: {sorted(attn_names)}, FFN projections: {sorted(ffn_names)}")
     return layers
 
 
-def _inject(model: nn.Module, config: MixLoraConfig) -> None:
-    layers = check_targets(model, config)
-    act = config.act_fn or model_activation(model)
+def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.ModuleList:
+    if hasattr(model, "mixlora_configs"):
+        raise ValueError("this model already has a MixLoRA adapter (mixlora.unload_mixlora removes it)")
+    if not isinstance(configs, Mapping) or not configs:
+        raise ValueError("get_multi_mixlora_model: configs must be a non-empty dict adapter name -> MixLoraConfig")
+    layers = decoder_layers(model)
+    for name, config in configs.items():
+        if not isinstance(name, str) or not name.isidentifier() or hasattr(nn.ModuleDict, name):
+            raise ValueError(f"adapter name {name!r} must be a Python identifier and not an nn.ModuleDict attribute "
+                             "(it becomes a module name)")
+        if not isinstance(config, MixLoraConfig):
+            raise ValueError(f"adapter {name!r}: expected a MixLoraConfig, got {type(config).__name__}")
+        try:
+            check_targets(model, config)
+        except ValueError as error:
+            raise ValueError(error if list(configs) == [DEFAULT_ADAPTER_NAME] else f"adapter {name!r}: {error}") \
+                from None
+    return layers
+
+
+def _inject(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.Module:
+    layers = _check_configs(model, configs)
+    configs = dict(configs)
+    activation = "" if all(c.act_fn for c in configs.values()) else model_activation(model)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    attention = config.attention_config()
+    rows = AdapterRows(list(configs))
+    replaced = []
     for layer in layers:
-        for name in config.target_modules:
-            base = getattr(layer.self_attn, name, None)
-            if isinstance(base, nn.Linear):
-                setattr(layer.self_attn, name, LoraLinear(base, attention))
-        layer.mlp = MixLoraSparseMoe(layer.mlp, config, act)
+        for proj in _attention_projections(layer):
+            settings = {name: c.attention_config() for name, c in configs.items() if proj in c.target_modules}
+            if settings:
+                setattr(layer.self_attn, proj, LoraLinear(getattr(layer.self_attn, proj), settings, rows))
+                replaced.append((layer.self_attn, proj))
+        layer.mlp = MixLoraSparseMoe(layer.mlp, configs, activation, rows)
+        replaced.append((layer, "mlp"))
     model.train(model.training)  # the new modules take the model's mode: an eval model (from_pretrained) has no dropout
-    model.mixlora_config = config
-    model.save_mixlora = functools.partial(save_mixlora, model)
-    _AuxLossHooks(model)
+    hooks = LossHooks(model, moe_layers(model), configs, rows)
+    model.mixlora_configs = configs
+    model._mixlora = _Injection(rows, replaced, requires_grad, hooks.handles)
+    return model
 
 
-def get_mixlora_model(model: nn.Module, config: MixLoraConfig) -> nn.Module:
+def get_mixlora_model(model: nn.Module, config: MixLoraConfig, adapter_name: str = DEFAULT_ADAPTER_NAME) -> nn.Module:
     """Turn a Hugging Face decoder model into a MixLoRA model, in place, and return it.
 
     Freezes every base parameter; wraps each attention projection named in `config.target_modules` in a LoRA adapter
     and replaces every decoder layer's FFN by a `MixLoraSparseMoe` with experts on the targeted FFN projections.
     Adapters start as LoRA does (A kaiming-uniform or gaussian, B zero), the router N(0, router_init_range) in fp32,
     so the model's output is unchanged until training moves B. When the model is trained with labels, the returned
-    `loss` includes the router aux loss; every output carries `aux_loss`.
+    `loss` includes the router aux loss; every output carries `aux_loss`. `model.mixlora_configs` is
+    {adapter_name: config}; `unload_mixlora` undoes all of it.
     """
-    if getattr(model, "mixlora_config", None) is not None or getattr(model, "mixlora_configs", None) is not None:
-        raise ValueError("this model already has a MixLoRA adapter")
-    _inject(model, config)
+    return _inject(model, {adapter_name: config})
+
+
+def get_multi_mixlora_model(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.Module:
+    """Turn a Hugging Face decoder model into a model with several MixLoRA adapters, in place, and return it.
+
+    Args:
+        model: the base model (its parameters are frozen).
+        configs: adapter name (a Python identifier) -> its MixLoraConfig.
+    Returns:
+        `model`, with `mixlora_configs` (name -> config). Each adapter is initialised as `get_mixlora_model` would
+        (B zero, router N(0, router_init_range) fp32), adapters in the order of `configs`. Run it inside
+        `batch_adapters`. With labels, `loss` is Σ over the adapters in the batch of (mean LM loss over their rows +
+        their aux loss when training with router_loss); outputs carry `adapter_losses` (name -> LM loss),
+        `adapter_aux_losses` (name -> aux loss) and `aux_loss` (their sum).
+    """
+    return _inject(model, configs)
+
+
+def _injection(model: nn.Module) -> _Injection:
+    state = getattr(model, "_mixlora", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} has no MixLoRA adapter (call mixlora.get_mixlora_model first)")
+    return state
+
+
+def unload_mixlora(model: nn.Module) -> nn.Module:
+    """Remove every MixLoRA adapter from `model`, in place, and return it: the original attention projections and
+    FFN modules go back (with the base weights as they are now), the hooks are removed and every base parameter's
+    `requires_grad` is what it was before injection. The adapters' weights are dropped: save them first."""
+    state = _injection(model)
+    for handle in state.handles:
+        handle.remove()
+    for parent, attribute in reversed(state.replaced):
+        setattr(parent, attribute, getattr(parent, attribute).unwrap())
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    del model.mixlora_configs, model._mixlora
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter parameter of `model` under its module name (router, attention and expert LoRA, DoRA)."""
-    return {n: p for n, p in model.named_parameters() if any(part in n.split(".") for part in ADAPTER_PARAMETER_NAMES)}
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Run the base model inside the block: every MixLoRA module computes the module it replaced, no aux loss."""
+    rows = _injection(model).rows
+    before, rows.disabled = rows.disabled, True
+    try:
+        yield
+    finally:
+        rows.disabled = before
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, rows: str | Sequence[str]) -> Iterator[list[tuple[str, int, int]]]:
+    """Run the forwards inside the block with batch row i belonging to adapter `rows[i]`.
+
+    Args:
+        rows: one adapter name per batch row, grouped by adapter (each adapter's rows contiguous), or one name for
+            every row of any batch size (generation with a single adapter).
+    Yields:
+        the spans (name, first row, end row).
+    Raises:
+        ValueError: an unknown name, rows not grouped by adapter (sort the batch by adapter first; a stable sort
+            keeps each adapter's row order), or a block nested in another.
+    """
+    plan = _injection(model).rows
+    if plan.spans is not None:
+        raise ValueError("batch_adapters blocks cannot be nested")
+    names = [rows] if isinstance(rows, str) else list(rows)
+    if not names:
+        raise ValueError("batch_adapters: no rows given")
+    unknown = sorted({n for n in names if n not in plan.names})
+    if unknown:
+        raise ValueError(f"batch_adapters: unknown adapter(s) {unknown}; this model has {plan.names}")
+    spans: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if spans and spans[-1][0] == name:
+            spans[-1] = (name, spans[-1][1], i + 1)
+            continue
+        earlier = next((s for s in spans if s[0] == name), None)
+        if earlier is not None:
+            raise ValueError(f"batch_adapters: rows must be grouped by adapter (contiguous), but adapter {name!r} "
+                             f"has rows {earlier[1]}..{earlier[2] - 1} and again row {i}; sort the batch rows by "
+                             "adapter first (a stable sort keeps each adapter's row order)")
+        spans.append((name, i, i + 1))
+    # One name: one span over all rows of any batch size.
+    plan.num_rows = 1 if isinstance(rows, str) else len(names)
+    plan.spans = spans
+    try:
+        yield list(spans)
+    finally:
+        plan.spans, plan.num_rows = None, 0
+
+
+def adapter_name(model: nn.Module, adapter: str | None = None) -> str:
+    """`adapter` after checking `model` has it; None: the model's only adapter."""
+    names = _injection(model).rows.names
+    if adapter is None:
+        if len(names) > 1:
+            raise ValueError(f"the model has the adapters {names}: name one (adapter=...)")
+        return names[0]
+    if adapter not in names:
+        raise ValueError(f"unknown adapter {adapter!r}; this model has {names}")
+    return adapter
+
+
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, nn.Parameter]:
+    """The parameters of one adapter (default: the model's only one; router, attention and expert LoRA, DoRA),
+    under their module names with `adapters.{name}.` removed: `...self_attn.q_proj.lora_A.weight`,
+    `...mlp.moe_gate.weight`, `...mlp.experts.gate_proj.lora_A`, ... (the names `mixlora.checkpoint` maps)."""
+    marker = f".adapters.{adapter_name(model, adapter)}."
+    return {n.replace(marker, ".", 1): p for n, p in model.named_parameters() if marker in n}
+
+
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    """One adapter's parameters, e.g. for its own optimizer param group (its own learning rate and state)."""
+    return list(adapter_state_dict(model, adapter).values())
+
+
+def set_adapter_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], adapter: str | None = None) -> None:
+    """Copy `weights` (published or legacy key layout; every key must match) into one adapter of `model`."""
+    ours = adapter_state_dict(model, adapter)
+    loaded = from_published_state_dict(dict(weights), ours)
+    with torch.no_grad():
+        for name, tensor in loaded.items():
+            ours[name].copy_(tensor)
 
 
 def inject_adapter_in_model(model: nn.Module, config: MixLoraConfig, weights: Mapping[str, torch.Tensor]) -> nn.Module:
     """`get_mixlora_model` followed by loading `weights` (published or legacy key layout; every key must match)."""
     get_mixlora_model(model, config)
-    ours = adapter_state_dict(model)
-    loaded = from_published_state_dict(dict(weights), ours)
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            ours[name].copy_(tensor)
+    set_adapter_weights(model, weights)
     return model
 
 
-def save_mixlora(model: nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-    """Write `adapter_config.json` and the adapter weights (published key names) to `save_directory`, atomically."""
-    config = getattr(model, "mixlora_config", None)
-    if config is None:
-        raise ValueError("save_mixlora: the model has no MixLoRA adapter (call get_mixlora_model first)")
-    published = to_published_state_dict({n: p.detach() for n, p in adapter_state_dict(model).items()})
-    save_adapter(save_directory, config, published, safe_serialization=safe_serialization)
+def save_mixlora(model: nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True, *,
+                 adapter: str | None = None) -> str:
+    """Write one adapter (default: the model's only one) to `save_directory` in the published format
+    (`adapter_config.json` + weights), atomically; return the weights file's path."""
+    name = adapter_name(model, adapter)
+    published = to_published_state_dict({n: p.detach() for n, p in adapter_state_dict(model, name).items()})
+    return write_adapter(save_directory, model.mixlora_configs[name], published, safe_serialization=safe_serialization)
 
 
 class MixLoraModelForCausalLM:
@@ -127,7 +295,7 @@ class MixLoraModelForCausalLM:
         """
         from transformers import AutoModelForCausalLM
 
-        config, weights = load_adapter(name_or_path)
+        config, weights = read_adapter(name_or_path)
         base = kwargs.pop("base_model_name_or_path", None) or config.base_model_name_or_path
         if not base:
             raise ValueError(f"{name_or_path}: adapter_config.json has no base_model_name_or_path; pass "
@@ -140,62 +308,3 @@ class MixLoraModelForCausalLM:
                 if "moe_gate" not in name.split("."):
                     p.data = p.data.to(dtype)
         return model, config
-
-
-def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, coef: float, z_coef: float = 0.0,
-                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Load-balance loss over the concatenated router logits of all MoE layers (docs/algorithm.md §1).
-
-    Args:
-        router_logits: per layer (T, E) logits, T = batch·seq in row-major order.
-        attention_mask: (batch, seq), 0 for padding; padding rows are excluded. Ignored if it does not have T entries.
-    Returns:
-        coef · E · Σ_k Σ_e f_{k,e} P_e (+ z_coef · mean logsumexp²), a scalar.
-    """
-    logits = torch.cat([l.to(torch.promote_types(l.dtype, torch.float32)) for l in router_logits])
-    if attention_mask is not None and attention_mask.numel() == router_logits[0].shape[0]:
-        keep = attention_mask.reshape(-1).to(device=logits.device, dtype=torch.bool).repeat(len(router_logits))
-        logits = logits[keep]
-    E = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1)
-    chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).to(probs.dtype)
-    loss = coef * E * (chosen.mean(0) * probs.mean(0)).sum()
-    if z_coef:
-        loss = loss + z_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return loss
-
-
-class _AuxLossHooks:
-    """Forward hooks on the top-level model: remember the attention mask, then add the aux loss to `loss`.
-
-    The aux loss is computed from the router logits each MoE layer kept during this forward. Under gradient
-    checkpointing those logits only carry gradients with the non-reentrant implementation.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.moes = moe_layers(model)
-        self.attention_mask = None
-        model.register_forward_pre_hook(self.before, with_kwargs=True)
-        model.register_forward_hook(self.after, with_kwargs=True)
-
-    def before(self, model, args, kwargs):
-        self.attention_mask = kwargs.get("attention_mask")
-        for moe in self.moes:
-            moe.router_logits = None
-
-    def after(self, model, args, kwargs, output):
-        layers = self.moes
-        logits = [m.router_logits for m in layers if m.router_logits is not None]
-        if not logits or not hasattr(output, "keys"):
-            return output
-        config = model.mixlora_config
-        aux = router_aux_loss(logits, config.top_k, config.router_aux_loss_coef, config.router_z_loss_coef,
-                              self.attention_mask)
-        output["aux_loss"] = aux
-        if model.training and config.router_loss and output.get("loss") is not None:
-            if torch.is_grad_enabled() and not aux.requires_grad and any(m.moe_gate.weight.requires_grad
-                                                                         for m in layers):
-                raise RuntimeError("MixLoRA's router aux loss lost its gradient: with gradient checkpointing use "
-                                   "gradient_checkpointing_kwargs={'use_reentrant': False}")
-            output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
-        return output

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlora.lora import adapter_dtype, dora_row_norm, init_lora_A
+from mixlora.lora import adapter_dtype, dora_row_norm, frozen_dtype, init_lora_A
+from mixlora.rows import AdapterRows
 from mixlora_kernels import ops
 from mixlora_kernels.activations import activation
 
@@ -60,7 +63,7 @@ class ExpertLoRA(nn.Module):
 
     def __init__(self, base: nn.Linear, num_experts: int, settings) -> None:
         super().__init__()
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(frozen_dtype(base))}
         self.lora_A = nn.Parameter(torch.empty(num_experts, settings.r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, base.out_features, settings.r, **factory))
         init_lora_A(self.lora_A.data, settings.lora_init)
@@ -87,18 +90,16 @@ def dense_in(ffn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 class MoeExperts(nn.Module):
     """One MixLoRA adapter's part of an FFN: the router `moe_gate` (E, H) fp32 and `experts[<projection>]`, over
-    frozen projections owned by another module (`ffn`, passed to every method), so that several adapters can share
-    one FFN (`mixlora.multi`). `MixLoraSparseMoe` is this plus the projections themselves.
+    frozen projections owned by `MixLoraSparseMoe` (`ffn`, passed to every method), which holds one of these per
+    adapter name.
 
     The router logits of the last forward are kept in `router_logits` (T, E) fp32 for the aux loss; `expert_load`
-    (E,) counts the slots each expert received.
+    (E,) counts the slots each expert received (padding included; this process only: under DDP's default
+    `broadcast_buffers=True` other ranks see rank 0's counts).
     """
 
     def __init__(self, ffn: nn.Module, config, activation_name: str) -> None:
         super().__init__()
-        self._init_experts(ffn, config, activation_name)
-
-    def _init_experts(self, ffn: nn.Module, config, activation_name: str) -> None:
         kind = require_ffn_kind(ffn)
         self.kind, self.projections = kind, FFN_KINDS[kind]
         down = getattr(ffn, self.projections[-1])
@@ -109,7 +110,7 @@ class MoeExperts(nn.Module):
         self.activation = kernel_activation(activation_name)
         self.jitter_noise = config.jitter_noise
         self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device,
-                                  dtype=_router_dtype(down.weight.dtype))
+                                  dtype=_router_dtype(frozen_dtype(down)))
         nn.init.normal_(self.moe_gate.weight, std=config.router_init_range)
         self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(ffn, name), self.num_experts, settings)
                                       for name in self.projections if name in config.target_modules})
@@ -189,44 +190,9 @@ class MoeExperts(nn.Module):
             return hbar, None
         return hbar, ops.lora_expand_combine(zd, Bd, weights, experts, order, offsets, self.scaling)
 
-
-class MixLoraSparseMoe(MoeExperts):
-    """Drop-in replacement of a decoder FFN.
-
-    Keeps the FFN's own projections as children under their own names (so the base state-dict keys do not change)
-    and adds `moe_gate` (the fp32 router, (E, H), no bias) and `experts[<projection>]` for every projection in
-    `target_modules`. Forward: (..., H) -> (..., H). The router logits of the last forward are kept in
-    `router_logits` (T, E) fp32 for the aux loss; `expert_load` (E,) counts the slots each expert received (padding
-    included; this process only: under DDP's default `broadcast_buffers=True` other ranks see rank 0's counts).
-    """
-
-    def __init__(self, mlp: nn.Module, config, activation_name: str) -> None:
-        nn.Module.__init__(self)
-        kind = require_ffn_kind(mlp)
-        for name in FFN_KINDS[kind]:
-            setattr(self, name, getattr(mlp, name))
-        self._init_experts(self, config, activation_name)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = self.jitter(hidden_states.reshape(-1, shape[-1]))
-        weights, experts, order, offsets = self.route(x)
-        if self.use_dora:
-            y = self._per_expert_forward(x, weights, experts, order, offsets)
-        else:
-            y = self._shared_base_forward(x, weights, experts, order, offsets)
-        return y.reshape(shape)
-
-    def _shared_base_forward(self, x, weights, experts, order, offsets):
-        """docs/algorithm.md §2: the three dense FFN GEMMs once per token, everything per expert at rank R."""
-        G, U = dense_in(self, x)
-        hbar, down_delta = self.expert_in(self, x, G, U, weights, experts, order, offsets)
-        y = getattr(self, self.projections[-1])(hbar)
-        return y if down_delta is None else y + down_delta.to(y.dtype)
-
-    def _expert_projection(self, name: str, e: int, rows: torch.Tensor) -> torch.Tensor:
+    def _expert_projection(self, ffn: nn.Module, name: str, e: int, rows: torch.Tensor) -> torch.Tensor:
         """Projection `name` of expert e on its rows: base + LoRA (DoRA-rescaled when configured)."""
-        base = getattr(self, name)
+        base = getattr(ffn, name)
         out = F.linear(rows, base.weight)
         if name in self.experts:
             lora = self.experts[name]
@@ -241,9 +207,10 @@ class MixLoraSparseMoe(MoeExperts):
             out = out.to(rows.dtype)
         return out if base.bias is None else out + base.bias
 
-    def _per_expert_forward(self, x, weights, experts, order, offsets):
-        """Loop over experts with the base FFN applied per expert: DoRA rescales each expert's base projection, so
-        the shared-base algorithm does not apply. Synchronises on `offsets`."""
+    def per_expert_forward(self, ffn: nn.Module, x, weights, experts, order, offsets):
+        """The FFN output (T, H) of x (T, H) as a loop over experts, each running the base FFN with its own LoRA:
+        DoRA rescales each expert's base projection, so the shared-base algorithm does not apply. Synchronises on
+        `offsets`."""
         K = experts.shape[1]
         y = torch.zeros_like(x)
         bounds = offsets.tolist()
@@ -254,13 +221,85 @@ class MixLoraSparseMoe(MoeExperts):
             tokens = slots // K
             rows = x[tokens]
             if self.kind == "fused":
-                g, u = self._expert_projection("gate_up_proj", e, rows).chunk(2, dim=-1)
+                g, u = self._expert_projection(ffn, "gate_up_proj", e, rows).chunk(2, dim=-1)
                 h = activation(self.activation, g) * u
             elif self.kind == "gated":
-                h = activation(self.activation, self._expert_projection("gate_proj", e, rows)) \
-                    * self._expert_projection("up_proj", e, rows)
+                h = activation(self.activation, self._expert_projection(ffn, "gate_proj", e, rows)) \
+                    * self._expert_projection(ffn, "up_proj", e, rows)
             else:
-                h = activation(self.activation, self._expert_projection("fc1", e, rows))
-            out = self._expert_projection(self.projections[-1], e, h)
+                h = activation(self.activation, self._expert_projection(ffn, "fc1", e, rows))
+            out = self._expert_projection(ffn, self.projections[-1], e, h)
             y = y.index_add(0, tokens, (weights.reshape(-1)[slots].unsqueeze(-1) * out).to(y.dtype))
         return y
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class MixLoraSparseMoe(nn.Module):
+    """Drop-in replacement of a decoder FFN, shared by one or more named MixLoRA adapters.
+
+    Keeps the FFN's own projections as children under their own names (so the base state-dict keys do not change);
+    `adapters[name]` is that adapter's `MoeExperts` (its router `moe_gate` and `experts[<projection>]`). Forward:
+    (..., H) -> (..., H), the rows split among adapters by `rows` (`mixlora.rows.AdapterRows`): the three dense
+    GEMMs run once over the rows of every LoRA/rsLoRA adapter, each adapter routes its own tokens among its own
+    experts; a DoRA adapter's rows run `MoeExperts.per_expert_forward`. `activation` is the FFN's (an adapter's
+    `act_fn` overrides it). `base_layer` is the replaced FFN, given back by `mixlora.unload_mixlora` and run while
+    the adapters are disabled.
+    """
+
+    def __init__(self, mlp: nn.Module, configs: Mapping[str, object], activation: str,
+                 rows: AdapterRows | None = None) -> None:
+        super().__init__()
+        self.kind = require_ffn_kind(mlp)
+        self.projections = FFN_KINDS[self.kind]
+        for name in self.projections:
+            setattr(self, name, getattr(mlp, name))
+        self.adapters = nn.ModuleDict({name: MoeExperts(self, config, config.act_fn or activation)
+                                       for name, config in configs.items()})
+        self._rows = rows if rows is not None else AdapterRows(list(configs))
+        self._base_layer = (mlp,)  # outside the module tree: its projections are this module's children
+
+    def unwrap(self) -> nn.Module:
+        """The replaced FFN module (it shares its projections with this module)."""
+        return self._base_layer[0]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._rows.disabled:
+            return self._base_layer[0](hidden_states)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        parts = [(self.adapters[name], start, end)
+                 for name, start, end in self._rows.slices(x.shape[0], "MixLoraSparseMoe")]
+        if any(a.training and a.jitter_noise > 0 for a, _, _ in parts):
+            # Jitter scales the FFN input too, so it has to happen before the shared GEMMs.
+            x = _cat([a.jitter(x[start:end]) for a, start, end in parts])
+        shared = [part for part in parts if not part[0].use_dora]
+        shared_outs = iter(self._shared_base_forward(x, shared, whole=len(shared) == len(parts)) if shared else ())
+        outs = []
+        for a, start, end in parts:
+            if a.use_dora:
+                xs = x[start:end]
+                outs.append(a.per_expert_forward(self, xs, *a.route(xs)))
+            else:
+                outs.append(next(shared_outs))
+        return _cat(outs).reshape(shape)
+
+    def _shared_base_forward(self, x, parts, whole: bool) -> list[torch.Tensor]:
+        """docs/algorithm.md §2 for the rows of `parts` (all rows of x when `whole`): the three dense FFN GEMMs once
+        over them, everything per expert at rank R; each part's output (rows, H)."""
+        xs = x if whole else _cat([x[start:end] for _, start, end in parts])
+        G, U = dense_in(self, xs)
+        bounds, hbars, deltas, at = [], [], [], 0
+        for a, start, end in parts:
+            n = end - start
+            rows = slice(at, at + n)
+            bounds.append(rows)
+            at += n
+            hbar, delta = a.expert_in(self, xs[rows], G[rows], None if U is None else U[rows], *a.route(xs[rows]))
+            hbars.append(hbar)
+            deltas.append(delta)
+        y = getattr(self, self.projections[-1])(_cat(hbars))
+        return [y[rows] if delta is None else y[rows] + delta.to(y.dtype)
+                for rows, delta in zip(bounds, deltas, strict=True)]

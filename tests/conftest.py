@@ -62,13 +62,14 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
 
 
 def randomize_adapters(model, seed: int = 1, std: float = 0.3) -> None:
-    """Fill every adapter parameter (B included) with fresh random values so the adapters matter; DoRA magnitudes
+    """Fill every parameter of every adapter (B included) with fresh random values so the adapters matter; DoRA magnitudes
     are perturbed multiplicatively around their initial row norms."""
     from mixlora import adapter_state_dict
 
     gen = torch.Generator().manual_seed(seed)
+    params = {(adapter, n): p for adapter in model.mixlora_configs for n, p in adapter_state_dict(model, adapter).items()}
     with torch.no_grad():
-        for name, p in adapter_state_dict(model).items():
+        for (_, name), p in params.items():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
             p.copy_(p * (1 + std * noise) if name.endswith("lora_magnitude_vector") else std * noise)
 

@@ -62,8 +62,8 @@ def _local_expert_slots(model: torch.nn.Module) -> torch.Tensor:
     """
     counts = []
     for moe in moe_layers(model):
-        chosen = torch.topk(moe.router_logits, moe.top_k, dim=-1).indices
-        counts.append(torch.bincount(chosen.reshape(-1), minlength=moe.num_experts))
+        chosen = torch.topk(moe.adapters.default.router_logits, moe.adapters.default.top_k, dim=-1).indices
+        counts.append(torch.bincount(chosen.reshape(-1), minlength=moe.adapters.default.num_experts))
     return torch.stack(counts)
 
 

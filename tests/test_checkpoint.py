@@ -14,8 +14,8 @@ from mixlora.checkpoint import (
     SAFETENSORS_WEIGHTS_NAME,
     WEIGHTS_NAME,
     from_published_state_dict,
-    load_adapter,
-    save_adapter,
+    read_adapter,
+    write_adapter,
     to_published_state_dict,
 )
 from mixlora.config import MixLoraConfig
@@ -277,20 +277,20 @@ def test_save_and_load(tmp_path, safe_serialization):
     config = config_for_tiny_model(use_dora=True)
     ours = make_ours(dora=True, dtype=torch.bfloat16)
     published = to_published_state_dict(ours)
-    weights_path = save_adapter(tmp_path / "adapter", config, published, safe_serialization=safe_serialization)
+    weights_path = write_adapter(tmp_path / "adapter", config, published, safe_serialization=safe_serialization)
     name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     assert weights_path == os.path.join(tmp_path / "adapter", name)
     assert sorted(os.listdir(tmp_path / "adapter")) == sorted([CONFIG_NAME, name])
 
     for path in (tmp_path / "adapter", weights_path, tmp_path / "adapter" / CONFIG_NAME):
-        loaded_config, weights = load_adapter(path)
+        loaded_config, weights = read_adapter(path)
         assert loaded_config == config
         assert_same_state(weights, published)  # bf16 LoRA and fp32 router keep their dtypes
         assert_same_state(from_published_state_dict(weights, ours), ours)
 
 
 def test_safetensors_metadata(tmp_path):
-    save_adapter(tmp_path, config_for_tiny_model(), to_published_state_dict(make_ours()))
+    write_adapter(tmp_path, config_for_tiny_model(), to_published_state_dict(make_ours()))
     with safetensors.safe_open(tmp_path / SAFETENSORS_WEIGHTS_NAME, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
 
@@ -298,23 +298,23 @@ def test_safetensors_metadata(tmp_path):
 def test_saving_one_format_removes_the_other(tmp_path):
     config = config_for_tiny_model()
     old, new = to_published_state_dict(make_ours()), to_published_state_dict(make_ours())
-    save_adapter(tmp_path, config, old, safe_serialization=True)
-    save_adapter(tmp_path, config, new, safe_serialization=False)
-    # Otherwise load_adapter would prefer the stale safetensors file.
+    write_adapter(tmp_path, config, old, safe_serialization=True)
+    write_adapter(tmp_path, config, new, safe_serialization=False)
+    # Otherwise read_adapter would prefer the stale safetensors file.
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
-    assert_same_state(load_adapter(tmp_path)[1], new)
-    save_adapter(tmp_path, config, old, safe_serialization=True)
+    assert_same_state(read_adapter(tmp_path)[1], new)
+    write_adapter(tmp_path, config, old, safe_serialization=True)
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME])
-    assert_same_state(load_adapter(tmp_path)[1], old)
+    assert_same_state(read_adapter(tmp_path)[1], old)
 
 
 def test_load_prefers_safetensors(tmp_path):
     config = config_for_tiny_model()
     first, second = to_published_state_dict(make_ours()), to_published_state_dict(make_ours())
-    save_adapter(tmp_path, config, first, safe_serialization=True)
+    write_adapter(tmp_path, config, first, safe_serialization=True)
     torch.save(second, tmp_path / WEIGHTS_NAME)  # e.g. copied in by hand
-    assert_same_state(load_adapter(tmp_path)[1], first)
-    assert_same_state(load_adapter(tmp_path / WEIGHTS_NAME)[1], second)
+    assert_same_state(read_adapter(tmp_path)[1], first)
+    assert_same_state(read_adapter(tmp_path / WEIGHTS_NAME)[1], second)
 
 
 def test_published_legacy_bin_checkpoint_loads(tmp_path):
@@ -326,7 +326,7 @@ def test_published_legacy_bin_checkpoint_loads(tmp_path):
               "target_modules": ["q_proj", "v_proj", "w1_proj", "w2_proj", "w3_proj"]}  # fmt: skip
     del config["expert_lora"]
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    loaded_config, weights = load_adapter(tmp_path)
+    loaded_config, weights = read_adapter(tmp_path)
     assert loaded_config.routing_strategy == "mixlora"
     assert loaded_config.target_modules == ["q_proj", "v_proj", "gate_proj", "down_proj", "up_proj"]
     assert not any(isinstance(v, torch.nn.Parameter) for v in weights.values())
@@ -335,28 +335,28 @@ def test_published_legacy_bin_checkpoint_loads(tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_adapter(tmp_path / "nowhere")
+        read_adapter(tmp_path / "nowhere")
     names = re.escape(f"'{CONFIG_NAME}' and '{SAFETENSORS_WEIGHTS_NAME}' or '{WEIGHTS_NAME}'")
     with pytest.raises(FileNotFoundError, match=f"{re.escape(repr(str(tmp_path)))} is not a complete MixLoRA "
                                                 f"adapter directory: missing {names}"):  # fmt: skip
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
     config_for_tiny_model().save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=re.escape(f"missing '{SAFETENSORS_WEIGHTS_NAME}' or '{WEIGHTS_NAME}'")):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
     os.remove(tmp_path / CONFIG_NAME)
     torch.save(to_published_state_dict(make_ours()), tmp_path / WEIGHTS_NAME)
     with pytest.raises(FileNotFoundError, match=re.escape(f"missing '{CONFIG_NAME}'")):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
     config_for_tiny_model().save_pretrained(tmp_path)
     torch.save([torch.randn(2)], tmp_path / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="does not hold a dict of str -> tensor"):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
 
 
 @pytest.mark.parametrize("safe_serialization", [True, False])
 def test_failed_save_leaves_the_previous_files_intact(tmp_path, monkeypatch, safe_serialization):
     config = config_for_tiny_model()
-    save_adapter(tmp_path, config, to_published_state_dict(make_ours()), safe_serialization=safe_serialization)
+    write_adapter(tmp_path, config, to_published_state_dict(make_ours()), safe_serialization=safe_serialization)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     assert len(before) == 2
 
@@ -374,13 +374,13 @@ def test_failed_save_leaves_the_previous_files_intact(tmp_path, monkeypatch, saf
     else:
         monkeypatch.setattr(torch, "save", fail_midway)
     with pytest.raises(OSError, match="No space left on device"):
-        save_adapter(tmp_path, config_for_tiny_model(lora_alpha=8), to_published_state_dict(make_ours()),
+        write_adapter(tmp_path, config_for_tiny_model(lora_alpha=8), to_published_state_dict(make_ours()),
                      safe_serialization=safe_serialization)  # fmt: skip
 
     assert len(written) == 1 and os.path.dirname(written[0]) == str(tmp_path)  # temp file in the same directory
     assert sorted(os.listdir(tmp_path)) == sorted(before)  # no temporary file left behind
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
-    assert load_adapter(tmp_path)[0] == config
+    assert read_adapter(tmp_path)[0] == config
 
 
 def _cut(data: bytes) -> bytes:
@@ -397,14 +397,14 @@ def _cut(data: bytes) -> bytes:
 def test_unreadable_weights_raise_adapter_file_error_naming_the_file(tmp_path, safe_serialization, damage, problem):
     from mixlora.checkpoint import AdapterFileError
 
-    path = save_adapter(tmp_path, config_for_tiny_model(), to_published_state_dict(make_ours()),
+    path = write_adapter(tmp_path, config_for_tiny_model(), to_published_state_dict(make_ours()),
                         safe_serialization=safe_serialization)
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
         f.write(damage(data))
     with pytest.raises(AdapterFileError) as info:
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
     assert str(info.value).startswith(f"{path}: {problem}"), info.value
     assert info.value.path == path and isinstance(info.value, ValueError)
 
@@ -415,7 +415,7 @@ def test_pickled_objects_and_a_binary_config_raise_adapter_file_error(tmp_path):
     config_for_tiny_model().save_pretrained(tmp_path)
     torch.save({"a": torch.zeros(1), "b": datetime.date(2026, 12, 1)}, tmp_path / WEIGHTS_NAME)  # not a tensor
     with pytest.raises(AdapterFileError, match="holds objects other than tensors, which a weights-only load refuses"):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
     # The weights file given where the config is expected (MixLoraConfig.from_pretrained reads a file path as is).
     torch.save(to_published_state_dict(make_ours()), tmp_path / WEIGHTS_NAME)
     with pytest.raises(AdapterFileError, match=re.escape(f"{tmp_path / WEIGHTS_NAME}: is not a text file")):

@@ -15,7 +15,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           PreTrainedTokenizerFast)
 
-from mixlora.checkpoint import load_adapter  # noqa: E402
+from mixlora.checkpoint import read_adapter  # noqa: E402
 from mixlora.cli import main  # noqa: E402
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -71,7 +71,7 @@ def _train(root) -> dict:
 def test_train_writes_published_adapter_summary_and_plot(env):
     out = env["out"]
     assert {"adapter_config.json", "adapter_model.bin", "train_summary.json", "loss.png"} <= set(os.listdir(out))
-    config, weights = load_adapter(out)
+    config, weights = read_adapter(out)
     assert config.peft_type == "MIXLORA" and config.num_experts == 4 and config.top_k == 2 and config.r == 4
     assert config.base_model_name_or_path == env["base"]
     assert "mixlora.layers.1.mlp.moe_gate.weight" in weights
@@ -95,8 +95,8 @@ def test_resume_continues_with_identical_next_loss(env, tmp_path):
     again = json.load(open(resumed / "train_summary.json"))
     assert again["resumed_from_step"] == 2
     assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
-    _, w1 = load_adapter(env["out"])
-    _, w2 = load_adapter(str(resumed))
+    _, w1 = read_adapter(env["out"])
+    _, w2 = read_adapter(str(resumed))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
@@ -179,12 +179,41 @@ def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, case, needle):
 
 
 def test_exponent_floats_parse_as_numbers(tmp_path):
-    from mixlora.cli import _parse_overrides, _read_config_file
+    from mixlora.cli import _read_config_file, build_parser
 
-    assert _parse_overrides(["--lr", "1e-3", "--r", "8", "--tasks", "a,b"]) == {"lr": 1e-3, "r": 8, "tasks": "a,b"}
+    args = build_parser().parse_args(["train", "--lr", "1e-3", "--r", "8", "--tasks", "a,b", "--resume"])
+    assert (args.lr, args.r, args.tasks, args.resume) == (1e-3, 8, "a,b", True)
+    assert not hasattr(args, "steps")  # an option not given leaves the config file's value (or the default)
     config = tmp_path / "c.yaml"
     config.write_text("lr: 5E-4\nadapters:\n  a: {lr: 2e-3}\n")
     assert _read_config_file(str(config)) == {"lr": 5e-4, "adapters": {"a": {"lr": 2e-3}}}
+
+
+def test_train_help_shows_every_setting_with_its_help_and_default(capsys):
+    from dataclasses import fields
+
+    from mixlora.config import MixLoraConfig
+    from mixlora.train_config import ADAPTER_FIELDS, TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shown = [f for f in fields(TrainConfig) if f.name not in ("adapter", "adapters")] + \
+        [f for f in fields(MixLoraConfig) if f.name in ADAPTER_FIELDS]
+    for f in shown:
+        assert f"--{f.name.replace('_', '-')} [VALUE] {f.metadata['help']}" in text, f.name
+    assert "--num-experts [VALUE] Number of experts E per MoE layer. (default: 8)" in text  # DEFAULT_ADAPTER's
+    assert "--steps [VALUE] optimiser steps (default: 90 on CPU, 600 on GPU)" in text
+    assert "--lr [VALUE] AdamW learning rate (default: 0.001)" in text
+
+
+def test_options_override_the_config_file(tmp_path):
+    from mixlora.cli import build_parser, train_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 7\nr: 4\nlr: 0.5\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--r", "16", "--output-dir", "o"])
+    assert train_settings(args) == {"steps": 7, "r": 16, "lr": 0.5, "output_dir": "o"}
 
 
 def _one_error_line(capsys) -> str:
@@ -204,7 +233,7 @@ def _truncate(path, keep: float = 0.5) -> None:
 def _damage(env, tmp_path, case: str) -> tuple[list[str], str]:
     """A copy of the trained adapter with one bad file, the command that reads it and the text its error must
     hold."""
-    from mixlora.checkpoint import save_adapter
+    from mixlora.checkpoint import write_adapter
 
     adapter = tmp_path / "adapter"
     shutil.copytree(env["out"], adapter)
@@ -216,8 +245,8 @@ def _damage(env, tmp_path, case: str) -> tuple[list[str], str]:
         _truncate(adapter / "adapter_model.bin", 0)
         return eval_, f"{adapter / 'adapter_model.bin'}: is empty"
     if case.startswith("safetensors"):
-        config, weights = load_adapter(str(adapter))
-        save_adapter(str(adapter), config, weights, safe_serialization=True)
+        config, weights = read_adapter(str(adapter))
+        write_adapter(str(adapter), config, weights, safe_serialization=True)
         path = adapter / "adapter_model.safetensors"
         if case == "safetensors_truncated":
             _truncate(path)
@@ -343,7 +372,7 @@ def test_train_summary_has_answer_loss_and_accuracy_intervals(env):
 
 
 def test_loss_curve_smoothing_is_a_centred_running_mean():
-    from mixlora.train import running_mean
+    from mixlora.train_summary import running_mean
 
     assert running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
     assert running_mean([4.0, 0.0], 9) == [2.0, 2.0]

@@ -13,7 +13,7 @@ import yaml
 pytest.importorskip("tokenizers")
 from test_cli import _records, _save_tiny_llama
 
-from mixlora.checkpoint import load_adapter
+from mixlora.checkpoint import read_adapter
 from mixlora.cli import main
 from mixlora.model import MixLoraModelForCausalLM
 
@@ -60,7 +60,7 @@ def test_adapters_train_together_and_save_published(env):
     for name, (task, settings) in ADAPTERS.items():
         directory = os.path.join(out, name)
         assert {"adapter_config.json", "adapter_model.bin"} <= set(os.listdir(directory))
-        config, weights = load_adapter(directory)
+        config, weights = read_adapter(directory)
         assert (config.num_experts, config.top_k, config.r) == (settings["num_experts"], settings["top_k"],
                                                                  settings["r"])
         assert config.base_model_name_or_path == env["base"]
@@ -94,8 +94,8 @@ def test_resume_continues_with_identical_losses(env, tmp_path):
     assert again["resumed_from_step"] == 3
     assert again["history"] == first["history"]  # losses, aux losses and learning rates of every adapter
     for name in ADAPTERS:
-        _, w1 = load_adapter(os.path.join(env["out"], name))
-        _, w2 = load_adapter(str(resumed / name))
+        _, w1 = read_adapter(os.path.join(env["out"], name))
+        _, w2 = read_adapter(str(resumed / name))
         assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 

@@ -2,8 +2,9 @@
 
 The layer runs on CUDA with each backend installed (`mixlora_kernels.backend.use`) and is compared, output and every
 gradient (x, router, each expert A/B), with the loop-simple float64 oracle (tests/reference.py) on CPU copies of the
-same parameters. The 16-bit rule of tests/test_cuda_ops.py applies: error ≤ 2× the torch reference's own error in
-the same dtype (the `torch` backend on the same GPU) + a small atol. `opcheck` runs every op with CUDA inputs under
+same parameters, by the whole-layer form of the rule of `mixlora_kernels.selftest`: the error (a norm) ≤ 2× the torch
+reference's own error in the same dtype (the `torch` backend on the same GPU) + 1e-2 of the scale, as a chain of
+ops compounds the per-op rounding the per-element rule allows. `opcheck` runs every op with CUDA inputs under
 each backend. Marked `cuda`: skipped without a GPU. On a GPU every backend must have loaded: the list is fixed here,
 not taken from the registry under test, so a backend that fails to load fails these tests instead of vanishing.
 """
@@ -40,11 +41,11 @@ def _layer(H=96, I=160, E=5, K=2, R=8, dropout=0.0, seed=0):
     mlp = LlamaMLP(LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act="silu")).double()
     config = MixLoraConfig(r=R, lora_alpha=2 * R, num_experts=E, top_k=K, lora_dropout=dropout,
                            target_modules=["gate_proj", "up_proj", "down_proj"])
-    moe = MixLoraSparseMoe(mlp, config, "silu")
+    moe = MixLoraSparseMoe(mlp, {"default": config}, "silu")
     with torch.no_grad():
-        for lora in moe.experts.values():
+        for lora in moe.adapters.default.experts.values():
             lora.lora_B.normal_(std=0.2)
-        moe.moe_gate.weight.normal_(std=0.5)
+        moe.adapters.default.moe_gate.weight.normal_(std=0.5)
     return moe
 
 
@@ -79,7 +80,7 @@ def test_layer_matches_oracle_on_gpu(backend_name, dtype, T, K):
         ours = _run(gpu, xg, gg)
     names = ["y", "x"] + [n for n, p in gpu.named_parameters() if p.requires_grad]
     for name, a, t, r in zip(names, ours, same_dtype, oracle, strict=True):
-        if K == 1 and name == "moe_gate.weight":  # a single renormalised weight is 1: no router gradient
+        if K == 1 and name.endswith("moe_gate.weight"):  # a single renormalised weight is 1: no router gradient
             assert a.abs().max() <= 1e-6, name
             continue
         scale = r.abs().max().item()
@@ -110,17 +111,17 @@ def test_opcheck_every_op_on_cuda(backend_name):
     gpu = _layer().to("cuda", torch.float32)
     x = torch.randn(33, 96, device="cuda", requires_grad=True)
     with backend.use(backend_name):
-        logits = ops.router_logits(x, gpu.moe_gate.weight)
+        logits = ops.router_logits(x, gpu.adapters.default.moe_gate.weight)
         weights, experts = ops.route(logits, 2)
         order, offsets = ops.sort_slots(experts, 5)
-        A = torch.cat([gpu.experts["gate_proj"].lora_A, gpu.experts["up_proj"].lora_A], 1).detach()
+        A = torch.cat([gpu.adapters.default.experts["gate_proj"].lora_A, gpu.adapters.default.experts["up_proj"].lora_A], 1).detach()
         z = ops.lora_shrink(x, A, experts, order, offsets, 0.1, 3).detach()
         G, U = torch.randn(33, 160, device="cuda"), torch.randn(33, 160, device="cuda")
-        Bg, Bu = gpu.experts["gate_proj"].lora_B.detach(), gpu.experts["up_proj"].lora_B.detach()
-        Ad, Bd = gpu.experts["down_proj"].lora_A.detach(), gpu.experts["down_proj"].lora_B.detach()
+        Bg, Bu = gpu.adapters.default.experts["gate_proj"].lora_B.detach(), gpu.adapters.default.experts["up_proj"].lora_B.detach()
+        Ad, Bd = gpu.adapters.default.experts["down_proj"].lora_A.detach(), gpu.adapters.default.experts["down_proj"].lora_B.detach()
         zd = torch.randn(66, 8, device="cuda")
         cases = [
-            (ops.router_logits, (x, gpu.moe_gate.weight)),
+            (ops.router_logits, (x, gpu.adapters.default.moe_gate.weight)),
             (ops.route, (logits.detach().requires_grad_(), 2)),
             (ops.sort_slots, (experts, 5)),
             (ops.lora_shrink, (x, A.requires_grad_(), experts, order, offsets, 0.1, 3)),

@@ -9,9 +9,9 @@ import torch
 from conftest import randomize_adapters, tiny_model
 from reference import reference_moe_forward
 
-from mixlora import (MixLoraConfig, MixLoraModelForCausalLM, adapter_state_dict, get_mixlora_model,
-                     inject_adapter_in_model, moe_layers, save_mixlora)
-from mixlora.checkpoint import load_adapter
+from mixlora import (MixLoraConfig, MixLoraModelForCausalLM, adapter_state_dict, disable_adapter, get_mixlora_model,
+                     inject_adapter_in_model, moe_layers, save_mixlora, unload_mixlora)
+from mixlora.checkpoint import read_adapter
 
 
 def _targets(model, wanted):
@@ -29,7 +29,8 @@ def test_inject_train_save_load(arch, tmp_path):
     model.save_pretrained(tmp_path / "base")
     get_mixlora_model(model, config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(adapter_state_dict(model)) and trainable  # only adapters train
+    assert trainable and {id(p) for n, p in model.named_parameters() if n in trainable} \
+        == {id(p) for p in adapter_state_dict(model).values()}  # only adapters train
     assert all(n in model.state_dict() for n in trainable)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -43,7 +44,7 @@ def test_inject_train_save_load(arch, tmp_path):
         opt.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
-    assert all(m.expert_load.sum() == 6 * 18 * 2 for m in moe_layers(model))  # 6 steps x 18 tokens x K slots
+    assert all(m.adapters.default.expert_load.sum() == 6 * 18 * 2 for m in moe_layers(model))  # 6 steps x 18 tokens x K slots
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -54,7 +55,7 @@ def test_inject_train_save_load(arch, tmp_path):
         assert torch.equal(loaded.eval()(input_ids=ids).logits, logits)
     half = loaded.to(torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for n, p in adapter_state_dict(half).items() if "moe_gate" not in n)
-    assert all(m.moe_gate.weight.dtype == torch.float32 for m in moe_layers(half))  # router stays fp32
+    assert all(m.adapters.default.moe_gate.weight.dtype == torch.float32 for m in moe_layers(half))  # router stays fp32
 
 
 def _published_checkpoint(num_layers, E, H, I, r, attn):
@@ -84,10 +85,10 @@ def test_published_checkpoint_loads_and_matches_oracle(tmp_path):
     weights = _published_checkpoint(2, 3, 32, 45, 8, ["q_proj", "v_proj"])
     (tmp_path / "adapter_config.json").write_text(json.dumps(PUBLISHED_CONFIG))
     torch.save(weights, tmp_path / "adapter_model.bin")
-    config, loaded = load_adapter(tmp_path)
+    config, loaded = read_adapter(tmp_path)
     model = inject_adapter_in_model(tiny_model("llama", torch.float64), config, loaded).eval()
     moe = moe_layers(model)[1]
-    assert torch.equal(moe.experts["up_proj"].lora_B[2].float(), weights["mixlora.layers.1.mlp.up_proj.experts.2.lora_B.weight"])
+    assert torch.equal(moe.adapters.default.experts["up_proj"].lora_B[2].float(), weights["mixlora.layers.1.mlp.up_proj.experts.2.lora_B.weight"])
     x = torch.randn(1, 5, 32, dtype=torch.float64)
     ref, _ = reference_moe_forward(moe, x, "silu")
     assert ((moe(x) - ref).norm() / ref.norm()) <= 1e-9
@@ -186,9 +187,61 @@ def test_dora_magnitudes_are_trained_saved_and_loaded(tmp_path):
     assert all(dict(model.named_parameters())[n].grad.abs().sum() > 0 for n in magnitudes)
     model.eval()
     save_mixlora(model, tmp_path)
-    config_back, weights = load_adapter(tmp_path)
+    config_back, weights = read_adapter(tmp_path)
     assert "mixlora.layers.1.mlp.gate_proj.experts.2.lora_magnitude_vector" in weights
     assert weights["mixlora.layers.0.self_attn.q_proj.lora_magnitude_vector"].shape == (32,)
     loaded = inject_adapter_in_model(tiny_model("llama"), config_back, weights).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_unload_gives_back_the_base_model(arch):
+    """unload_mixlora on every architecture: the original module objects, their state-dict keys, the base logits,
+    no hooks (no aux loss, labels reach the model's own loss), requires_grad as before; and a second injection."""
+    base = tiny_model(arch, torch.float64)
+    base.lm_head.weight.requires_grad_(False)  # a base the user froze in part: unloading keeps that
+    modules = dict(base.named_modules())
+    keys = list(base.state_dict())
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = base(input_ids=ids, labels=ids)
+    model = get_mixlora_model(base, MixLoraConfig(target_modules=_targets(base, WANTED), num_experts=3))
+    randomize_adapters(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, want.logits)
+    assert unload_mixlora(model) is base
+    assert all(dict(base.named_modules())[n] is m for n, m in modules.items()) and \
+        len(dict(base.named_modules())) == len(modules)
+    assert list(base.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert not hasattr(base, "mixlora_configs") and not base._forward_hooks and not base._forward_pre_hooks
+    with torch.no_grad():
+        got = base(input_ids=ids, labels=ids)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss) and "aux_loss" not in got
+    get_mixlora_model(base, MixLoraConfig(target_modules=["q_proj"] if "q_proj" in _targets(base, WANTED)
+                                          else ["qkv_proj"]))
+
+
+def test_disable_adapter_runs_the_base_model():
+    base = tiny_model("llama", torch.float64)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = get_mixlora_model(base, MixLoraConfig(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                                                  lora_dropout=0.0))
+    randomize_adapters(model)
+    model.train()
+    with torch.no_grad():
+        adapted = model(input_ids=ids, labels=ids)
+        with disable_adapter(model):
+            off = model(input_ids=ids, labels=ids)
+            with disable_adapter(model):  # nesting keeps it off
+                pass
+            assert torch.equal(model(input_ids=ids).logits, want)
+        again = model(input_ids=ids, labels=ids)
+    assert torch.equal(off.logits, want) and "aux_loss" not in off
+    assert torch.equal(again.logits, adapted.logits) and torch.equal(again.aux_loss, adapted.aux_loss)
+    with pytest.raises(ValueError, match="has no MixLoRA adapter"):
+        with disable_adapter(tiny_model("llama")):
+            pass

@@ -12,8 +12,7 @@ import torch
 from conftest import randomize_adapters, tiny_model
 
 from mixlora import MixLoraConfig, MixLoraModelForCausalLM, adapter_state_dict, get_mixlora_model, save_mixlora
-from mixlora.multi import (adapter_named_parameters, adapter_parameters, batch_adapters, get_multi_mixlora_model,
-                           save_adapter)
+from mixlora.multi import adapter_parameters, batch_adapters, get_multi_mixlora_model, save_adapter
 
 REL = 1e-9
 
@@ -36,11 +35,14 @@ def _configs(base_path: str | None = None) -> dict[str, MixLoraConfig]:
         # K=E, prime E, R=16; no down LoRA (no down delta for its rows)
         "c": MixLoraConfig(r=16, lora_alpha=16, num_experts=5, top_k=5, router_aux_loss_coef=0.02,
                            target_modules=["q_proj", "gate_proj"], **common),
+        # DoRA attention and experts: its rows run the per-expert loop, outside the shared dense GEMMs
+        "d": MixLoraConfig(r=4, lora_alpha=8, num_experts=3, top_k=2, use_dora=True, router_aux_loss_coef=0.05,
+                           target_modules=["v_proj", "gate_proj", "up_proj", "down_proj"], **common),
     }
 
 
-ROWS = ["a", "a", "b", "c", "c", "c"]
-LR = {"a": 1e-2, "b": 3e-2, "c": 5e-3}
+ROWS = ["a", "a", "b", "c", "c", "c", "d", "d"]
+LR = {"a": 1e-2, "b": 3e-2, "c": 5e-3, "d": 2e-2}
 
 
 def _batch():
@@ -49,6 +51,7 @@ def _batch():
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # right padding in adapter a's rows and c's rows: excluded from LM and aux losses
     mask[5, 6:] = 0
+    mask[7, 8:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids, mask, labels
 
@@ -66,7 +69,7 @@ def _models(configs):
     singles = {}
     for name, config in configs.items():
         single = get_mixlora_model(tiny_model("llama", torch.float64), config)
-        ours, theirs = adapter_named_parameters(multi, name), adapter_state_dict(single)
+        ours, theirs = adapter_state_dict(multi, name), adapter_state_dict(single)
         assert sorted(ours) == sorted(theirs)
         with torch.no_grad():
             for n, p in theirs.items():
@@ -97,8 +100,8 @@ def test_multi_adapter_training_matches_each_adapter_alone():
         dense_calls.clear()
         with batch_adapters(multi, ROWS):
             out = multi(input_ids=ids, attention_mask=mask, labels=labels)
-        # the frozen FFN GEMMs run once per layer, on every token of every adapter
-        assert dense_calls == [ids.numel()] * 3
+        # the frozen FFN GEMMs run once per layer, on every token of every LoRA/rsLoRA adapter
+        assert dense_calls == [ids[:spans["d"][0]].numel()] * 3
         out.loss.backward()
         assert sorted(out.adapter_losses) == sorted(out.adapter_aux_losses) == sorted(configs)
         total = 0
@@ -111,7 +114,7 @@ def test_multi_adapter_training_matches_each_adapter_alone():
             assert _rel(out.adapter_losses[name], lm) <= REL, (step, name)
             assert _rel(out.adapter_aux_losses[name], s_out.aux_loss) <= REL and s_out.aux_loss > 0, (step, name)
             total = total + s_out.loss
-            ours = adapter_named_parameters(multi, name)
+            ours = adapter_state_dict(multi, name)
             for n, p in adapter_state_dict(single).items():
                 assert p.grad.abs().max() > 0, (step, name, n)  # every adapter parameter takes part
                 assert _rel(ours[n].grad, p.grad) <= REL, (step, name, n)
@@ -122,7 +125,7 @@ def test_multi_adapter_training_matches_each_adapter_alone():
             single_opt.step()
             single_opt.zero_grad()
     for name, single in singles.items():
-        ours = adapter_named_parameters(multi, name)
+        ours = adapter_state_dict(multi, name)
         for n, p in adapter_state_dict(single).items():
             assert _rel(ours[n], p) <= REL, (name, n)
 
@@ -174,7 +177,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zz'\]"):
         with batch_adapters(multi, ["a", "zz", "zz"]):
             pass
-    with pytest.raises(ValueError, match="runs only inside `with mixlora.multi.batch_adapters"):
+    with pytest.raises(ValueError, match=r"run it inside `with mixlora.batch_adapters\(model, names\):`"):
         multi(input_ids=ids)
     with pytest.raises(ValueError, match="not a multiple of the 2 rows given to batch_adapters"):
         with batch_adapters(multi, ["a", "b"]):
@@ -186,8 +189,6 @@ def test_errors():
         assert multi(input_ids=ids).logits.shape == (3, 5, 96)
     with pytest.raises(ValueError, match="unknown adapter 'zz'"):
         adapter_parameters(multi, "zz")
-    with pytest.raises(ValueError, match="DoRA experts"):
-        get_multi_mixlora_model(tiny_model("llama"), {"a": MixLoraConfig(use_dora=True)})
     with pytest.raises(ValueError, match=r"adapter 'x': MixLoraConfig.target_modules \['fc9'\] match no projection"):
         get_multi_mixlora_model(tiny_model("llama"), {"x": MixLoraConfig(target_modules=["fc9"])})
     with pytest.raises(ValueError, match="must be a Python identifier"):

@@ -31,11 +31,11 @@ def _moe(E=4, K=2, R=4, **overrides):
     mlp = LlamaMLP(LlamaConfig(hidden_size=H, intermediate_size=I, hidden_act="silu", num_attention_heads=4)).double()
     config = MixLoraConfig(**{"r": R, "lora_alpha": 2 * R, "num_experts": E, "top_k": K, "lora_dropout": 0.0,
                               "target_modules": ["gate_proj", "up_proj", "down_proj"], **overrides})
-    moe = MixLoraSparseMoe(mlp, config, "silu")
+    moe = MixLoraSparseMoe(mlp, {"default": config}, "silu")
     with torch.no_grad():
-        for lora in moe.experts.values():
+        for lora in moe.adapters.default.experts.values():
             lora.lora_B.normal_(std=0.3)
-        moe.moe_gate.weight.normal_(std=0.5)
+        moe.adapters.default.moe_gate.weight.normal_(std=0.5)
     return moe
 
 
@@ -51,7 +51,7 @@ def test_jitter_scales_router_and_expert_inputs_in_training_only():
     torch.manual_seed(7)
     jittered = x * torch.empty_like(x).uniform_(0.7, 1.3)
     ref, ref_logits = reference_moe_forward(moe, jittered, "silu")
-    assert _rel(moe.router_logits, ref_logits) <= 1e-12  # the router saw the jittered x
+    assert _rel(moe.adapters.default.router_logits, ref_logits) <= 1e-12  # the router saw the jittered x
     assert _rel(y, ref) <= 1e-9  # and so did the experts
     assert _rel(y, reference_moe_forward(moe, x, "silu")[0]) > 1e-3  # the jitter mattered
     moe.eval()
@@ -63,12 +63,12 @@ def test_jitter_scales_router_and_expert_inputs_in_training_only():
 def _dropout_oracle(moe, x, p, seed_in, seed_down):
     """The MoE FFN with LoRA dropout written out per slot j = t·K + k: the gate and up LoRA read x_t ⊙ m_in[j] (one
     mask for both), the down LoRA reads h_j ⊙ m_down[j]; the base projections never see a mask."""
-    logits = x @ moe.moe_gate.weight.T
+    logits = x @ moe.adapters.default.moe_gate.weight.T
     probs = torch.softmax(logits, -1)
-    w, e = probs.topk(moe.top_k, -1)
+    w, e = probs.topk(moe.adapters.default.top_k, -1)
     w = w / w.sum(-1, keepdim=True)
-    s = moe.scaling
-    ex = moe.experts
+    s = moe.adapters.default.scaling
+    ex = moe.adapters.default.experts
     y = torch.zeros_like(x)
     T, K = e.shape
     for t in range(T):
@@ -169,12 +169,12 @@ def test_aux_and_z_loss_match_an_independent_formula():
     get_mixlora_model(model, config)
     randomize_adapters(model)
     for moe in moe_layers(model):
-        torch.nn.init.normal_(moe.moe_gate.weight, std=2.0)  # logsumexp far from 1: square and abs differ
+        torch.nn.init.normal_(moe.adapters.default.moe_gate.weight, std=2.0)  # logsumexp far from 1: square and abs differ
     ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     model.train()
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
-    logits = [moe.router_logits.detach() for moe in moe_layers(model)]
+    logits = [moe.adapters.default.router_logits.detach() for moe in moe_layers(model)]
     aux, z = _independent_losses(logits, 2, 0.07, 0.3, mask)
     assert abs(out.aux_loss.item() - (aux + z)) <= 1e-12 * (aux + z)
     assert z > 0.1 * aux  # the z-loss is a visible part of it

@@ -116,6 +116,21 @@ def test_kernels_match_op_schemas():
         assert list(inspect.signature(fn).parameters) == [a.name for a in schema.arguments], name
 
 
+@requires_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_first_use_self_check_accepts_every_kernel(dtype):
+    """What `mixlora_kernels.backend` runs before a Triton kernel serves an op on a GPU: every kernel must pass it in
+    every dtype, else a GPU would silently fall back to the reference (this failed for the fp32 outputs of 16-bit
+    calls before the rule took eps from the call's dtype)."""
+    from mixlora_kernels import backend
+    from mixlora_kernels.selftest import check_against_reference
+    from mixlora_kernels.triton import KERNELS
+
+    failed = {name: check_against_reference(name, impl, backend._REFERENCES[name], torch.device("cpu"), dtype)
+              for name, impl in KERNELS.items()}
+    assert not {n: f for n, f in failed.items() if f is not None}
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the Triton launcher tests already run in this process")
 def test_triton_suite_in_fresh_process():
     import glob
