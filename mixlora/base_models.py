@@ -109,12 +109,31 @@ def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def load_base(path: str, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) from a resolved base directory; the tokenizer gets a pad token (eos) if it has none."""
+def quantization_config(bits: int | None, compute_dtype=None):
+    """transformers' `BitsAndBytesConfig` for a frozen base quantized to `bits` (QLoRA's choice for 4: NF4 with double
+    quantization, computing in `compute_dtype`; LLM.int8() for 8), or None for None."""
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantized bases have 4 or 8 bits, got {bits!r}")
+
+
+def load_base(path: str, dtype=None, device: str = "cpu", bits: int | None = None):
+    """(model, tokenizer) from a resolved base directory; the tokenizer gets a pad token (eos) if it has none.
+    `bits` 4 or 8: the linear layers are quantized with bitsandbytes (`quantization_config`) while loading."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if bits is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
+                                                 quantization_config=quantization_config(bits, dtype))
     return model, tokenizer

@@ -15,16 +15,9 @@ from mixlora.rows import AdapterRows
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """The dtype adapter parameters are created in: fp32 over a 16-bit base (the trainable parameters and their
     optimizer states keep fp32 precision while the frozen base runs its GEMMs in bf16, as PEFT's
-    `autocast_adapter_dtype`), otherwise the base's own dtype (fp32, or fp64 in a fp64 model)."""
+    `autocast_adapter_dtype`) and over a quantized one (its packed integer weight promotes to fp32), otherwise the
+    base's own dtype (fp32, or fp64 in a fp64 model)."""
     return torch.promote_types(base_dtype, torch.float32)
-
-
-def frozen_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype a frozen linear layer computes in: its weight's, or a quantized layer's compute dtype (bitsandbytes
-    4-bit `compute_dtype`; fp32 when it names none, as an 8-bit layer)."""
-    if layer.weight.is_floating_point():
-        return layer.weight.dtype
-    return getattr(layer, "compute_dtype", None) or torch.float32
 
 
 def init_lora_A(A: torch.Tensor, lora_init: str) -> None:
@@ -60,7 +53,7 @@ class LoraAdapter(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scaling = settings.scaling
         self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(frozen_dtype(base))}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A = nn.Linear(self.in_features, settings.r, bias=False, **factory)
         self.lora_B = nn.Linear(settings.r, self.out_features, bias=False, **factory)
         init_lora_A(self.lora_A.weight.data, settings.lora_init)

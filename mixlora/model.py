@@ -83,6 +83,20 @@ def check_targets(model: nn.Module, config: MixLoraConfig) -> nn.ModuleList:
     return layers
 
 
+def _check_dora(layers: nn.ModuleList, config: MixLoraConfig) -> None:
+    """DoRA needs the frozen weights' row norms (and DoRA experts run every FFN projection as W x): refuse it over
+    quantized layers, whose weights are packed integers."""
+    ffn = {n: m for layer in layers for n, m in layer.mlp.named_children() if isinstance(m, nn.Linear)}
+    attention = {n: m for layer in layers for n, m in layer.self_attn.named_children() if isinstance(m, nn.Linear)}
+    used = ({n: m for n, m in attention.items() if n in config.target_modules} if config.use_dora else {}) | \
+        (ffn if config.expert_config().use_dora else {})
+    quantized = sorted({n for n, m in used.items() if not m.weight.is_floating_point()})
+    if quantized:
+        raise ValueError(f"MixLoraConfig.use_dora: DoRA needs the frozen weights' row norms, and {quantized} are "
+                         f"quantized ({type(used[quantized[0]]).__name__}); use LoRA or rsLoRA adapters on a "
+                         "quantized base, or load the base unquantized")
+
+
 def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.ModuleList:
     if hasattr(model, "mixlora_configs"):
         raise ValueError("this model already has a MixLoRA adapter (mixlora.unload_mixlora removes it)")
@@ -97,6 +111,7 @@ def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn
             raise ValueError(f"adapter {name!r}: expected a MixLoraConfig, got {type(config).__name__}")
         try:
             check_targets(model, config)
+            _check_dora(layers, config)
         except ValueError as error:
             raise ValueError(error if list(configs) == [DEFAULT_ADAPTER_NAME] else f"adapter {name!r}: {error}") \
                 from None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlora.lora import adapter_dtype, dora_row_norm, frozen_dtype, init_lora_A
+from mixlora.lora import adapter_dtype, dora_row_norm, init_lora_A
 from mixlora.rows import AdapterRows
 from mixlora_kernels import ops
 from mixlora_kernels.activations import activation
@@ -63,7 +63,7 @@ class ExpertLoRA(nn.Module):
 
     def __init__(self, base: nn.Linear, num_experts: int, settings) -> None:
         super().__init__()
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(frozen_dtype(base))}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty(num_experts, settings.r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, base.out_features, settings.r, **factory))
         init_lora_A(self.lora_A.data, settings.lora_init)
@@ -110,7 +110,7 @@ class MoeExperts(nn.Module):
         self.activation = kernel_activation(activation_name)
         self.jitter_noise = config.jitter_noise
         self.moe_gate = nn.Linear(hidden, self.num_experts, bias=False, device=down.weight.device,
-                                  dtype=_router_dtype(frozen_dtype(down)))
+                                  dtype=_router_dtype(down.weight.dtype))
         nn.init.normal_(self.moe_gate.weight, std=config.router_init_range)
         self.experts = nn.ModuleDict({name: ExpertLoRA(getattr(ffn, name), self.num_experts, settings)
                                       for name in self.projections if name in config.target_modules})

@@ -166,6 +166,7 @@ def fit(config: TrainConfig, log=print):
     from mixlora.data import collate, encode
     from mixlora.evaluate import format_accuracy_table
     from mixlora.model import adapter_parameters, batch_adapters, get_multi_mixlora_model, set_adapter_weights
+    from mixlora.optim import adapter_param_groups
 
     started = time.perf_counter()
     cfg = config.resolved()
@@ -175,23 +176,28 @@ def fit(config: TrainConfig, log=print):
     nested = cfg.adapters is not None
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_base(base, dtype=dtype, device=cfg.device)
+    model, tokenizer = load_base(base, dtype=dtype, device=cfg.device, bits=cfg.bits)
     _seed_all(cfg.seed)
     get_multi_mixlora_model(model, {run.name: run.config for run in runs})
     for run in runs:
         run.params = adapter_parameters(model, run.name)
         run.sequences = [encode(tokenizer, e.prompt, e.answer, cfg.max_seq_len, add_eos=True) for e in run.train]
-    optimizer = torch.optim.AdamW([{"params": run.params, "lr": run.lr} for run in runs], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    # One parameter group per adapter (its own lr), two with LoRA+ (its B at lr · loraplus_lr_ratio).
+    optimizer = torch.optim.AdamW([g for run in runs for g in adapter_param_groups(model, run.lr, run.name)],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
+    if cfg.bits:
+        base_note = f"{base} ({cfg.bits}-bit)"
+    else:
+        base_note = base
     if nested:
-        log(f"base model {base}; device {cfg.device}; {len(runs)} adapters trained together, {cfg.batch_size} "
+        log(f"base model {base_note}; device {cfg.device}; {len(runs)} adapters trained together, {cfg.batch_size} "
             "sequences of each per step:")
         for run in runs:
             log(f"  {run.name}: {run.describe()}")
     else:
-        log(f"base model {base}; device {cfg.device}; {runs[0].describe()}")
+        log(f"base model {base_note}; device {cfg.device}; {runs[0].describe()}")
 
     start_step, history, before, tokens, train_time = 0, [], None, 0, 0.0
     checkpoint, state, checkpoint_weights = resume_state(cfg.output_dir, [run.directory("") for run in runs]) if cfg.resume else (None,) * 3
@@ -238,9 +244,10 @@ def fit(config: TrainConfig, log=print):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        lrs = {g["adapter"]: g["lr"] for g in optimizer.param_groups if not g["lora_plus_b"]}
         losses = {run.name: {"loss": float(out.adapter_losses[run.name].detach()),
-                             "aux_loss": float(out.adapter_aux_losses[run.name].detach()), "lr": lr}
-                  for run, lr in zip(runs, scheduler.get_last_lr(), strict=True)}
+                             "aux_loss": float(out.adapter_aux_losses[run.name].detach()), "lr": lrs[run.name]}
+                  for run in runs}
         elapsed = time.perf_counter() - t
         train_time += elapsed
         step_tokens = int(batch["attention_mask"].sum())

@@ -48,7 +48,9 @@ class TrainConfig:
             refused.
         seed: Seed of the data split, the batch order, the adapter init and dropout.
         device: "auto" (cuda if available), "cpu" or "cuda". dtype: "auto" (bf16 on cuda, fp32 on cpu),
-            "float32" or "bfloat16" for the frozen base weights.
+            "float32" or "bfloat16" for the frozen base weights (with a quantized base: its compute dtype).
+        load_in_4bit, load_in_8bit: Quantize the frozen base's linear layers with bitsandbytes while loading
+            (`mixlora.base_models.quantization_config`); the adapters stay in fp32.
     """
 
     base_model: str | None = field(default=None, metadata={"help": "HF model dir or .gguf (default: SmolLM2-135M)"})
@@ -78,6 +80,15 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     dtype: str = field(default="auto", metadata={"help": "auto, float32 or bfloat16"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 4 bits (NF4, double "
+                                                                "quantization; bitsandbytes), QLoRA-style"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "quantize the frozen base to 8 bits (LLM.int8(); "
+                                                                "bitsandbytes)"})
+
+    @property
+    def bits(self) -> int | None:
+        """4 or 8 for a quantized frozen base, else None."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
     def resolved(self) -> TrainConfig:
         """A copy with the device-dependent defaults filled in and the adapter defaults merged; validated."""
@@ -125,6 +136,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device must be one of 'auto', 'cpu', 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("TrainConfig.device is 'cuda' but no CUDA device is available")
+        for name in ("load_in_4bit", "load_in_8bit", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("TrainConfig.load_in_4bit and load_in_8bit are exclusive: choose one")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"TrainConfig.dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.tasks, list) or not all(isinstance(t, str) for t in self.tasks):
