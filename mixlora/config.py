@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_type_hints
 
 from mixlora.fileio import AdapterFileError, write_json_atomically
 
@@ -21,7 +22,13 @@ TaskType = Literal["CAUSAL_LM", "QUESTION_ANS"]
 LoraInit = Literal["original", "gaussian"]
 RoutingStrategy = Literal["mixlora", "mixlora-dynamic", "mixlora-switch"]
 
-_IMPLEMENTED_ROUTING_STRATEGIES = ("mixlora",)
+# Per routing strategy, the values of the fields that default to None (MoE-PEFT's defaults for a key absent
+# from adapter_config.json; MoE-PEFT has no z-loss outside "mixlora-switch": 0 here).
+STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
+    "mixlora": {"router_z_loss_coef": 0.0, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "mixlora-dynamic": {"router_z_loss_coef": 0.0, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "mixlora-switch": {"router_z_loss_coef": 0.001, "router_init_range": 1.0, "jitter_noise": 0.01},
+}
 # Routing strategy name written by MixLoRA checkpoints from before Aug 2024 (the same top-k router).
 _LEGACY_ROUTING_STRATEGY = "mixtral"
 # FFN projection names of those legacy checkpoints (LLaMA-type models only).
@@ -94,19 +101,37 @@ class MixLoraConfig:
         lora_init: Initialisation of A: "original" (kaiming-uniform) or "gaussian" (N(0, 1/r)); B starts at zero.
         expert_lora: Overrides for the expert LoRAs only; keys among r, lora_alpha, lora_dropout, use_dora,
             use_rslora, lora_init. Attention LoRAs keep the top-level values.
-        routing_strategy: "mixlora" (top-k). "mixlora-dynamic" and "mixlora-switch" are published names that are
-            not implemented yet.
+        routing_strategy: "mixlora" (top-k: softmax, the K most probable experts, renormalised),
+            "mixlora-dynamic" (top-p: the most probable experts until their cumulative probability exceeds `top_p`)
+            or "mixlora-switch" (top-1 with a per-sequence expert capacity); docs/algorithm.md §1.
         num_experts: Number of experts E per MoE layer.
-        top_k: Experts per token K, in [1, num_experts].
+        top_k: "mixlora" only: experts per token K, in [1, num_experts] (an int >= 1, unused, for the others).
         act_fn: FFN activation name (a key of `transformers.activations.ACT2FN`); None uses the model's own.
         router_aux_loss_coef: Coefficient of the load-balancing auxiliary loss, >= 0.
-        router_z_loss_coef: Coefficient of the router z-loss, >= 0 (0 disables it).
-        router_init_range: Standard deviation of the router's normal initialisation, > 0.
-        jitter_noise: Multiplicative input jitter U(1 - eps, 1 + eps) in training, in [0, 1).
+        router_z_loss_coef: Coefficient of the router z-loss, >= 0 (0 disables it). Default: 0.001 for
+            "mixlora-switch", 0 otherwise.
+        router_init_range: Standard deviation of the router's normal initialisation, > 0. Default: 1.0 for
+            "mixlora-switch", 0.02 otherwise.
+        jitter_noise: Multiplicative input jitter U(1 - eps, 1 + eps) in training, in [0, 1): on the router and
+            expert inputs, or on the router input only for "mixlora-switch". Default: 0.01 for "mixlora-switch",
+            0 otherwise.
         router_loss: Whether the auxiliary router loss is added to the training loss.
-        top_p: "mixlora-dynamic" only: probability mass of the selected experts, in (0, 1]. Stored, not used.
-        temperature: "mixlora-dynamic" only: router temperature, >= 0. Stored, not used.
-        expert_capacity: "mixlora-switch" only: tokens per expert and sequence, >= 1. Stored, not used.
+        top_p: "mixlora-dynamic" only: probability mass of the selected experts, in (0, 1].
+        temperature: "mixlora-dynamic" only, >= 0: when > 0 the router probabilities (not the logits) are divided
+            by it before the selection, as MoE-PEFT does.
+        expert_capacity: "mixlora-switch" only: tokens each expert takes per sequence, >= 1; later tokens routed
+            to a full expert skip the FFN (their output is the router probability times their input).
+        ffn_dropout: "mixlora-switch" only: dropout on the layer's output in training, in [0, 1).
+        sparse_step: "mixlora-switch" only: read and written back (MoE-PEFT stores it and never uses it); None or
+            an int >= 1.
+        loraplus_lr_ratio: LoRA+ learning-rate ratio of the B matrices to the A matrices, > 0, or None (plain LoRA
+            optimisation); written to the JSON only when set.
+
+    The three strategy-dependent fields (`router_z_loss_coef`, `router_init_range`, `jitter_noise`) default to
+    None, which `__post_init__` replaces with the value for `routing_strategy` (the defaults MoE-PEFT applies to a
+    key absent from the JSON), so `MixLoraConfig(routing_strategy="mixlora-switch")` and a published switch config
+    without those keys get the same values. They are resolved once, at construction: assigning another
+    `routing_strategy` later keeps them. `to_dict` writes the resolved values.
     """
 
     base_model_name_or_path: str | None = field(
@@ -126,24 +151,46 @@ class MixLoraConfig:
     use_rslora: bool = field(default=False, metadata={"help": "Use rank-stabilised scaling lora_alpha / sqrt(r)."})
     lora_init: LoraInit = field(default="original", metadata={"help": "Init of A: 'original' or 'gaussian'."})
     expert_lora: dict[str, Any] | None = field(
-        default=None, metadata={"help": f"Expert-only overrides of {', '.join(_EXPERT_LORA_KEYS)}."}
+        default=None, metadata={"help": f"Expert-only overrides of {', '.join(_EXPERT_LORA_KEYS)}.",
+                                "omit_none": True}
     )
     routing_strategy: RoutingStrategy = field(
-        default="mixlora", metadata={"help": "Router type; only 'mixlora' (top-k) is implemented."}
+        default="mixlora", metadata={"help": "Router: 'mixlora' (top-k), 'mixlora-dynamic' (top-p) or "
+                                             "'mixlora-switch' (top-1 with expert capacity)."}
     )
     num_experts: int = field(default=8, metadata={"help": "Number of experts E per MoE layer."})
-    top_k: int = field(default=2, metadata={"help": "Experts per token K, in [1, num_experts]."})
+    top_k: int = field(default=2, metadata={"help": "mixlora: experts per token K, in [1, num_experts]."})
     act_fn: str | None = field(
         default=None, metadata={"help": "FFN activation (ACT2FN key); None uses the model's own."}
     )
     router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Load-balancing aux loss coefficient."})
-    router_z_loss_coef: float = field(default=0.0, metadata={"help": "Router z-loss coefficient (0 disables)."})
-    router_init_range: float = field(default=0.02, metadata={"help": "Std of the router weight init."})
-    jitter_noise: float = field(default=0.0, metadata={"help": "Router input jitter in training, in [0, 1)."})
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Router z-loss coefficient, 0 disables (default: 0.001 for "
+                                        "mixlora-switch, else 0)."}
+    )
+    router_init_range: float | None = field(
+        default=None, metadata={"help": "Std of the router weight init (default: 1.0 for mixlora-switch, else 0.02)."}
+    )
+    jitter_noise: float | None = field(
+        default=None, metadata={"help": "Router input jitter in training, in [0, 1) (default: 0.01 for "
+                                        "mixlora-switch, else 0)."}
+    )
     router_loss: bool = field(default=True, metadata={"help": "Add the aux loss to the training loss."})
-    top_p: float = field(default=0.8, metadata={"help": "mixlora-dynamic only (stored, not used)."})
-    temperature: float = field(default=0.0, metadata={"help": "mixlora-dynamic only (stored, not used)."})
-    expert_capacity: int = field(default=32, metadata={"help": "mixlora-switch only (stored, not used)."})
+    top_p: float = field(default=0.8, metadata={"help": "mixlora-dynamic: probability mass kept, in (0, 1]."})
+    temperature: float = field(
+        default=0.0, metadata={"help": "mixlora-dynamic: divides the router probabilities when > 0."}
+    )
+    expert_capacity: int = field(
+        default=32, metadata={"help": "mixlora-switch: tokens per expert and sequence, >= 1."}
+    )
+    ffn_dropout: float = field(default=0.0, metadata={"help": "mixlora-switch: output dropout in training."})
+    sparse_step: int | None = field(
+        default=None, metadata={"help": "mixlora-switch: stored for MoE-PEFT, unused (None or an int >= 1)."}
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+ learning-rate ratio lr_B / lr_A, > 0 (None: plain LoRA).",
+                                "omit_none": True}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, Mapping):
@@ -153,6 +200,10 @@ class MixLoraConfig:
         if isinstance(self.expert_lora, Mapping):
             # A copy, so that later changes to the caller's dict do not bypass validation.
             self.expert_lora = dict(self.expert_lora)
+        defaults = STRATEGY_DEFAULTS.get(self.routing_strategy, STRATEGY_DEFAULTS["mixlora"])
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -169,7 +220,7 @@ class MixLoraConfig:
         _check_routing_strategy(self.routing_strategy)
         _check_int("num_experts", self.num_experts, minimum=1)
         _check_int("top_k", self.top_k, minimum=1)
-        if self.top_k > self.num_experts:
+        if self.routing_strategy == "mixlora" and self.top_k > self.num_experts:
             raise ValueError(
                 f"MixLoraConfig.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
             )
@@ -189,6 +240,11 @@ class MixLoraConfig:
         _check_real("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1)
         _check_real("temperature", self.temperature, ">= 0", lambda x: x >= 0)
         _check_int("expert_capacity", self.expert_capacity, minimum=1)
+        _check_real("ffn_dropout", self.ffn_dropout, "in [0, 1)", lambda x: 0 <= x < 1)
+        if self.sparse_step is not None:
+            _check_int("sparse_step", self.sparse_step, minimum=1)
+        if self.loraplus_lr_ratio is not None:
+            _check_real("loraplus_lr_ratio", self.loraplus_lr_ratio, "> 0 (or None)", lambda x: x > 0)
 
     def expert_config(self) -> LoraSettings:
         """LoRA settings of the experts: the top-level values overridden by `expert_lora`."""
@@ -221,8 +277,8 @@ class MixLoraConfig:
             if isinstance(target_modules, (list, tuple)) and all(isinstance(n, str) for n in target_modules):
                 renamed = [LEGACY_PROJECTION_NAMES.get(name, name) for name in target_modules]
                 values["target_modules"] = list(dict.fromkeys(renamed))
-        # Checked before unknown keys: a published "mixlora-switch" config carries switch-only keys
-        # (e.g. sparse_step), and "not implemented" is the useful message for it.
+        # Checked before unknown keys: a config of an unknown strategy may carry that strategy's own keys, and the
+        # strategy is the useful message for it.
         _check_routing_strategy(values.get("routing_strategy", "mixlora"))
         known = [f.name for f in fields(cls)]
         unknown = [key for key in values if key not in known]
@@ -244,39 +300,31 @@ class MixLoraConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The published JSON dict (`target_modules` as a list).
+        """The published JSON dict: one key per field, in field order (`target_modules` as a list).
 
-        Float fields are written as JSON floats and an integral `lora_alpha` as an int, because the published
-        loaders assert those Python types. `expert_lora` is omitted when None: the published loaders treat a
-        present `expert_lora` key as a dict.
+        Generated from the dataclass fields, so a new field is written without code here. Float fields (`float` or
+        `float | None` annotations) are written as JSON floats and an integral `lora_alpha` as an int, because the
+        published loaders assert those Python types (MoE-PEFT: `isinstance(lora_alpha, int)`, `isinstance(...,
+        float)` for dropout, coefficients, top_p, temperature). Fields marked `omit_none` (`expert_lora`, which the
+        published loaders read as a dict whenever the key is present, and `loraplus_lr_ratio`) are left out when
+        None. The strategy-dependent defaults are written as resolved.
         """
         self.validate()
-        out: dict[str, Any] = {
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "task_type": self.task_type,
-            "peft_type": self.peft_type,
-            "bias": self.bias,
-            **_lora_settings_to_json({key: getattr(self, key) for key in _EXPERT_LORA_KEYS}),
-            "target_modules": list(self.target_modules),
-        }
-        if self.expert_lora is not None:
-            out["expert_lora"] = _lora_settings_to_json(self.expert_lora)
-        out.update(
-            {
-                "routing_strategy": self.routing_strategy,
-                "num_experts": self.num_experts,
-                "top_k": self.top_k,
-                "act_fn": self.act_fn,
-                "router_aux_loss_coef": float(self.router_aux_loss_coef),
-                "router_z_loss_coef": float(self.router_z_loss_coef),
-                "router_init_range": float(self.router_init_range),
-                "jitter_noise": float(self.jitter_noise),
-                "router_loss": self.router_loss,
-                "top_p": float(self.top_p),
-                "temperature": float(self.temperature),
-                "expert_capacity": self.expert_capacity,
-            }
-        )
+        floats = _float_fields()
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            if f.name == "target_modules":
+                value = list(value)
+            elif f.name == "expert_lora":
+                value = _lora_settings_to_json(value)
+            elif f.name == "lora_alpha":
+                value = _lora_settings_to_json({"lora_alpha": value})["lora_alpha"]
+            elif f.name in floats and value is not None:
+                value = float(value)
+            out[f.name] = value
         return out
 
     @classmethod
@@ -309,6 +357,13 @@ class MixLoraConfig:
         file = os.path.join(directory, CONFIG_NAME)
         write_json_atomically(file, self.to_dict())
         return file
+
+
+@functools.cache
+def _float_fields() -> frozenset[str]:
+    """Names of the MixLoraConfig fields annotated `float` or `float | None` (written as JSON floats)."""
+    hints = get_type_hints(MixLoraConfig)
+    return frozenset(name for name, hint in hints.items() if hint is float or float in get_args(hint))
 
 
 def _target_modules_from_mapping(target_modules: Mapping[Any, Any]) -> list[Any]:
@@ -402,11 +457,6 @@ def _check_expert_lora(expert_lora: Any) -> None:
 
 def _check_routing_strategy(value: Any) -> None:
     known = get_args(RoutingStrategy)
-    if value in known and value not in _IMPLEMENTED_ROUTING_STRATEGIES:
-        raise ValueError(
-            f"MixLoraConfig.routing_strategy {value!r} is not implemented yet; "
-            f"supported: {', '.join(map(repr, _IMPLEMENTED_ROUTING_STRATEGIES))}"
-        )
     if value not in known:
         hint = ""
         if value == _LEGACY_ROUTING_STRATEGY:

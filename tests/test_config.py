@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+from dataclasses import fields
+
 import pytest
 
 from mixlora.config import CONFIG_NAME, LoraSettings, MixLoraConfig
@@ -41,6 +43,10 @@ def non_default_config() -> MixLoraConfig:
         top_p=0.6,
         temperature=0.7,
         expert_capacity=17,
+        routing_strategy="mixlora-switch",
+        ffn_dropout=0.2,
+        sparse_step=3,
+        loraplus_lr_ratio=16,
     )
 
 
@@ -50,6 +56,9 @@ def test_defaults():
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (config.routing_strategy, config.num_experts, config.top_k) == ("mixlora", 8, 2)
     assert (config.router_aux_loss_coef, config.router_init_range, config.router_loss) == (0.01, 0.02, True)
+    assert (config.router_z_loss_coef, config.jitter_noise) == (0.0, 0.0)
+    assert (config.top_p, config.temperature, config.expert_capacity, config.ffn_dropout) == (0.8, 0.0, 32, 0.0)
+    assert config.sparse_step is None and config.loraplus_lr_ratio is None
     assert config.act_fn is None and config.expert_lora is None
 
 
@@ -62,9 +71,11 @@ def test_dict_round_trip_through_json():
         "base_model_name_or_path", "task_type", "peft_type", "bias", "r", "lora_alpha", "lora_dropout",
         "target_modules", "use_dora", "use_rslora", "lora_init", "expert_lora", "routing_strategy", "num_experts",
         "top_k", "act_fn", "router_aux_loss_coef", "router_z_loss_coef", "router_init_range", "jitter_noise",
-        "router_loss", "top_p", "temperature", "expert_capacity",
+        "router_loss", "top_p", "temperature", "expert_capacity", "ffn_dropout", "sparse_step", "loraplus_lr_ratio",
     }  # fmt: skip
     assert data["peft_type"] == "MIXLORA" and data["bias"] == "none"
+    # to_dict is generated from the fields: every field has its key (none is forgotten when one is added).
+    assert set(data) == {f.name for f in fields(MixLoraConfig)}
 
 
 def test_to_dict_writes_the_types_the_published_loaders_assert():
@@ -74,8 +85,18 @@ def test_to_dict_writes_the_types_the_published_loaders_assert():
     assert type(data["lora_alpha"]) is int and data["lora_alpha"] == 32
     assert type(data["lora_dropout"]) is float
     assert type(data["router_aux_loss_coef"]) is float and type(data["jitter_noise"]) is float
-    assert "expert_lora" not in data
+    assert "expert_lora" not in data and "loraplus_lr_ratio" not in data  # omitted when None
     assert type(MixLoraConfig(lora_alpha=12.5).to_dict()["lora_alpha"]) is float
+    data = MixLoraConfig(routing_strategy="mixlora-switch", router_init_range=1, router_z_loss_coef=0, top_p=1,
+                         temperature=0, ffn_dropout=0, loraplus_lr_ratio=16, expert_lora={"lora_alpha": 8.0},
+                         sparse_step=2).to_dict()
+    for key in ("router_init_range", "router_z_loss_coef", "top_p", "temperature", "ffn_dropout",
+                "loraplus_lr_ratio"):
+        assert type(data[key]) is float, key
+    assert type(data["expert_capacity"]) is int and type(data["sparse_step"]) is int
+    assert type(data["expert_lora"]["lora_alpha"]) is int
+    # MoE-PEFT's switch export writes sparse_step even when None, and reads it back as None.
+    assert MixLoraConfig(routing_strategy="mixlora-switch").to_dict()["sparse_step"] is None
 
 
 def test_save_and_load_pretrained(tmp_path):
@@ -194,15 +215,40 @@ def test_legacy_mixtral_routing_strategy():
         MixLoraConfig(routing_strategy="mixtral")
 
 
-@pytest.mark.parametrize("strategy", ["mixlora-dynamic", "mixlora-switch"])
-def test_strategies_not_implemented(strategy):
-    message = f"routing_strategy '{strategy}' is not implemented yet; supported: 'mixlora'"
-    with pytest.raises(ValueError, match=message):
-        MixLoraConfig(routing_strategy=strategy)
-    # A published switch config carries switch-only keys: the strategy is still what the error is about.
-    data = {**json.loads(PUBLISHED_EXAMPLE), "routing_strategy": strategy, "sparse_step": None}
-    with pytest.raises(ValueError, match=message):
-        MixLoraConfig.from_dict(data)
+# MoE-PEFT's defaults for a key absent from adapter_config.json, per routing strategy.
+STRATEGY_DEFAULTS = {
+    "mixlora": {"router_z_loss_coef": 0.0, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "mixlora-dynamic": {"router_z_loss_coef": 0.0, "router_init_range": 0.02, "jitter_noise": 0.0},
+    "mixlora-switch": {"router_z_loss_coef": 0.001, "router_init_range": 1.0, "jitter_noise": 0.01},
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_DEFAULTS))
+def test_strategy_dependent_defaults(strategy):
+    expected = STRATEGY_DEFAULTS[strategy]
+    config = MixLoraConfig(routing_strategy=strategy)
+    assert {key: getattr(config, key) for key in expected} == expected
+    # What MoE-PEFT exports for this strategy (its export writes no router settings) reads with the same values.
+    data = json.loads(PUBLISHED_EXAMPLE)
+    data.pop("top_k")
+    data["routing_strategy"] = strategy
+    data.update({"mixlora": {"top_k": 2}, "mixlora-dynamic": {"top_p": 0.8, "temperature": 0.0},
+                 "mixlora-switch": {"expert_capacity": 32, "sparse_step": None}}[strategy])
+    loaded = MixLoraConfig.from_dict(data)
+    assert {key: getattr(loaded, key) for key in expected} == expected
+    assert (loaded.top_p, loaded.temperature, loaded.expert_capacity, loaded.ffn_dropout) == (0.8, 0.0, 32, 0.0)
+    # to_dict writes the resolved values; a value given explicitly wins over the strategy's default.
+    assert {key: loaded.to_dict()[key] for key in expected} == expected
+    given = MixLoraConfig.from_dict({**data, "jitter_noise": 0.2, "router_init_range": 0.3, "router_z_loss_coef": 0})
+    assert (given.jitter_noise, given.router_init_range, given.router_z_loss_coef) == (0.2, 0.3, 0)
+
+
+def test_top_k_is_only_bounded_for_top_k_routing():
+    # top_k (default 2) means nothing to the other strategies: a 1-expert top-p or switch adapter is valid.
+    for strategy in ("mixlora-dynamic", "mixlora-switch"):
+        assert MixLoraConfig(routing_strategy=strategy, num_experts=1).top_k == 2
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=1\], got 2"):
+        MixLoraConfig(num_experts=1)
 
 
 def test_unknown_routing_strategy_lists_known_ones():
@@ -276,6 +322,15 @@ def test_unknown_keys_raise():
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
         ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
         ({"expert_capacity": 0}, "expert_capacity must be an int >= 1, got 0"),
+        ({"expert_capacity": 2.0}, r"expert_capacity must be an int, got 2.0 \(float\)"),
+        ({"ffn_dropout": 1.0}, r"ffn_dropout must be in \[0, 1\), got 1.0"),
+        ({"ffn_dropout": -0.1}, r"ffn_dropout must be in \[0, 1\), got -0.1"),
+        ({"sparse_step": 0}, "sparse_step must be an int >= 1, got 0"),
+        ({"sparse_step": 1.5}, r"sparse_step must be an int, got 1.5 \(float\)"),
+        ({"loraplus_lr_ratio": 0}, r"loraplus_lr_ratio must be > 0 \(or None\), got 0"),
+        ({"loraplus_lr_ratio": -2.0}, r"loraplus_lr_ratio must be > 0 \(or None\), got -2.0"),
+        ({"loraplus_lr_ratio": "16"}, r"loraplus_lr_ratio must be a number, got '16' \(str\)"),
+        ({"routing_strategy": "mixlora-switch", "jitter_noise": 1.0}, r"jitter_noise must be in \[0, 1\), got 1.0"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):
@@ -291,6 +346,7 @@ def test_boundary_values_are_valid():
     MixLoraConfig(lora_dropout=0.0, jitter_noise=0.0, router_aux_loss_coef=0.0, temperature=0.0, top_p=1.0)
     MixLoraConfig(num_experts=3, top_k=3)
     MixLoraConfig(num_experts=1, top_k=1, r=1, expert_capacity=1)
+    MixLoraConfig(routing_strategy="mixlora-switch", ffn_dropout=0.0, sparse_step=1, loraplus_lr_ratio=1e-3)
 
 
 def test_validate_catches_later_mutation(tmp_path):
