@@ -138,3 +138,35 @@ def test_quantization_config_of_the_train_options():
     assert quantization_config(8).load_in_8bit and quantization_config(None) is None
     with pytest.raises(ValueError, match="4 or 8 bits"):
         quantization_config(3)
+
+
+def test_mixlora_train_on_a_4bit_base(tmp_path, monkeypatch):
+    """`mixlora train --load-in-4bit`: the run trains (loss falls), records the option, and its adapter reloads
+    onto a freshly quantized base with the logits of the trained model."""
+    import json
+
+    from test_cli import _records, _save_tiny_llama
+
+    from mixlora.train import TrainConfig, fit
+
+    monkeypatch.setenv("MIXLORA_CACHE", str(tmp_path / "cache"))
+    base, data = tmp_path / "base", tmp_path / "data.jsonl"
+    _save_tiny_llama(base, hidden=64)  # one 4-bit block wide (see base_dir)
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    cfg = TrainConfig(base_model=str(base), data=str(data), output_dir=str(tmp_path / "out"), steps=12,
+                      batch_size=4, max_seq_len=32, eval_size=4, save_every=0, lr=1e-2, load_in_4bit=True,
+                      adapter={"num_experts": 4, "top_k": 2, "r": 4, "lora_dropout": 0.0})
+    model, _, summary = fit(cfg, log=lambda line: None)
+    assert isinstance(model.model.layers[0].mlp.gate_proj, bnb.nn.Linear4bit)
+    losses = [h["loss"] for h in summary["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3]) - 0.1, losses
+    assert summary["config"]["load_in_4bit"] is True
+    ids = torch.randint(3, 20, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    loaded, _ = MixLoraModelForCausalLM.from_pretrained(tmp_path / "out", device_map={"": "cpu"},
+                                                        quantization_config=quantization_config(4, torch.float32))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, logits)
+    with pytest.raises(ValueError, match="load_in_4bit and load_in_8bit are exclusive"):
+        TrainConfig(load_in_4bit=True, load_in_8bit=True).resolved()
