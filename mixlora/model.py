@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mixlora.checkpoint import from_published_state_dict, read_adapter, to_published_state_dict, write_adapter
-from mixlora.config import MixLoraConfig, did_you_mean
+from mixlora.config import MixLoraConfig, close_matches
 from mixlora.lora import LoraLinear
 from mixlora.losses import LossHooks
 from mixlora.moe import FFN_KINDS, SUPPORTED_ARCHITECTURES, MixLoraSparseMoe, require_ffn_kind
@@ -77,9 +77,11 @@ def check_targets(model: nn.Module, config: MixLoraConfig) -> nn.ModuleList:
     known = sorted(ffn_names | attn_names)
     unknown = [t for t in config.target_modules if t not in known]
     if unknown:
-        hints = "".join(did_you_mean(t, known) for t in unknown)
+        hints = [f"{t!r}: did you mean {' or '.join(map(repr, close))}?" for t in unknown
+                 if (close := close_matches(t, known))]
         raise ValueError(f"MixLoraConfig.target_modules {unknown} match no projection of {type(model).__name__}"
-                         f"{hints}; attention projections: {sorted(attn_names)}, FFN projections: {sorted(ffn_names)}")
+                         + (f" ({'; '.join(hints)})" if hints else "")
+                         + f"; attention projections: {sorted(attn_names)}, FFN projections: {sorted(ffn_names)}")
     return layers
 
 

@@ -136,6 +136,10 @@ def test_bad_input_errors():
         MixLoraConfig(routing_strategy="mixlora-dynamic")
     with pytest.raises(ValueError, match=r"target_modules \['fc9'\] match no projection of LlamaForCausalLM"):
         get_mixlora_model(tiny_model("llama"), MixLoraConfig(target_modules=["q_proj", "fc9"]))
+    with pytest.raises(ValueError, match=r"\['q_prj', 'gate'\] match no projection of LlamaForCausalLM \('q_prj': did "
+                                         r"you mean 'q_proj' or 'v_proj' or 'o_proj'\?; 'gate': did you mean "
+                                         r"'gate_proj'\?\); attention projections"):
+        get_mixlora_model(tiny_model("llama"), MixLoraConfig(target_modules=["q_prj", "gate"]))
 
     class Toy(torch.nn.Module):
         def __init__(self):
