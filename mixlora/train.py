@@ -49,6 +49,7 @@ from mixlora.train_summary import adapter_history, git_commit, history_entry, lo
 
 __all__ = ["DEFAULT_TASKS", "TrainConfig", "config_from_dict", "fit", "latest_checkpoint", "train"]
 
+
 def _seed_all(seed: int) -> None:
     import torch
 
@@ -187,10 +188,7 @@ def fit(config: TrainConfig, log=print):
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.steps, warmup))
-    if cfg.bits:
-        base_note = f"{base} ({cfg.bits}-bit)"
-    else:
-        base_note = base
+    base_note = f"{base} ({cfg.bits}-bit)" if cfg.bits else base
     if nested:
         log(f"base model {base_note}; device {cfg.device}; {len(runs)} adapters trained together, {cfg.batch_size} "
             "sequences of each per step:")
