@@ -59,3 +59,30 @@ def test_each_adapter_of_a_multi_adapter_model_has_its_own_ratio():
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
     with pytest.raises(ValueError, match="name one"):
         adapter_param_groups(model, 1e-3)
+
+
+def test_mixlora_train_with_lora_plus(tmp_path, monkeypatch):
+    """`mixlora train` builds its optimizer from adapter_param_groups: with loraplus_lr_ratio the B group runs at
+    λ·lr through the schedule, and the history records the adapter's (A-group) lr."""
+    import json
+
+    from test_cli import _records, _save_tiny_llama
+
+    from mixlora.train import TrainConfig, fit
+
+    monkeypatch.setenv("MIXLORA_CACHE", str(tmp_path / "cache"))
+    base, data = tmp_path / "base", tmp_path / "data.jsonl"
+    _save_tiny_llama(base)
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    seen = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(
+        [(g["lora_plus_b"], g["lr"]) for g in self.param_groups]))
+    cfg = TrainConfig(base_model=str(base), data=str(data), output_dir=str(tmp_path / "out"), steps=3, batch_size=2,
+                      max_seq_len=32, eval_size=0, save_every=0, lr=1e-2, warmup_ratio=0.0,
+                      adapter={"num_experts": 2, "top_k": 1, "r": 2, "loraplus_lr_ratio": 4.0})
+    _, _, summary = fit(cfg, log=lambda line: None)
+    assert [[b for b, _ in groups] for groups in seen] == [[False, True]] * 3
+    assert [[lr for _, lr in groups] for groups in seen] == \
+        [pytest.approx([lr, 4 * lr], rel=1e-12) for lr in (1e-2, 1e-2 * 2 / 3, 1e-2 / 3)]
+    assert [h["lr"] for h in summary["history"]] == pytest.approx([1e-2 * 2 / 3, 1e-2 / 3, 0.0])
+    assert summary["adapter_config"]["loraplus_lr_ratio"] == 4.0
