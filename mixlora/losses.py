@@ -8,12 +8,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixlora.moe import top_p_selection
 from mixlora.rows import AdapterRows
+
+
+def _rows(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The router logits of all layers concatenated (N, E), in at least fp32, padding rows removed."""
+    logits = torch.cat([l.to(torch.promote_types(l.dtype, torch.float32)) for l in router_logits])
+    if attention_mask is not None and attention_mask.numel() == router_logits[0].shape[0]:
+        keep = attention_mask.reshape(-1).to(device=logits.device, dtype=torch.bool).repeat(len(router_logits))
+        logits = logits[keep]
+    return logits
+
+
+def _z_loss(logits: torch.Tensor, z_coef: float) -> torch.Tensor | float:
+    return z_coef * torch.logsumexp(logits, dim=-1).pow(2).mean() if z_coef else 0.0
 
 
 def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, coef: float, z_coef: float = 0.0,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Load-balance loss over the concatenated router logits of all MoE layers (docs/algorithm.md §1).
+    """Load-balance loss of top-k routing ("mixlora") over the concatenated router logits of all MoE layers
+    (docs/algorithm.md §1).
 
     Args:
         router_logits: per layer (T, E) logits, T = batch·seq in row-major order.
@@ -21,17 +36,50 @@ def router_aux_loss(router_logits: list[torch.Tensor], top_k: int, coef: float, 
     Returns:
         coef · E · Σ_k Σ_e f_{k,e} P_e (+ z_coef · mean logsumexp²), a scalar.
     """
-    logits = torch.cat([l.to(torch.promote_types(l.dtype, torch.float32)) for l in router_logits])
-    if attention_mask is not None and attention_mask.numel() == router_logits[0].shape[0]:
-        keep = attention_mask.reshape(-1).to(device=logits.device, dtype=torch.bool).repeat(len(router_logits))
-        logits = logits[keep]
+    logits = _rows(router_logits, attention_mask)
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1)
     chosen = F.one_hot(torch.topk(probs, top_k, dim=-1).indices, E).to(probs.dtype)
-    loss = coef * E * (chosen.mean(0) * probs.mean(0)).sum()
-    if z_coef:
-        loss = loss + z_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return loss
+    return coef * E * (chosen.mean(0) * probs.mean(0)).sum() + _z_loss(logits, z_coef)
+
+
+def dynamic_router_aux_loss(router_logits: list[torch.Tensor], top_p: float, temperature: float, coef: float,
+                            z_coef: float = 0.0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Load-balance loss of top-p routing ("mixlora-dynamic"): the top-k form with the sorted positions as k and
+    only the kept experts counted (docs/algorithm.md §1), padding rows excluded (MoE-PEFT keeps them):
+    coef · E · Σ_k Σ_e f_{k,e} P_e (+ z_coef · mean logsumexp²), f_{k,e} the share of rows whose k-th expert in
+    descending probability is e and kept."""
+    logits = _rows(router_logits, attention_mask)
+    E = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)
+    with torch.no_grad():
+        _, experts, kept = top_p_selection(probs, top_p, temperature)
+        chosen = F.one_hot(experts, E).to(probs.dtype) * kept.unsqueeze(-1)
+    return coef * E * (chosen.mean(0) * probs.mean(0)).sum() + _z_loss(logits, z_coef)
+
+
+def switch_router_loss(router_logits: list[torch.Tensor], coef: float, z_coef: float,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Losses of switch routing ("mixlora-switch"; docs/algorithm.md §1), padding rows excluded:
+    z_coef · mean logsumexp² + coef · E² · mean_e (f_e P_e), f_e the share of rows whose argmax is e (before the
+    capacity drops), P_e the mean probability."""
+    logits = _rows(router_logits, attention_mask)
+    E = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1)
+    chosen = F.one_hot(probs.argmax(dim=-1), E).to(probs.dtype)
+    return coef * E**2 * (chosen.mean(0) * probs.mean(0)).mean() + _z_loss(logits, z_coef)
+
+
+def router_loss(router_logits: list[torch.Tensor], config, attention_mask: torch.Tensor | None = None):
+    """The router loss of one adapter for its `MixLoraConfig.routing_strategy`, with its coefficients."""
+    if config.routing_strategy == "mixlora-dynamic":
+        return dynamic_router_aux_loss(router_logits, config.top_p, config.temperature, config.router_aux_loss_coef,
+                                       config.router_z_loss_coef, attention_mask)
+    if config.routing_strategy == "mixlora-switch":
+        return switch_router_loss(router_logits, config.router_aux_loss_coef, config.router_z_loss_coef,
+                                  attention_mask)
+    return router_aux_loss(router_logits, config.top_k, config.router_aux_loss_coef, config.router_z_loss_coef,
+                           attention_mask)
 
 
 class LossHooks:
@@ -39,8 +87,9 @@ class LossHooks:
 
     Before the forward: forget the router logits of the last one; with several adapters in the batch, take the
     labels (the model's own loss, a mean over all rows, would be thrown away). After it: each adapter's aux loss
-    over its own rows (padding excluded) and its LM loss (the model's own with one adapter, else over its rows);
-    `loss` = Σ_adapters (LM loss + aux loss when training with `router_loss`). Outputs carry `adapter_losses`,
+    (`router_loss`: that of its routing strategy) over its own rows (padding excluded) and its LM loss (the
+    model's own with one adapter, else over its rows); `loss` = Σ_adapters (LM loss + aux loss when training with
+    `router_loss`). Outputs carry `adapter_losses`,
     `adapter_aux_losses` (name -> loss) and `aux_loss` (their sum). `handles` remove the hooks.
 
     Under gradient checkpointing the router logits only carry gradients with the non-reentrant implementation; a
@@ -74,8 +123,7 @@ class LossHooks:
             config = self.configs[name]
             logits = [m.adapters[name].router_logits for m in self.moes if m.adapters[name].router_logits is not None]
             if logits:
-                aux[name] = router_aux_loss(logits, config.top_k, config.router_aux_loss_coef,
-                                            config.router_z_loss_coef, None if mask is None else mask[start:end])
+                aux[name] = router_loss(logits, config, None if mask is None else mask[start:end])
             if labels is not None and output.get("logits") is not None:
                 lm[name] = model.loss_function(logits=output["logits"][start:end], labels=labels[start:end],
                                                vocab_size=model.config.vocab_size)

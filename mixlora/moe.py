@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +89,74 @@ def dense_in(ffn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return G.contiguous(), None if U is None else U.contiguous()
 
 
+TOP_K, TOP_P, SWITCH = "mixlora", "mixlora-dynamic", "mixlora-switch"
+
+
+def top_p_selection(probs: torch.Tensor, top_p: float, temperature: float = 0.0):
+    """Top-p ("mixlora-dynamic") selection of each token's experts (docs/algorithm.md §1).
+
+    probs (T, E) softmax probabilities -> (weights (T, E), experts (T, E) int64, kept (T, E) bool): with p = probs,
+    or p / temperature when temperature > 0 (MoE-PEFT divides the probabilities, not the logits), the experts in
+    descending p (ties: lower id first; NaN first, as `mixlora::route` does), `kept` true up to and including the
+    first position at which the cumulative sum of p exceeds `top_p` (every position when none does), and weights
+    p where kept, else 0 (not renormalised). Differentiable in probs through the weights.
+    """
+    if temperature > 0:
+        probs = probs / temperature
+    experts = torch.sort(probs.detach().nan_to_num(nan=float("inf")), dim=-1, descending=True, stable=True).indices
+    values = probs.gather(1, experts)
+    over = (values.detach().cumsum(-1) > top_p).long()
+    kept = (over.cumsum(-1) - over) == 0  # no earlier position exceeded top_p
+    return torch.where(kept, values, torch.zeros_like(values)), experts, kept
+
+
+def switch_selection(probs: torch.Tensor, capacity: int, seq_len: int | None = None):
+    """Top-1 with expert capacity ("mixlora-switch") of each token (docs/algorithm.md §1).
+
+    probs (T, E), T = sequences × seq_len in row-major order (seq_len None: one sequence of T tokens) ->
+    (p_max (T,), experts (T, 1) int64: the argmax (first on ties), routed (T,) bool: the token is among the first
+    `capacity` tokens of its sequence, in sequence order, whose argmax is its expert; later ones are dropped).
+    """
+    T, E = probs.shape
+    p_max, experts = probs.max(dim=-1)
+    L = T if seq_len is None else seq_len
+    if T and (L <= 0 or T % L):
+        raise ValueError(f"mixlora-switch: {T} tokens are not a whole number of sequences of {L}")
+    one_hot = F.one_hot(experts, E)
+    priority = one_hot.view(T // max(L, 1), max(L, 1), E).cumsum(1).view(T, E) if T else one_hot
+    routed = priority.gather(1, experts.unsqueeze(-1)).squeeze(-1) <= capacity
+    return p_max, experts.unsqueeze(-1), routed
+
+
+class Routing(NamedTuple):
+    """The routing of T tokens onto K' slots each (`MoeExperts.route`), in the form the kernels take.
+
+    weights (T, K') fp32/fp64: a slot's routing weight, 0 for a slot that carries no expert output (top-p: past the
+    threshold; switch: a dropped token); experts (T, K') int64; order (S,), offsets (E+1,) from `sort_slots`;
+    passthrough (T,) or None: switch only, the weight of the token's own input in the output (p_max for a dropped
+    token, 0 for a routed one).
+    """
+
+    weights: torch.Tensor
+    experts: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+    passthrough: torch.Tensor | None = None
+
+
 class MoeExperts(nn.Module):
     """One MixLoRA adapter's part of an FFN: the router `moe_gate` (E, H) fp32 and `experts[<projection>]`, over
     frozen projections owned by `MixLoraSparseMoe` (`ffn`, passed to every method), which holds one of these per
     adapter name.
 
+    Routing per `routing_strategy` (docs/algorithm.md §1): top-k ("mixlora", K slots per token), top-p
+    ("mixlora-dynamic", E slots per token, zero weights past the threshold) or switch ("mixlora-switch", 1 slot per
+    token, zero weight for tokens over the expert capacity, which pass their input through instead). Every strategy
+    runs the same kernels (or, for DoRA, the same per-expert loop).
+
     The router logits of the last forward are kept in `router_logits` (T, E) fp32 for the aux loss; `expert_load`
-    (E,) counts the slots each expert received (padding included; this process only: under DDP's default
+    (E,) counts the slots each expert received that carry a token (zero-weight padding slots of top-p and dropped
+    switch tokens are not counted; padding tokens are; this process only: under DDP's default
     `broadcast_buffers=True` other ranks see rank 0's counts).
     """
 
@@ -104,6 +166,10 @@ class MoeExperts(nn.Module):
         self.kind, self.projections = kind, FFN_KINDS[kind]
         down = getattr(ffn, self.projections[-1])
         hidden, self.num_experts, self.top_k = down.out_features, config.num_experts, config.top_k
+        self.routing_strategy = config.routing_strategy
+        self.top_p, self.temperature = config.top_p, config.temperature
+        self.expert_capacity = config.expert_capacity
+        self.ffn_dropout = config.ffn_dropout if self.routing_strategy == SWITCH else 0.0
         settings = config.expert_config()
         self.scaling, self.lora_dropout = settings.scaling, settings.lora_dropout
         self.use_dora = settings.use_dora
@@ -131,15 +197,55 @@ class MoeExperts(nn.Module):
             return x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return x
 
-    def route(self, x: torch.Tensor):
-        """x (T, H) -> (weights (T, K), experts (T, K), order (S,), offsets (E+1,)); keeps the logits, counts load."""
-        logits = ops.router_logits(x, self.moe_gate.weight)
+    @property
+    def jitters_input(self) -> bool:
+        """Whether the jitter applies to the FFN input (router and experts): in training, except for switch routing,
+        whose jitter reaches the router only (`route`)."""
+        return self.training and self.jitter_noise > 0 and self.routing_strategy != SWITCH
+
+    def input_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """`jitter(x)` when it applies to the FFN input (`jitters_input`), else x."""
+        return self.jitter(x) if self.jitters_input else x
+
+    def select(self, logits: torch.Tensor, seq_len: int | None = None):
+        """This adapter's strategy on router logits (T, E): (weights (T, K'), experts (T, K') int64, kept (T, K')
+        bool: the slot carries a token, passthrough (T,) or None: see `Routing`). `seq_len`: tokens per sequence
+        (switch capacity; None: T is one sequence)."""
+        if self.routing_strategy == TOP_K:
+            weights, experts = ops.route(logits, self.top_k)
+            return weights, experts, torch.ones_like(experts, dtype=torch.bool), None
+        probs = torch.softmax(logits, dim=-1)
+        if self.routing_strategy == TOP_P:
+            return (*top_p_selection(probs, self.top_p, self.temperature), None)
+        p_max, experts, routed = switch_selection(probs, self.expert_capacity, seq_len)
+        zero = torch.zeros_like(p_max)
+        return (torch.where(routed, p_max, zero).unsqueeze(-1), experts, routed.unsqueeze(-1),
+                torch.where(routed, zero, p_max))
+
+    def route(self, x: torch.Tensor, seq_len: int | None = None) -> Routing:
+        """x (T, H) -> its `Routing`; keeps the logits, counts load. `seq_len`: tokens per sequence of x (x holds
+        whole sequences, row-major), for the switch capacity; None: x is one sequence. Switch routing jitters the
+        router's input here (training only)."""
+        router_in = self.jitter(x) if self.routing_strategy == SWITCH else x
+        logits = ops.router_logits(router_in, self.moe_gate.weight)
         self.router_logits = logits
-        weights, experts = ops.route(logits, self.top_k)
+        weights, experts, kept, passthrough = self.select(logits, seq_len)
         order, offsets = ops.sort_slots(experts, self.num_experts)
         with torch.no_grad():
-            self.expert_load += offsets.diff()
-        return weights, experts, order, offsets
+            if self.routing_strategy == TOP_K:
+                self.expert_load += offsets.diff()
+            else:  # a scatter, not a boolean index: no host synchronisation
+                self.expert_load.scatter_add_(0, experts.reshape(-1), kept.reshape(-1).long())
+        return Routing(weights, experts, order, offsets, passthrough)
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The layer output of this adapter's rows from the routed experts' sum y (T, H): switch adds the dropped
+        tokens' passthrough p_max · x and applies `ffn_dropout` in training; the other strategies return y."""
+        if routing.passthrough is not None:
+            y = y + (routing.passthrough.unsqueeze(-1) * x.to(routing.passthrough.dtype)).to(y.dtype)
+        if self.training and self.ffn_dropout > 0:
+            y = F.dropout(y, self.ffn_dropout, training=True)
+        return y
 
     def _lora(self, ffn: nn.Module, name: str | None, in_features: int, out_features: int, dtype: torch.dtype):
         """(A (E, R, in), B (E, out, R)) of projection `name` in the activations' `dtype`, or rank-0 stand-ins when it
@@ -159,17 +265,18 @@ class MoeExperts(nn.Module):
         seed_in, seed_down = torch.randint(0, 2**31 - 1, (2,)).tolist() if p else (0, 0)
         return p, seed_in, seed_down
 
-    def expert_in(self, ffn: nn.Module, x, G, U, weights, experts, order, offsets):
+    def expert_in(self, ffn: nn.Module, x, G, U, routing: Routing):
         """docs/algorithm.md §2 between the dense GEMMs, for this adapter's experts on the projections of `ffn`.
 
         Args:
             x: (T, H) the tokens (after jitter); G, U: (T, I) contiguous, from `dense_in(ffn, x)` (U None ungated).
-            weights, experts, order, offsets: the routing of x, from `route`.
+            routing: the routing of x, from `route` (slots of zero weight contribute nothing).
         Returns:
             (h̄ (T, I) in G's dtype, down delta (T, H) = s Σ_j w_j B2_e A2_e drop(h_j) in the accumulation dtype, or
             None when the down projection has no expert LoRA). The caller runs the frozen down GEMM on h̄ and adds
             the delta: splitting here lets several adapters share the three dense GEMMs.
         """
+        weights, experts, order, offsets = routing.weights, routing.experts, routing.order, routing.offsets
         H, I = x.shape[1], G.shape[1]
         p, seed_in, seed_down = self._dropout_seeds()
         if self.kind == "fused":
@@ -207,10 +314,11 @@ class MoeExperts(nn.Module):
             out = out.to(rows.dtype)
         return out if base.bias is None else out + base.bias
 
-    def per_expert_forward(self, ffn: nn.Module, x, weights, experts, order, offsets):
-        """The FFN output (T, H) of x (T, H) as a loop over experts, each running the base FFN with its own LoRA:
-        DoRA rescales each expert's base projection, so the shared-base algorithm does not apply. Synchronises on
-        `offsets`."""
+    def per_expert_forward(self, ffn: nn.Module, x, routing: Routing):
+        """The routed experts' sum (T, H) for x (T, H) as a loop over experts, each running the base FFN with its own
+        LoRA: DoRA rescales each expert's base projection, so the shared-base algorithm does not apply. Slots of
+        zero weight are computed and weighted by 0 (as in the kernels). Synchronises on `offsets`."""
+        weights, experts, order, offsets = routing.weights, routing.experts, routing.order, routing.offsets
         K = experts.shape[1]
         y = torch.zeros_like(x)
         bounds = offsets.tolist()
@@ -244,7 +352,8 @@ class MixLoraSparseMoe(nn.Module):
     `adapters[name]` is that adapter's `MoeExperts` (its router `moe_gate` and `experts[<projection>]`). Forward:
     (..., H) -> (..., H), the rows split among adapters by `rows` (`mixlora.rows.AdapterRows`): the three dense
     GEMMs run once over the rows of every LoRA/rsLoRA adapter, each adapter routes its own tokens among its own
-    experts; a DoRA adapter's rows run `MoeExperts.per_expert_forward`. `activation` is the FFN's (an adapter's
+    experts by its own routing strategy (the switch capacity counts per sequence: the input's second-last
+    dimension, or one sequence for a 2-D input); a DoRA adapter's rows run `MoeExperts.per_expert_forward`. `activation` is the FFN's (an adapter's
     `act_fn` overrides it). `base_layer` is the replaced FFN, given back by `mixlora.unload_mixlora` and run while
     the adapters are disabled.
     """
@@ -269,37 +378,44 @@ class MixLoraSparseMoe(nn.Module):
         if self._rows.disabled:
             return self._base_layer[0](hidden_states)
         shape = hidden_states.shape
+        # Tokens per sequence, for the switch capacity: (batch, seq, H) has sequences of seq tokens; a 2-D (T, H)
+        # input is one sequence (of each adapter's rows).
+        seq_len = shape[-2] if hidden_states.dim() >= 3 else None
         x = hidden_states.reshape(-1, shape[-1])
         parts = [(self.adapters[name], start, end)
                  for name, start, end in self._rows.slices(x.shape[0], "MixLoraSparseMoe")]
-        if any(a.training and a.jitter_noise > 0 for a, _, _ in parts):
+        if any(a.jitters_input for a, _, _ in parts):
             # Jitter scales the FFN input too, so it has to happen before the shared GEMMs.
-            x = _cat([a.jitter(x[start:end]) for a, start, end in parts])
+            x = _cat([a.input_jitter(x[start:end]) for a, start, end in parts])
         shared = [part for part in parts if not part[0].use_dora]
-        shared_outs = iter(self._shared_base_forward(x, shared, whole=len(shared) == len(parts)) if shared else ())
+        shared_outs = iter(self._shared_base_forward(x, shared, seq_len, whole=len(shared) == len(parts))
+                           if shared else ())
         outs = []
         for a, start, end in parts:
             if a.use_dora:
                 xs = x[start:end]
-                outs.append(a.per_expert_forward(self, xs, *a.route(xs)))
+                routing = a.route(xs, seq_len)
+                outs.append(a.finish(a.per_expert_forward(self, xs, routing), xs, routing))
             else:
                 outs.append(next(shared_outs))
         return _cat(outs).reshape(shape)
 
-    def _shared_base_forward(self, x, parts, whole: bool) -> list[torch.Tensor]:
+    def _shared_base_forward(self, x, parts, seq_len, whole: bool) -> list[torch.Tensor]:
         """docs/algorithm.md §2 for the rows of `parts` (all rows of x when `whole`): the three dense FFN GEMMs once
         over them, everything per expert at rank R; each part's output (rows, H)."""
         xs = x if whole else _cat([x[start:end] for _, start, end in parts])
         G, U = dense_in(self, xs)
-        bounds, hbars, deltas, at = [], [], [], 0
+        bounds, hbars, deltas, routings, at = [], [], [], [], 0
         for a, start, end in parts:
             n = end - start
             rows = slice(at, at + n)
             bounds.append(rows)
             at += n
-            hbar, delta = a.expert_in(self, xs[rows], G[rows], None if U is None else U[rows], *a.route(xs[rows]))
+            routing = a.route(xs[rows], seq_len)
+            hbar, delta = a.expert_in(self, xs[rows], G[rows], None if U is None else U[rows], routing)
             hbars.append(hbar)
             deltas.append(delta)
+            routings.append(routing)
         y = getattr(self, self.projections[-1])(_cat(hbars))
-        return [y[rows] if delta is None else y[rows] + delta.to(y.dtype)
-                for rows, delta in zip(bounds, deltas, strict=True)]
+        return [a.finish(y[rows] if delta is None else y[rows] + delta.to(y.dtype), xs[rows], routing)
+                for (a, _, _), rows, delta, routing in zip(parts, bounds, deltas, routings, strict=True)]

@@ -132,8 +132,6 @@ def test_checkpoint_errors():
 def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts=4\], got 5"):
         MixLoraConfig(num_experts=4, top_k=5)
-    with pytest.raises(ValueError, match=r"routing_strategy 'mixlora-dynamic' is not implemented yet"):
-        MixLoraConfig(routing_strategy="mixlora-dynamic")
     with pytest.raises(ValueError, match=r"target_modules \['fc9'\] match no projection of LlamaForCausalLM"):
         get_mixlora_model(tiny_model("llama"), MixLoraConfig(target_modules=["q_proj", "fc9"]))
     with pytest.raises(ValueError, match=r"\['q_prj', 'gate'\] match no projection of LlamaForCausalLM \('q_prj': did "
