@@ -5,7 +5,8 @@ the prompt; the highest score is the prediction. Answer loss: the mean negative 
 correct choice's tokens, averaged over the questions (nats). At 25 questions an accuracy carries a 95 % interval
 about ±0.2 wide, while the answer loss of the same questions moves by far more than its paired interval when
 training changes the model, so both are reported. Inspection: the share of routed slots each expert receives per
-layer (padding excluded) and the mean per-token router entropy, from the router logits of a forward over a dataset.
+layer (padding excluded), the mean per-token router entropy, the experts per token (top-p routing) and the share
+of dropped tokens (switch routing), from the router logits of a forward over a dataset.
 """
 
 from __future__ import annotations
@@ -197,19 +198,25 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def router_statistics(model, tokenizer, examples: list[Example], max_len: int, batch_size: int,
                       desc: str | None = None, adapter: str | None = None) -> dict[str, Any]:
     """Per MoE layer: the share of routed slots each expert got (`load`, (L, E)), the mean per-token router entropy
-    in nats (`entropy`, (L,): the entropy of each token's softmax over the E router logits, averaged over tokens)
-    and the token count, from the router logits of forwards over `prompt + answer` of every example; padding tokens
-    are excluded (the `expert_load` buffers count them, so the load is recomputed here). `desc`: label of a
-    progress bar on stderr (None: no bar). `adapter`: which adapter (default: the model's only one)."""
+    in nats (`entropy`, (L,): the entropy of each token's softmax over the E router logits, averaged over tokens),
+    the mean number of experts a token was routed to (`experts_per_token`, (L,): K for top-k, varies for top-p)
+    and the share of tokens that skipped the experts (`dropped`, (L,): switch routing's capacity overflow, 0 for
+    the others), with the token count, from the router logits of forwards over `prompt + answer` of every example,
+    routed by the adapter's own strategy; padding tokens are excluded (the `expert_load` buffers count them, so the
+    load is recomputed here; they still take switch capacity, as in the forward). `desc`: label of a progress bar
+    on stderr (None: no bar). `adapter`: which adapter (default: the model's only one)."""
     from tqdm.auto import tqdm
 
     model.eval()
     name = adapter_name(model, adapter)
     layers = [moe.adapters[name] for moe in moe_layers(model)]
+    config = model.mixlora_configs[name]
     device = next(model.parameters()).device
     E, K = layers[0].num_experts, layers[0].top_k
     counts = torch.zeros(len(layers), E, dtype=torch.float64)
     entropy = torch.zeros(len(layers), dtype=torch.float64)
+    routed = torch.zeros(len(layers), dtype=torch.float64)
+    dropped = torch.zeros(len(layers), dtype=torch.float64)
     tokens = 0
     sequences = [encode(tokenizer, e.prompt, e.answer, max_len, add_eos=False) for e in examples]
     with tqdm(total=len(sequences), desc=desc, unit="example", disable=desc is None, dynamic_ncols=True) as bar:
@@ -219,35 +226,67 @@ def router_statistics(model, tokenizer, examples: list[Example], max_len: int, b
             with batch_adapters(model, name):
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       use_cache=False, logits_to_keep=1)
+            seq_len = batch["input_ids"].shape[1]
             for index, moe in enumerate(layers):
-                logits = moe.router_logits.float().cpu()[keep]
-                probs = torch.softmax(logits, dim=-1)
-                chosen = torch.topk(probs, K, dim=-1).indices.reshape(-1)
-                counts[index] += torch.bincount(chosen, minlength=E).double()
+                logits = moe.router_logits
+                _, experts, kept, _ = moe.select(logits, seq_len)  # the forward's routing, on whole sequences
+                experts, kept = experts.cpu()[keep], kept.cpu()[keep]
+                probs = torch.softmax(logits.float().cpu()[keep], dim=-1)
+                counts[index] += torch.bincount(experts[kept], minlength=E).double()
+                routed[index] += kept.sum().double()
+                dropped[index] += (~kept.any(dim=-1)).sum().double()
                 entropy[index] += -(probs * torch.log(probs.clamp_min(1e-12))).sum().double()
             tokens += int(keep.sum())
             bar.update(len(batch["input_ids"]))
-    return {"load": (counts / counts.sum(1, keepdim=True)).tolist(), "entropy": (entropy / tokens).tolist(),
-            "tokens": tokens, "num_experts": E, "top_k": K}
+    return {"load": (counts / counts.sum(1, keepdim=True).clamp_min(1)).tolist(),
+            "entropy": (entropy / tokens).tolist(), "experts_per_token": (routed / tokens).tolist(),
+            "dropped": (dropped / tokens).tolist(), "tokens": tokens, "num_experts": E, "top_k": K,
+            "routing": routing_description(config)}
+
+
+def routing_description(config) -> str:
+    """The routing of a `MixLoraConfig` in a few words: "top-2", "top-p 0.8", "switch, capacity 32"."""
+    if config.routing_strategy == "mixlora-dynamic":
+        return f"top-p {config.top_p:g}" + (f", temperature {config.temperature:g}" if config.temperature else "")
+    if config.routing_strategy == "mixlora-switch":
+        return f"switch, capacity {config.expert_capacity}"
+    return f"top-{config.top_k}"
 
 
 def format_router_table(stats: dict[str, Any]) -> str:
     """Per layer: each expert's share of the routed slots (an expert that got none reads "idle"), the ratio of the
-    busiest to the least busy expert (or how many are idle), and the mean per-token router entropy in nats."""
+    busiest to the least busy expert (or how many are idle), the mean per-token router entropy in nats, and for
+    top-p routing the mean experts per token, for switch routing the share of dropped tokens."""
     E = stats["num_experts"]
+    routing = stats.get("routing", f"top-{stats['top_k']}")
+    extra = None
+    if routing.startswith("top-p"):
+        extra = ("experts/token", [f"{x:.2f}" for x in stats["experts_per_token"]])
+    elif routing.startswith("switch"):
+        extra = ("dropped", [f"{100 * x:.1f}%" for x in stats["dropped"]])
     header = (f"{'layer':>5}  " + "  ".join(f"{'e' + str(e):>5}" for e in range(E))
-              + f"  {'max/min':>7}  {'router entropy':>14}")
+              + f"  {'max/min':>7}  {'router entropy':>14}" + (f"  {extra[0]:>13}" if extra else ""))
     lines = [header, "-" * len(header)]
     for layer, (load, ent) in enumerate(zip(stats["load"], stats["entropy"])):
         idle = sum(x == 0 for x in load)
         spread = f"{idle} idle" if idle else f"{max(load) / min(load):.2f}"
         cells = "  ".join("idle".rjust(5) if x == 0 else f"{100 * x:>4.1f}%" for x in load)
-        lines.append(f"{layer:>5}  {cells}  {spread:>7}  {ent:>14.3f}")
+        lines.append(f"{layer:>5}  {cells}  {spread:>7}  {ent:>14.3f}" + (f"  {extra[1][layer]:>13}" if extra else ""))
     lines.append("-" * len(header))
-    lines.append(f"e0..e{E - 1}: share of the {stats['top_k']} routed slots per token ({stats['tokens']} tokens), "
-                 f"uniform = {100 / E:.1f}%")
+    if routing.startswith("top-p"):
+        slots = f"routed slots ({routing}: a varying number of experts per token)"
+    elif routing.startswith("switch"):
+        slots = f"routed tokens ({routing}: one expert per token, dropped tokens skip the experts)"
+    else:
+        slots = f"{stats['top_k']} routed slots per token"
+    lines.append(f"e0..e{E - 1}: share of the {slots} ({stats['tokens']} tokens), uniform = {100 / E:.1f}%")
     lines.append(f"router entropy: mean over tokens of the entropy of the router's softmax, in nats (uniform over "
                  f"{E} experts = ln {E} = {math.log(E):.3f}; one expert = 0)")
+    if routing.startswith("top-p"):
+        lines.append("experts/token: mean number of experts each token was routed to")
+    elif routing.startswith("switch"):
+        lines.append("dropped: share of tokens past their expert's capacity in their sequence (their output is "
+                     "p_max times their input)")
     return "\n".join(lines)
 
 
@@ -281,7 +320,8 @@ def plot_expert_load(stats: dict[str, Any], path: str, title: str | None = None)
     ax.set_ylabel("layer")
     ax.set_xticks(range(E))
     ax.set_yticks(range(0, L, max(1, L // 10)))
-    ax.set_title(title or f"expert load: % of routed slots per layer\n(top-{stats['top_k']} of {E} experts; white = "
+    routing = stats.get("routing", f"top-{stats['top_k']}")
+    ax.set_title(title or f"expert load: % of routed slots per layer\n({routing} of {E} experts; white = "
                           f"uniform 1/E = {uniform:.1f}%)", fontsize=9)
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("% of routed slots")

@@ -13,23 +13,36 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from mixlora import MixLoraConfig, get_mixlora_model  # noqa: E402
 from mixlora.data import Example, format_prompt  # noqa: E402
+from mixlora.data import encode  # noqa: E402
 from mixlora.evaluate import accuracy, compare, format_accuracy_table, format_router_table, wilson_interval  # noqa
+from mixlora.evaluate import router_statistics  # noqa: E402
+from mixlora.model import moe_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
+def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     _save_tiny_llama(path)
+    return path
+
+
+def _tiny_model(path, **config):
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(0)
-    model = get_mixlora_model(model, MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+    model = get_mixlora_model(model, MixLoraConfig(**{"num_experts": 4, "top_k": 2, "r": 4, "lora_dropout": 0.0,
+                                                      **config}))
     with torch.no_grad():  # random B so that the experts change the logits
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return _tiny_model(tiny_dir)
 
 
 def _examples() -> dict[str, list[Example]]:
@@ -105,3 +118,73 @@ def test_router_table_labels_entropy_and_shows_idle_experts():
     assert rows[2].split() == ["0", "50.0%", "50.0%", "idle", "idle", "2", "idle", "0.500"]
     assert rows[3].split() == ["1", "25.0%", "25.0%", "25.0%", "25.0%", "1.00", "1.300"]
     assert "in nats (uniform over 4 experts = ln 4 = 1.386" in table
+
+
+def test_router_table_of_top_p_and_switch_routing():
+    common = {"load": [[0.5, 0.5, 0.0, 0.0]], "entropy": [0.5], "tokens": 10, "num_experts": 4, "top_k": 2}
+    table = format_router_table({**common, "routing": "top-p 0.8", "experts_per_token": [1.75], "dropped": [0.0]})
+    rows = table.splitlines()
+    assert rows[0].split()[-1] == "experts/token" and rows[2].split()[-1] == "1.75"
+    assert "share of the routed slots (top-p 0.8: a varying number of experts per token)" in table
+    table = format_router_table({**common, "routing": "switch, capacity 32", "experts_per_token": [0.9],
+                                 "dropped": [0.1]})
+    rows = table.splitlines()
+    assert rows[0].split()[-1] == "dropped" and rows[2].split()[-1] == "10.0%"
+    assert "routed tokens (switch, capacity 32: one expert per token" in table
+
+
+def _selection_reference(model, tokenizer, examples, config):
+    """Per layer: tokens routed to each expert, kept slots, dropped tokens, from one unpadded forward per example
+    and the strategy's rule written out per token (top-p: descending probability until the cumulative sum exceeds
+    top_p; switch: argmax, the first `expert_capacity` tokens per expert of the sequence)."""
+    layers = [moe.adapters["default"] for moe in moe_layers(model)]
+    E = config.num_experts
+    counts = [[0] * E for _ in layers]
+    kept = [0] * len(layers)
+    dropped = [0] * len(layers)
+    tokens = 0
+    for e in examples:
+        ids, _ = encode(tokenizer, e.prompt, e.answer, 64, add_eos=False)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+        tokens += len(ids)
+        for index, moe in enumerate(layers):
+            taken = [0] * E
+            for row in torch.softmax(moe.router_logits.double(), dim=-1).tolist():
+                ranked = sorted(range(E), key=lambda i: -row[i])
+                if config.routing_strategy == "mixlora-dynamic":
+                    total = 0.0
+                    for expert in ranked:
+                        counts[index][expert] += 1
+                        kept[index] += 1
+                        total += row[expert]
+                        if total > config.top_p:
+                            break
+                else:
+                    taken[ranked[0]] += 1
+                    if taken[ranked[0]] <= config.expert_capacity:
+                        counts[index][ranked[0]] += 1
+                        kept[index] += 1
+                    else:
+                        dropped[index] += 1
+    load = [[c / sum(row) for c in row] for row in counts]
+    return load, [k / tokens for k in kept], [d / tokens for d in dropped], tokens
+
+
+@pytest.mark.parametrize("strategy", ["mixlora-dynamic", "mixlora-switch"])
+def test_router_statistics_follow_the_strategy(tiny_dir, strategy):
+    model, tokenizer = _tiny_model(tiny_dir, routing_strategy=strategy, top_p=0.6, expert_capacity=2)
+    examples = [e for task in _examples().values() for e in task][:7]
+    stats = router_statistics(model, tokenizer, examples, max_len=64, batch_size=3)  # right padding in batches
+    config = model.mixlora_configs["default"]
+    load, per_token, dropped, tokens = _selection_reference(model, tokenizer, examples, config)
+    assert stats["tokens"] == tokens
+    assert [x for row in stats["load"] for x in row] == pytest.approx([x for row in load for x in row], abs=1e-12)
+    assert stats["experts_per_token"] == pytest.approx(per_token, abs=1e-12)
+    assert stats["dropped"] == pytest.approx(dropped, abs=1e-12)
+    if strategy == "mixlora-dynamic":
+        assert stats["routing"] == "top-p 0.6" and all(1 < k < 4 for k in per_token)
+    else:
+        assert stats["routing"] == "switch, capacity 2" and all(0 < d < 1 for d in dropped)
+    table = format_router_table(stats)
+    assert ("experts/token" if strategy == "mixlora-dynamic" else "dropped") in table.splitlines()[0]
