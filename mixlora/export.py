@@ -19,7 +19,9 @@ Targets (`format="auto"` picks from the base's `model_type`):
                                                is given width 0, so it adds exactly 0)
 
 The other bases MixLoRA trains have no transformers MoE class with their layers (`NO_TARGET` says why for each) and
-are refused, as are bases with biases, activations or sliding-window layouts the target lacks (`check_exportable`).
+are refused, as are bases with biases, activations or sliding-window layouts the target lacks, and adapters routed
+by top-p ("mixlora-dynamic") or switch ("mixlora-switch"), which no target's top-k router represents
+(`check_exportable`).
 
 Semantics, checked against transformers 5.24 (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `Qwen2MoeTopKRouter`,
 `*Experts.forward`):
@@ -134,9 +136,7 @@ def check_exportable(base_config, config, format: str = "auto") -> str:
     the target class cannot represent exactly and why."""
     from mixlora.moe import ACTIVATION_ALIASES
 
-    if config.routing_strategy != "mixlora":
-        raise ValueError(f"export: routing_strategy {config.routing_strategy!r} has no equivalent in the MoE "
-                         "classes of transformers (softmax top-k routers); only 'mixlora' (top-k) exports")
+    _refuse_routing_strategy(config.routing_strategy)
     if format not in ("auto", *FORMATS):
         raise ValueError(f"export: format must be one of auto, {', '.join(FORMATS)}, got {format!r}")
     text = getattr(base_config, "text_config", None) or base_config
@@ -411,9 +411,25 @@ def export_moe(adapter_dir_or_model, output_dir: str | os.PathLike, format: str 
         dropped=dropped, notes=notes)
 
 
+# Why each non-top-k routing strategy has no exact equivalent in the export targets.
+_UNEXPORTABLE_ROUTING = {
+    "mixlora-dynamic": "top-p routing gives each token a varying number of experts with unrenormalised weights",
+    "mixlora-switch": "switch routing drops the tokens past an expert's per-sequence capacity (their output is "
+                      "p_max times their input) and weights the expert's output by p_max",
+}
+
+
+def _refuse_routing_strategy(strategy) -> None:
+    if strategy in ("mixlora", "mixtral"):  # "mixtral": the legacy name of the same top-k router
+        return
+    why = _UNEXPORTABLE_ROUTING.get(strategy, "it is not a top-k router")
+    raise ValueError(f"export: routing_strategy {strategy!r} has no equivalent in the MoE classes of transformers "
+                     f"(softmax top-k routers, renormalised): {why}; only 'mixlora' (top-k) exports")
+
+
 def check_routing_strategy(adapter_dir: str) -> None:
-    """Refuse a non-top-k routing strategy with the export's reason (MixLoraConfig would only say "not
-    implemented"); an unreadable config is left to MixLoraConfig.from_pretrained to report."""
+    """Refuse a non-top-k routing strategy with the export's reason, from the adapter's config alone (before the
+    base model is resolved or loaded); an unreadable config is left to MixLoraConfig.from_pretrained to report."""
     import json
 
     from mixlora.config import CONFIG_NAME
@@ -423,9 +439,7 @@ def check_routing_strategy(adapter_dir: str) -> None:
             strategy = json.load(f).get("routing_strategy", "mixlora")
     except (OSError, ValueError, AttributeError):
         return
-    if strategy not in ("mixlora", "mixtral"):  # "mixtral": the legacy name of the same top-k router
-        raise ValueError(f"export: routing_strategy {strategy!r} has no equivalent in the MoE classes of "
-                         "transformers (softmax top-k routers); only 'mixlora' (top-k) exports")
+    _refuse_routing_strategy(strategy)
 
 
 def _check_output_dir(output_dir: str, overwrite: bool) -> None:
