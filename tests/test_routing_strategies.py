@@ -526,3 +526,22 @@ def test_one_adapter_per_strategy_in_one_model_equals_each_alone():
         for n, q in adapter_state_dict(single).items():
             assert q.grad.abs().max() > 0, (name, n)
             assert _rel(ours[n].grad, q.grad) <= 1e-9, (name, n)
+
+
+@pytest.mark.parametrize("strategy", [DYNAMIC, SWITCH])
+def test_export_refuses_the_strategy_and_says_why(tmp_path, strategy):
+    from mixlora.export import export_moe
+
+    model = get_mixlora_model(tiny_model("llama"), MixLoraConfig(num_experts=4, routing_strategy=strategy,
+                                                                 target_modules=["gate_proj"]))
+    why = "varying number of experts" if strategy == DYNAMIC else "per-sequence capacity"
+    with pytest.raises(ValueError, match=f"routing_strategy '{strategy}' has no equivalent in the MoE classes of "
+                                         f"transformers .*{why}.*only 'mixlora' \\(top-k\\) exports"):
+        export_moe(model, tmp_path / "model")
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    model.mixlora_configs["default"].base_model_name_or_path = str(base)
+    save_mixlora(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=f"routing_strategy '{strategy}' has no equivalent.*{why}"):
+        export_moe(tmp_path / "adapter", tmp_path / "dir")
+    assert not (tmp_path / "model").exists() and not (tmp_path / "dir").exists()
