@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,12 +33,14 @@ DEFAULT_ADAPTER_NAME = "default"
 @dataclass
 class _Injection:
     """What `_inject` changed in a model, for `unload_mixlora`: the (parent, attribute) of every module it put in,
-    the base parameters' `requires_grad` by name, the hook handles; and the rows object its modules share."""
+    the base parameters' `requires_grad` by name, the hook handles, the quantized layers' CPU packing flags
+    (`_keep_quantized_layers_trainable`); and the rows object its modules share."""
 
     rows: AdapterRows
     replaced: list[tuple[nn.Module, str]]
     requires_grad: dict[str, bool]
     handles: list
+    cpu_packing: list[tuple[nn.Module, bool]]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -120,6 +123,24 @@ def _check_configs(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn
     return layers
 
 
+def _keep_quantized_layers_trainable(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """On a CPU with AVX512-BF16, a bitsandbytes 4-bit layer converts its weight to a packed inference format the
+    first time it runs in eval mode without gradients; that format has no backward, so a later training step would
+    lose the gradient through the layer without an error (bitsandbytes only warns). Turn the conversion off for the
+    life of the adapters; warn about a layer converted already. Returns (layer, previous flag) for unloading."""
+    flags = []
+    for name, layer in model.named_modules():
+        if not hasattr(layer, "support_avx512bf16_for_cpu"):
+            continue
+        if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+            warnings.warn(f"{name} ran in eval mode without gradients on the CPU before MixLoRA was injected, and "
+                          "bitsandbytes converted it to its inference-only format: training this model would not "
+                          "backpropagate through it; load the base again and inject first to train", stacklevel=3)
+        flags.append((layer, layer.support_avx512bf16_for_cpu))
+        layer.support_avx512bf16_for_cpu = False
+    return flags
+
+
 def _inject(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.Module:
     layers = _check_configs(model, configs)
     configs = dict(configs)
@@ -140,7 +161,7 @@ def _inject(model: nn.Module, configs: Mapping[str, MixLoraConfig]) -> nn.Module
     model.train(model.training)  # the new modules take the model's mode: an eval model (from_pretrained) has no dropout
     hooks = LossHooks(model, moe_layers(model), configs, rows)
     model.mixlora_configs = configs
-    model._mixlora = _Injection(rows, replaced, requires_grad, hooks.handles)
+    model._mixlora = _Injection(rows, replaced, requires_grad, hooks.handles, _keep_quantized_layers_trainable(model))
     return model
 
 
@@ -187,6 +208,8 @@ def unload_mixlora(model: nn.Module) -> nn.Module:
     state = _injection(model)
     for handle in state.handles:
         handle.remove()
+    for layer, flag in state.cpu_packing:
+        layer.support_avx512bf16_for_cpu = flag
     for parent, attribute in reversed(state.replaced):
         setattr(parent, attribute, getattr(parent, attribute).unwrap())
     for name, p in model.named_parameters():

@@ -83,6 +83,8 @@ def test_mixlora_on_a_quantized_base_matches_its_float_oracle(base_dir, kind):
     _same_adapters(model, oracle)
     assert all(p.dtype == torch.float32 for p in adapter_state_dict(model).values())  # in the compute dtype
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # an evaluation first (as `mixlora train` does): the layers must stay trainable after it
+        model.eval()(input_ids=ids)
     model.train(), oracle.train()
     out, ref = model(input_ids=ids, labels=ids), oracle(input_ids=ids, labels=ids)
     with torch.no_grad(), disable_adapter(model):
