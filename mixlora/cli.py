@@ -240,7 +240,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_export(args) -> int:
     from mixlora.export import check_routing_strategy, export_moe
 
-    check_routing_strategy(args.adapter)  # the export's reason, before the config's "not implemented"
+    check_routing_strategy(args.adapter)  # refused before the base model is loaded
     _adapter_config(args.adapter)  # a bad path fails here, before the base model is loaded
     print(f"mixlora export: loading the adapter {args.adapter} and its base ...", file=sys.stderr, flush=True)
     summary = export_moe(args.adapter, args.output, format=args.format, dtype=args.dtype,
