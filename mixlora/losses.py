@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixlora.moe import top_p_selection
+from mixlora.routing import top_p_selection
 from mixlora.rows import AdapterRows
 
 

@@ -189,7 +189,7 @@ def test_layer_output_and_every_gradient_match_the_oracle(case, use_dora):
 def test_top_p_selection_edge_cases():
     """The threshold expert is kept; a token whose first expert exceeds top_p keeps it alone; when no cumulative
     sum exceeds top_p (top_p = 1, or temperature > 1 so that p / T sums below top_p) every expert is kept."""
-    from mixlora.moe import top_p_selection
+    from mixlora.routing import top_p_selection
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02], [0.25, 0.25, 0.25, 0.25]],
                          dtype=torch.float64)
