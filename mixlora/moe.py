@@ -298,9 +298,9 @@ class MixLoraSparseMoe(nn.Module):
     (..., H) -> (..., H), the rows split among adapters by `rows` (`mixlora.rows.AdapterRows`): the three dense
     GEMMs run once over the rows of every LoRA/rsLoRA adapter, each adapter routes its own tokens among its own
     experts by its own routing strategy (the switch capacity counts per sequence: the input's second-last
-    dimension, or one sequence for a 2-D input); a DoRA adapter's rows run `MoeExperts.per_expert_forward`. `activation` is the FFN's (an adapter's
-    `act_fn` overrides it). `base_layer` is the replaced FFN, given back by `mixlora.unload_mixlora` and run while
-    the adapters are disabled.
+    dimension, or one sequence for a 2-D input); a DoRA adapter's rows run `MoeExperts.per_expert_forward`.
+    `activation` is the FFN's (an adapter's `act_fn` overrides it). `unwrap()` gives the replaced FFN back (to
+    `mixlora.unload_mixlora`); it also runs while the adapters are disabled.
     """
 
     def __init__(self, mlp: nn.Module, configs: Mapping[str, object], activation: str,

@@ -11,12 +11,13 @@ answer tokens (prompt masked), the router aux loss included, and writes into `ou
 Batches are a pure function of (seed, step), and the RNG state is checkpointed, so `resume=True` continues from the
 latest checkpoint with the same next loss as an uninterrupted run.
 
-With `adapters` (name -> {MixLoraConfig fields, data and/or tasks, optionally lr}) several adapters train together on
-one frozen base (`mixlora.get_multi_mixlora_model`): each step takes `batch_size` rows of every adapter's data, grouped by adapter, in
-one forward/backward; AdamW has one param group per adapter (its own lr) and clipping is per adapter, so each adapter
-gets the update it would get trained alone on the same rows (dropout draws aside). Each adapter is written to
-`output_dir/<name>/` in the published format (checkpoints hold one such directory per adapter), `train_summary.json`
-has the per-adapter losses and accuracies under "adapters", and `loss.png` one curve per adapter.
+With `adapters` (name -> {MixLoraConfig fields, data and/or tasks, optionally lr}) several adapters train together
+on one frozen base (`mixlora.get_multi_mixlora_model`): each step takes `batch_size` rows of every adapter's data,
+grouped by adapter, in one forward/backward; AdamW has one param group per adapter (its own lr; two with LoRA+) and clipping is per
+adapter, so each adapter gets the update it would get trained alone on the same rows (dropout draws aside). Each
+adapter is written to `output_dir/<name>/` in the published format (checkpoints hold one such directory per
+adapter), `train_summary.json` has the per-adapter losses and accuracies under "adapters", and `loss.png` one curve
+per adapter.
 
 A non-empty `output_dir` is refused unless `overwrite` (the earlier run's outputs are removed) or `resume`.
 
@@ -198,7 +199,8 @@ def fit(config: TrainConfig, log=print):
         log(f"base model {base_note}; device {cfg.device}; {runs[0].describe()}")
 
     start_step, history, before, tokens, train_time = 0, [], None, 0, 0.0
-    checkpoint, state, checkpoint_weights = resume_state(cfg.output_dir, [run.directory("") for run in runs]) if cfg.resume else (None,) * 3
+    subdirs = [run.directory("") for run in runs]
+    checkpoint, state, checkpoint_weights = resume_state(cfg.output_dir, subdirs) if cfg.resume else (None,) * 3
     if cfg.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
     if checkpoint is not None:

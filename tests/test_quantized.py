@@ -1,9 +1,10 @@
 """A quantized frozen base (QLoRA style, bitsandbytes 4-bit NF4/FP4 and 8-bit) under MixLoRA, on the CPU.
 
 The oracle of a quantized layer is the weight it computes with: bitsandbytes' dequantized 4-bit weight, or the 8-bit
-layer's weight read back by running it on the identity (W_q = layer(I)ᵀ, bias removed). A MixLoRA model over the quantized base must equal the same MixLoRA model over a
-float base holding those weights (4-bit layers compute in fp32 here; 8-bit layers cast their input to fp16, hence the
-looser bound there, still far below what the adapters change).
+layer's weight read back by running it on the identity (W_q = layer(I)ᵀ, bias removed). A MixLoRA model over the
+quantized base must equal the same MixLoRA model over a float base holding those weights (4-bit layers compute in
+fp32 here; 8-bit layers cast their input to fp16, hence the looser bound there, still far below what the adapters
+change).
 """
 
 from __future__ import annotations
