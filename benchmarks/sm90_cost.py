@@ -26,14 +26,17 @@ LoRA dropout 0 and 0.05:
   peak of the MMA kind, SIMT FLOPs / 67 TFLOP/s, warp-instructions / (132 * 4 * 1.755 GHz)), each divided by the
   fraction of SMs the grid can fill; central = CENTRAL_LOW_OCC x bound where at most 8 warps per SM are resident
   (docs/cost-model.md's 1.5-2x, we take the middle), else CENTRAL_HIGH_OCC x bound; plus LAUNCH_S per launch.
-- Whole FFN fwd+bwd per backend = the measured dense frozen FFN (3.41 / 14.22 ms) + router_logits (torch/cuBLAS,
-  modelled as a GEMM at HBM bandwidth) + every kernel the backend's pipeline launches in fwd+bwd.
+- Whole FFN fwd+bwd per backend = the measured dense frozen FFN (3.41 / 14.22 ms) + every kernel the backend's
+  pipeline launches in fwd+bwd. router_logits: the Triton pipeline launches its kernels (analysed like the others;
+  exact fp32 SIMT FMA, no dot); the CUDA extension has none, so the CUDA path runs the torch reference (cuBLAS),
+  modelled as its GEMMs and casts at HBM bandwidth (`router_logits_record`).
 
 HBM bytes are the compulsory traffic: every distinct tensor a launch touches, read or written once (Triton: the
 launch's tensor arguments; CUDA: `CUDA_LAUNCHES` formulas). L2 bytes are the dynamic global load/store bytes of the
 SASS (every lane of every executed LDG/STG/LDGSTS, at its access width) beyond the HBM bytes: what is re-read from
-L2 (Triton: divided by the replication of the load's layout, lanes that load the same element; predicated-off
-lanes and same-address lanes of CUDA's scalar loads are counted, so it is an upper estimate).
+L2 (Triton: divided by the replication of the load's layout, lanes that load the same element, or the same address
+of a broadcast pointer tile; predicated-off lanes and same-address lanes of CUDA's scalar loads are counted, so it
+is an upper estimate).
 
 Approximate, and how: a loop's trip count is taken at its source bounds (mean over programs where they depend on
 the program id); unrolled loops are recognised as main + remainder copies of one source loop, and unswitched copies
@@ -289,6 +292,21 @@ class Role:
     programs: int
 
 
+def load_replication(ins: Instr, replication: dict[tuple[str, int], float]) -> float:
+    """The replication (`ttgir_load_replication`) of the tl.load a global SASS access comes from, 1 if none.
+
+    A Triton load is an inline-asm block: one `mov` per 32-bit register (of `other`, or of 0), then the ld.global,
+    and LLVM numbers the lines of an inline-asm block consecutively from the op's own line. The access then carries
+    its tl.load's line + up to its register count (3 or 4 for a 128-bit access): when its own lines name no load, the
+    nearest load line at most that far above is taken."""
+    hits = [replication[loc] for loc in ins.locs if loc in replication]
+    for shift in range(1, max(1, _lane_bytes(ins.op) // 4) + 1):
+        if hits:
+            break
+        hits = [replication[(f, n - shift)] for f, n in ins.locs if (f, n - shift) in replication]
+    return min(hits, default=1.0)
+
+
 def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: list[Role] = (),
                  kernel_span: tuple[str, int, int] | None = None, replication: dict | None = None,
                  scalar_code: bool = False, dead: tuple[set, set] | None = None) -> dict:
@@ -404,8 +422,7 @@ def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: lis
         elif base in _SIMT_FLOPS:
             out["simt_flops"] += mult * 32 * _SIMT_FLOPS[base]
         if _GLOBAL_MEM.match(ins.op):
-            rep = min((replication[loc] for loc in ins.locs if loc in replication), default=1.0) if replication \
-                else 1.0
+            rep = load_replication(ins, replication) if replication else 1.0
             out["global_bytes"] += mult * 32 * _lane_bytes(ins.op) / rep
         if base in ("STL", "LDL"):
             out["spill_instructions"] += 1
@@ -640,7 +657,8 @@ def sm90_compile_only():
 
 def triton_pipeline(shape: Shape, act: str = "silu"):
     """Run the Triton launchers of one MoE FFN forward and backward (the op sequence of mixlora/moe.py and the ops'
-    autograd) on meta tensors under `sm90_compile_only`; returns the recorded launches."""
+    autograd: router_logits first, its backward last, from route_backward's logits gradient) on meta tensors under
+    `sm90_compile_only`; returns the recorded launches. The router weight is fp32 (E, H), as in the model."""
     import torch
 
     from mixlora_kernels.triton import KERNELS
@@ -650,11 +668,13 @@ def triton_pipeline(shape: Shape, act: str = "silu"):
     def new(*size, dtype=bf16):
         return torch.empty(*size, dtype=dtype, device="meta")
 
-    x, logits = new(T, H), new(T, E, dtype=f32)
+    x, w_router = new(T, H), new(E, H, dtype=f32)
     G, U = new(T, I), new(T, I)
     A_in, Bg, Bu, Ad, Bd = new(E, 2 * R, H), new(E, I, R), new(E, I, R), new(E, R, I), new(E, H, R)
     scale = 2.0  # lora_alpha / R; the value does not change the code
     with sm90_compile_only() as (records, op):
+        op[0] = "router_logits"
+        logits = KERNELS["router_logits"](x, w_router)
         op[0] = "route"
         weights, experts = KERNELS["route"](logits, K)
         op[0] = "sort_slots"
@@ -678,7 +698,9 @@ def triton_pipeline(shape: Shape, act: str = "silu"):
         op[0] = "lora_shrink_backward"
         KERNELS["lora_shrink_backward"](torch.cat([dzg, dzu], dim=1), x, A_in, experts, order, offsets, p, 1234)
         op[0] = "route_backward"
-        KERNELS["route_backward"](new(T, K, dtype=f32), weights, experts, E)
+        dlogits = KERNELS["route_backward"](new(T, K, dtype=f32), weights, experts, E)
+        op[0] = "router_logits_backward"
+        KERNELS["router_logits_backward"](dlogits, x, w_router)
     return records
 
 
@@ -702,7 +724,9 @@ def ttgir_load_replication(ttgir: str) -> dict[tuple[str, int], float]:
     """(file, line) of every global load in the TTGIR -> how many threads load each element: a blocked layout whose
     lanes x warps x sizePerThread cover more than the tensor (a (32,) row-id vector in a 4-warp program, a slice
     layout's removed dimension) has every element loaded by several lanes, which the L1 serves. Used to count the
-    L2 bytes of a SASS load as its lanes' bytes / replication."""
+    L2 bytes of a SASS load as its lanes' bytes / replication. A pointer tensor broadcast along a dimension
+    (`tt.broadcast` of a size-1 dimension: a row of W loaded straight into a (rows, columns) tile) has every address
+    loaded by all the threads along that dimension."""
     layouts = {}
     for m in re.finditer(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
                          r"warpsPerCTA = \[([\d, ]+)\]", ttgir, re.M):
@@ -717,22 +741,26 @@ def ttgir_load_replication(ttgir: str) -> dict[tuple[str, int], float]:
         inner = re.findall(r"#loc\d*", text)
         return innermost(inner[0], depth + 1) if inner and depth < 20 else None
 
+    broadcast = {m.group(1): [int(v) for v in m.group(2).split("x")] for m in re.finditer(
+        r"^\s*(%[\w.]+) = tt\.broadcast %[\w.]+ : tensor<([\dx]+)x!tt\.ptr<", ttgir, re.M)}
     out: dict = {}
-    for m in re.finditer(r"(?:tt\.load|ttg\.async_copy_global_to_local) .*?: tensor<([\dx]+)x!tt\.ptr<\w+>, "
+    for m in re.finditer(r"(?:tt\.load|ttg\.async_copy_global_to_local) (%[\w.]+).*?: tensor<([\dx]+)x!tt\.ptr<\w+>, "
                          r"(#\w+|#ttg\.slice<\{dim = (\d+), parent = (#\w+)\}>)>.*?loc\((#loc\d*)\)", ttgir):
-        shape = [int(v) for v in m.group(1).split("x")]
-        sliced, name = (int(m.group(3)), m.group(4)) if m.group(3) else (None, m.group(2))
+        shape = [int(v) for v in m.group(2).split("x")]
+        sliced, name = (int(m.group(4)), m.group(5)) if m.group(4) else (None, m.group(3))
         if name not in layouts:
             continue
         spt, tpw, wpc = layouts[name]
+        source = broadcast.get(m.group(1)) if sliced is None else None
         rep, k = 1.0, 0
         for d in range(len(spt)):
-            if d == sliced:
+            if d == sliced or (source and source[d] == 1 < shape[d]):
                 rep *= tpw[d] * wpc[d]
+                k += d != sliced
                 continue
             rep *= max(1.0, spt[d] * tpw[d] * wpc[d] / shape[k])
             k += 1
-        where = innermost(m.group(5))
+        where = innermost(m.group(6))
         if where:
             out[where] = min(out.get(where, rep), rep)
     return out
@@ -803,11 +831,18 @@ def _record(backend, op, name, shape, regs, stack, prof, shared, occ, warps, gri
             "loops": prof["loops"], "notes": prof["notes"]}
 
 
+# Ops whose kernels must be exact fp32 (the router: its weight stays fp32, no tf32 or bf16 rounding of it): SIMT FMA
+# only, no `tt.dot` and no MMA at all, also in a bf16 model.
+EXACT_FP32_OPS = ("router_logits", "router_logits_backward")
+
+
 def rule_violations(shape: Shape) -> list[str]:
     """What the CPU test guards, for the Triton kernels the pipeline launches at `shape` (bf16 model):
-    "spills:<kernel>" when its SASS has local-memory spill instructions (STL/LDL) or a stack frame, and
+    "spills:<kernel>" when its SASS has local-memory spill instructions (STL/LDL) or a stack frame;
     "non-bf16-dot:<kernel>" when a `tt.dot` has a non-bf16 operand (fp32 tf32/tf32x3/ieee) or the SASS has a
-    non-bf16 MMA. Compiles only: no SASS profile, no cost model."""
+    non-bf16 MMA; and, the stated exception for the router (`EXACT_FP32_OPS`: the bf16-MMA rule does not apply, it
+    must not multiply on tensor cores at all), "inexact-router:<kernel>" when one of its kernels has any `tt.dot`
+    (Triton may turn a broadcast multiply + sum into one) or any MMA. Compiles only: no SASS profile, no cost model."""
     out = set()
     for launch in triton_pipeline(shape):
         md = launch.kernel.metadata
@@ -816,7 +851,10 @@ def rule_violations(shape: Shape) -> list[str]:
             out.add(f"spills:{md.name}")
         dots = ttir_dots(launch.kernel.asm["ttir"])
         mmas = {m[1] for m in (_mma_flops(i.op) for i in instrs) if m}
-        if any(d["a"] != "bf16" or d["b"] != "bf16" for d in dots) or mmas - {"bf16"}:
+        if launch.op in EXACT_FP32_OPS:
+            if dots or mmas:
+                out.add(f"inexact-router:{md.name}")
+        elif any(d["a"] != "bf16" or d["b"] != "bf16" for d in dots) or mmas - {"bf16"}:
             out.add(f"non-bf16-dot:{md.name}")
     return sorted(out)
 
@@ -1373,14 +1411,17 @@ def _model_only(backend, op, name, shape, hbm, lower, launches=1,
 
 
 def router_logits_record(shape: Shape) -> dict:
-    """router_logits through torch (cuBLAS), per mixlora_kernels/ops/router_logits.py: forward x.to(fp32) (bf16
-    read, fp32 write) then the (T, H) x (H, E) GEMM (fp32 read); backward dx = grad @ W in fp32 then .to(bf16),
-    dW = grad^T @ x.to(fp32). A GEMM with N = E = 8 is bandwidth-bound: bytes / HBM bandwidth."""
+    """The CUDA path's router_logits: the torch references (cuBLAS; the extension has no router kernel), per
+    mixlora_kernels/ops/router_logits.py: forward x.to(fp32) (bf16 read, fp32 write) then the (T, H) x (H, E) GEMM
+    (fp32 read); backward (router_logits_backward_reference) dx = grad @ W in fp32 then .to(bf16), dW = grad^T @
+    x.to(fp32). A GEMM with N = E = 8 is bandwidth-bound: bytes / HBM bandwidth. The Triton path launches
+    mixlora_kernels/triton/router_logits.py's kernels instead (in `triton_pipeline`)."""
     th = shape.T * shape.H
     fwd = th * (2 + 4 + 4)
     bwd = th * (4 + 4 + 2) + th * (2 + 4 + 4)
     b = float(fwd + bwd)
-    return _model_only("both", "router_logits", "router_logits (cuBLAS via torch)", shape, b, b / HBM_BPS, launches=6)
+    return _model_only("cuda", "router_logits", "router_logits (cuBLAS via torch)", shape, b, b / HBM_BPS,
+                       launches=6)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -1430,11 +1471,10 @@ def build_report(tokens=TARGET_TOKENS, dropouts=TARGET_DROPOUTS, backends=("trit
     for T in tokens:
         for p in dropouts:
             shape = Shape(T=T, dropout=p)
-            records.append(router_logits_record(shape))
             if "triton" in backends:
                 records += triton_records(shape)
             if "cuda" in backends:
-                records += cuda_records(shape) + cuda_model_only_records(shape)
+                records += [router_logits_record(shape)] + cuda_records(shape) + cuda_model_only_records(shape)
     pred = predict(records)
     return {
         "label": LABEL,

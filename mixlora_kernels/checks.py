@@ -44,11 +44,14 @@ def check_routing(op: str, experts: torch.Tensor, order: torch.Tensor, offsets: 
     check_devices(op, "the activations", device, ("experts", experts), ("order", order), ("offsets", offsets))
 
 
-def check_router_logits(x, weight) -> None:
-    op = "router_logits"
+def check_router_logits(x, weight, grad=None) -> None:
+    """`router_logits`' inputs; with `grad` (the logits' gradient), those of `router_logits_backward`."""
+    op = "router_logits" if grad is None else "router_logits_backward"
     check_float(op, "x", x, (None, None))
     check_float(op, "weight", weight, (None, x.shape[1]))
-    check_devices(op, "x", x.device, ("weight", weight))
+    check_devices(op, "x", x.device, ("weight", weight), ("grad", grad))
+    if grad is not None:
+        check_float(op, "grad", grad, (x.shape[0], weight.shape[0]))
 
 
 def check_route(logits, top_k) -> None:

@@ -71,6 +71,7 @@ def sample_inputs(name: str, gen: torch.Generator) -> tuple:
            "silu", p, seed)
     return {
         "router_logits": lambda: (rnd(T, H), rnd(E, H)),
+        "router_logits_backward": lambda: (rnd(T, E), rnd(T, H), rnd(E, H)),
         "route": lambda: (logits, K),
         "route_backward": lambda: (rnd(T, K), weights, experts, E),
         "sort_slots": lambda: (experts, E),
@@ -83,9 +84,11 @@ def sample_inputs(name: str, gen: torch.Generator) -> tuple:
     }[name]()
 
 
-# Arguments a model passes in fp32 whatever its dtype: routing weights, router logits and weight, rank-R tensors.
+# Arguments a model passes in fp32 whatever its dtype: routing weights, router logits (and their gradient) and
+# weight, rank-R tensors.
 _FP32_ARGS = {
-    "router_logits": {1}, "route": {0}, "route_backward": {0, 1}, "lora_shrink_backward": {0},
+    "router_logits": {1}, "router_logits_backward": {0, 2}, "route": {0}, "route_backward": {0, 1},
+    "lora_shrink_backward": {0},
     "expand_act_combine": {2, 4, 6}, "expand_act_combine_backward": {1, 4, 6, 8},
     "lora_expand_combine": {0, 2}, "lora_expand_combine_backward": {0, 1, 3},
 }

@@ -16,8 +16,9 @@ import torch
 from mixlora_kernels import backend, ops, selected_backends
 from mixlora_kernels.selftest import cast, check_against_reference, sample_inputs, tolerance_violation
 
-OPS = {"route", "route_backward", "router_logits", "sort_slots", "lora_shrink", "lora_shrink_backward",
-       "expand_act_combine", "expand_act_combine_backward", "lora_expand_combine", "lora_expand_combine_backward"}
+OPS = {"route", "route_backward", "router_logits", "router_logits_backward", "sort_slots", "lora_shrink",
+       "lora_shrink_backward", "expand_act_combine", "expand_act_combine_backward", "lora_expand_combine",
+       "lora_expand_combine_backward"}
 
 # In a fresh process: torch.cuda.is_available() faked True before the import, optionally a fake compiled extension
 # (a `mixlora_kernels._C` module and a `mixlora_cuda` op library with sort_slots and route only), then print what
@@ -70,10 +71,10 @@ def test_explicit_gpu_backend_without_gpu_raises(name):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fakes CUDA availability on a machine without a GPU")
 @pytest.mark.parametrize("fake_extension", [False, True], ids=["no-extension", "extension"])
 def test_selection_on_a_cuda_machine(fake_extension):
-    """Op by op, on a faked CUDA machine: Triton has every op but router_logits; the fake extension has sort_slots
-    and route. auto follows the evidence order, an explicit backend serves its ops and leaves the rest to the
-    reference, torch serves everything with the reference."""
-    triton_ops = OPS - {"router_logits"}
+    """Op by op, on a faked CUDA machine: Triton has every op; the fake extension has sort_slots and route. auto
+    follows the evidence order, an explicit backend serves its ops and leaves the rest to the reference, torch serves
+    everything with the reference."""
+    triton_ops = set(OPS)
     cuda_ops = {"sort_slots", "route"} if fake_extension else set()
 
     auto = _selection("auto", fake_extension)

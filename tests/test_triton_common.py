@@ -109,8 +109,9 @@ def test_kernels_match_op_schemas():
     from mixlora_kernels.triton import KERNELS
 
     assert set(KERNELS) == {
-        "route", "route_backward", "sort_slots", "lora_shrink", "lora_shrink_backward", "expand_act_combine",
-        "expand_act_combine_backward", "lora_expand_combine", "lora_expand_combine_backward"}
+        "router_logits", "router_logits_backward", "route", "route_backward", "sort_slots", "lora_shrink",
+        "lora_shrink_backward", "expand_act_combine", "expand_act_combine_backward", "lora_expand_combine",
+        "lora_expand_combine_backward"}
     for name, fn in KERNELS.items():
         schema = getattr(torch.ops.mixlora, name).default._schema
         assert list(inspect.signature(fn).parameters) == [a.name for a in schema.arguments], name

@@ -1,4 +1,5 @@
-"""mixlora::router_logits — router logits x W_gᵀ in fp32 without saving an fp32 copy of a 16-bit x."""
+"""mixlora::router_logits — router logits x W_gᵀ in fp32 without saving an fp32 copy of a 16-bit x; and its
+backward."""
 
 from __future__ import annotations
 
@@ -31,18 +32,40 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=acc_dtype(x, weight))
 
 
+@reference
+def router_logits_backward_reference(grad: torch.Tensor, x: torch.Tensor,
+                                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dx (T, H) like x, dW (E, H) like weight) of `router_logits` from grad (T, E).
+
+    dx = grad W, dW = gradᵀ x, both with x, W and grad upcast to the accumulation dtype (fp32; fp64 in a fp64 model).
+    """
+    check_router_logits(x, weight, grad)
+    acc = acc_dtype(grad, x, weight)
+    g = grad.to(acc)
+    return (g @ weight.to(acc)).to(x.dtype), (g.T @ x.to(acc)).to(weight.dtype)
+
+
+router_logits_backward = torch.library.custom_op(
+    "mixlora::router_logits_backward", router_logits_backward_reference, mutates_args=())
+
+
+@router_logits_backward.register_fake
+def _(grad, x, weight):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, grad):
+    # One op computes both (dW needs the read of x that dx's kernel makes anyway); an unneeded one is dropped.
     x, weight = ctx.saved_tensors
-    acc = grad.dtype
-    dx = (grad @ weight.to(acc)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dw = (grad.T @ x.to(acc)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-    return dx, dw
+    dx, dw = router_logits_backward(grad.contiguous(), x, weight)
+    return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None)
 
 
 router_logits.register_autograd(_backward, setup_context=_setup_context)
 
 backend.install(router_logits, "router_logits", router_logits_reference)
+backend.install(router_logits_backward, "router_logits_backward", router_logits_backward_reference)

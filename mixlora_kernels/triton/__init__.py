@@ -8,9 +8,12 @@ from mixlora_kernels.triton.expand_act_combine import expand_act_combine_backwar
 from mixlora_kernels.triton.lora_expand_combine import lora_expand_combine_backward, lora_expand_combine_forward
 from mixlora_kernels.triton.lora_shrink import lora_shrink_backward, lora_shrink_forward
 from mixlora_kernels.triton.route import route_backward, route_forward
+from mixlora_kernels.triton.router_logits import router_logits_backward, router_logits_forward
 from mixlora_kernels.triton.sort_slots import sort_slots_forward
 
 KERNELS = {
+    "router_logits": router_logits_forward,
+    "router_logits_backward": router_logits_backward,
     "route": route_forward,
     "route_backward": route_backward,
     "sort_slots": sort_slots_forward,
