@@ -167,6 +167,7 @@ class Instr:
     text: str
     locs: frozenset    # {(file, line)}: every level of the inlining chain
     target: str | None = None  # branch label
+    inner: tuple | None = None  # (file, line) of the innermost level (the code itself, not a call site)
 
 
 @dataclass
@@ -180,16 +181,16 @@ class SourceLoop:
 
 
 def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
-    instrs, labels, pending, locs = [], {}, [], frozenset()
+    instrs, labels, pending, locs, inner = [], {}, [], frozenset(), None
     chain: set = set()
     fresh = True
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("//##"):
+            found = [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', s)]
             if fresh:
-                chain, fresh = set(), False
-            for f, n in re.findall(r'File "([^"]+)", line (\d+)', s):
-                chain.add((f, int(n)))
+                chain, fresh, inner = set(), False, found[0] if found else None
+            chain.update(found)
             locs = frozenset(chain)
             continue
         m = re.match(r"\s*(\.L\w+):", line)
@@ -213,7 +214,7 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         for lab in pending:
             labels[lab] = addr
         pending = []
-        instrs.append(Instr(addr, op, body, locs, t.group(1) if t and op.startswith("BRA") else None))
+        instrs.append(Instr(addr, op, body, locs, t.group(1) if t and op.startswith("BRA") else None, inner))
     return instrs, labels
 
 
@@ -297,14 +298,17 @@ def load_replication(ins: Instr, replication: dict[tuple[str, int], float]) -> f
 
     A Triton load is an inline-asm block: one `mov` per 32-bit register (of `other`, or of 0), then the ld.global,
     and LLVM numbers the lines of an inline-asm block consecutively from the op's own line. The access then carries
-    its tl.load's line + up to its register count (3 or 4 for a 128-bit access): when its own lines name no load, the
-    nearest load line at most that far above is taken."""
+    its tl.load's line + up to its register count (3 or 4 for a 128-bit access) at the innermost level of its
+    inlining chain (the call sites above keep their lines): when its own lines name no load, the nearest load line at
+    most that far above its innermost line is taken."""
     hits = [replication[loc] for loc in ins.locs if loc in replication]
+    if hits or ins.inner is None:
+        return min(hits, default=1.0)
+    f, n = ins.inner
     for shift in range(1, max(1, _lane_bytes(ins.op) // 4) + 1):
-        if hits:
-            break
-        hits = [replication[(f, n - shift)] for f, n in ins.locs if (f, n - shift) in replication]
-    return min(hits, default=1.0)
+        if (f, n - shift) in replication:
+            return replication[(f, n - shift)]
+    return 1.0
 
 
 def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: list[Role] = (),

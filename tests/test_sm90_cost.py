@@ -155,6 +155,35 @@ def test_cost_model_arithmetic_on_a_synthetic_kernel():
     assert half["lower_s"] == pytest.approx(2 * hbm / 4.3e12)
 
 
+def test_load_replication_matching():
+    """A global access finds its tl.load's replication: by line, by the inline-asm line shift of the innermost level
+    (a load's block numbers its lines on: + up to the access's registers), and a broadcast pointer tile replicates
+    over the broadcast dimension."""
+    from benchmarks import sm90_cost as c
+    instrs, _ = c.parse_sass(SYNTHETIC_SASS)
+    assert instrs[1].inner == ("/x/helper.py", 3) and instrs[0].inner == ("/x/k.py", 10)
+    rep = {("/x/k.py", 51): 1.0, ("/x/k.py", 55): 32.0, ("/x/h.py", 100): 1.0, ("/x/k.py", 46): 32.0}
+
+    def ldg(op, *locs):
+        return c.Instr(0, op, op, frozenset(locs), None, locs[0])
+    assert c.load_replication(ldg("LDG.E.128", ("/x/k.py", 55)), rep) == 32.0   # its own line
+    assert c.load_replication(ldg("LDG.E.128", ("/x/k.py", 58)), rep) == 32.0   # 4 registers: + 3
+    assert c.load_replication(ldg("LDG.E.128", ("/x/k.py", 54)), rep) == 1.0    # the nearest load above: 51
+    assert c.load_replication(ldg("LDG.E", ("/x/k.py", 56)), rep) == 32.0       # 1 register: + 1
+    assert c.load_replication(ldg("LDG.E", ("/x/k.py", 57)), rep) == 1.0        # + 2 is too far for 1 register
+    # a helper's load (h.py:100 + 3, inlined at k.py:47): the call site's line is not shifted onto k.py:46's load
+    assert c.load_replication(ldg("LDG.E.128", ("/x/h.py", 103), ("/x/k.py", 47)), rep) == 1.0
+    ttgir = "\n".join([
+        "#blocked = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [8, 4], warpsPerCTA = [4, 1], "
+        "order = [1, 0]}>",
+        "    %p = tt.broadcast %q : tensor<1x32x!tt.ptr<f32>, #blocked> -> tensor<32x32x!tt.ptr<f32>, #blocked> "
+        "loc(#loc1)",
+        "    %w = tt.load %p : tensor<32x32x!tt.ptr<f32>, #blocked> loc(#loc2)",
+        "    %x = tt.load %r, %m, %o : tensor<32x32x!tt.ptr<bf16>, #blocked> loc(#loc3)",
+        '#loc2 = loc("/x/k.py":60:14)', '#loc3 = loc("/x/k.py":52:14)'])
+    assert c.ttgir_load_replication(ttgir) == {("/x/k.py", 60): 32.0, ("/x/k.py", 52): 1.0}
+
+
 def test_whole_ffn_prediction_adds_the_measured_dense_part():
     from benchmarks import sm90_cost as c
     recs = [{"backend": "triton", "T": 4096, "dropout": 0.0, "central_ms": 0.5},
