@@ -1,20 +1,30 @@
 """The CPU kernels (`mixlora_kernels.cpu`) against the float64 reference ops, forward and backward.
 
-Every kernel is called directly (not through the registry). With fp32/bf16 inputs it must meet the backends' one
-tolerance rule (`mixlora_kernels.selftest`, asserted by `backend_checks.assert_outputs`), ref_same being the
-reference on the same low-precision inputs; a wrong mask, slot or expert is off by O(1) relative. bf16 inputs are
-cast as a model passes them: activations (x, G, U, dH̄) in bf16; routing weights and rank-R tensors in fp32; LoRA
-weights in fp32 (the training layout, `mixlora.lora.adapter_dtype`) or bf16 (a model loaded in bf16). The kernels
-multiply fp32 operands as they are, so ref_same needs no operand rounding.
+Every kernel is called directly (not through the registry). With fp32/bf16/fp16 inputs it must meet the backends'
+one tolerance rule (`mixlora_kernels.selftest`, asserted by `backend_checks.assert_outputs`), ref_same being the
+reference on the same low-precision inputs; a wrong mask, slot or expert is off by O(1) relative. 16-bit inputs are
+cast as a model passes them: activations (x, G, U, dH̄) in bf16/fp16; routing weights and rank-R tensors in fp32; LoRA
+weights in fp32 (the training layout, `mixlora.lora.adapter_dtype`) or in the activations' dtype (a model loaded in
+it). The kernels multiply fp32 operands as they are, so ref_same needs no operand rounding.
 
-With float64 inputs the rule does not apply (there is no reference more exact than the kernel: ref_same = ref64 would
-leave 2 fp64 ulps of the largest entry, which summing in another order exceeds): the kernels must match the float64
-reference to 1e-9 of max(1, its largest entry).
+expand_act_combine and its backward are the C++ kernels (csrc/cpu/, the extension `mixlora_kernels._cpu`): every
+activation, routing with an empty expert, K=1 on one expert, K=E, odd H/I, dropout, rank-0 projections, ungated and
+fused layouts, segments longer than one tile and I in several column blocks; their bits do not depend on the thread
+count; the dropout hash is the reference's bit for bit; float64 is refused (the backend serves it the reference). The
+pure-torch kernels (lora_shrink, lora_expand_combine) also take float64, where the rule does not apply (there is no
+reference more exact than the kernel: ref_same = ref64 would leave 2 fp64 ulps of the largest entry, which summing
+in another order exceeds): they must match the float64 reference to 1e-9 of max(1, its largest entry).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -23,11 +33,15 @@ from backend_checks import assert_outputs
 
 from mixlora_kernels import backend, cpu, ops
 from mixlora_kernels.cpu._common import keep_mask
-from mixlora_kernels.cpu.expand_act_combine import tile_rows
 from mixlora_kernels.ops._common import dropout_scale
 
-OPS = ("lora_shrink", "lora_shrink_backward", "expand_act_combine", "expand_act_combine_backward",
-       "lora_expand_combine", "lora_expand_combine_backward")
+CPP_OPS = ("expand_act_combine", "expand_act_combine_backward")
+TORCH_OPS = ("lora_shrink", "lora_shrink_backward", "lora_expand_combine", "lora_expand_combine_backward")
+OPS = TORCH_OPS[:2] + CPP_OPS + TORCH_OPS[2:]
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+needs_extension = pytest.mark.skipif(cpu.EXTENSION_ERROR is not None,
+                                     reason=f"the C++ CPU kernels did not load: {cpu.EXTENSION_ERROR}")
 
 
 def _routing(T, E, K, gen, case):
@@ -116,35 +130,17 @@ def outputs(out):
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
 
-def assert_matches_fp64(name, problem):
-    """float64: |out − ref64| ≤ 1e-9·max(1, max|ref64|) (see the module docstring)."""
-    args = problem.args(name)
-    ref = outputs(reference(name, args))
-    got = outputs(cpu.KERNELS[name](*args))
-    assert len(got) == len(ref)
-    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-        assert g.shape == r.shape and g.dtype == r.dtype, (name, i, g.shape, r.shape, g.dtype, r.dtype)
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        err = (g - r).abs().max().item() if r.numel() else 0.0
-        assert err <= 1e-9 * scale, f"{name} output {i}: max |kernel - reference| = {err:.3g} (scale {scale:.3g})"
-
-
-def assert_tolerance_rule(name, problem, dtype, lora_dtype):
-    args64 = problem.args(name)
-    args = cast(name, args64, dtype, lora_dtype)
-    ref64 = outputs(reference(name, args64))
-    ref_same = outputs(reference(name, args))
-    got = outputs(cpu.KERNELS[name](*args))
-    assert_outputs(f"{name} ({dtype}, LoRA {lora_dtype})", got, ref_same, ref64)
-
-
-# fp32 cases that exceed the rule: the kernel sums in another order (dense GEMMs over all E·R expert columns; tiles
-# of I) than the reference, and one entry ends up further than 2·|ref_same − ref64| + 2 fp32 ulps of the largest
-# entry from ref64 (by the ratio given); no rounding of the kernel's to put into ref_same. Strict: a pass means the
-# rule or the kernel changed, and the entry goes.
+# fp32 cases that exceed the rule: the kernel sums in another order than the reference (dense GEMMs over all E·R
+# expert columns; per-column-block partial sums over I, added in block order), and one entry ends up further than
+# 2·|ref_same − ref64| + 2 fp32 ulps of the largest entry from ref64 (by the ratio given; the kernels' rms error is
+# the reference's); no rounding of the kernel's to put into ref_same. Strict: a pass means the rule or the kernel
+# changed, and the entry goes. (op, shape, activation) -> what.
 _FP32_BEYOND_RULE = {
-    ("lora_shrink_backward", "R16"): "dx: 1 of 512 entries at 1.10x the allowance (summed over E·R = 128 columns)",
-    ("expand_act_combine", "multi_tile"): "zd: 1 of 640 entries at 1.01x the allowance (summed over I = 2048)",
+    ("lora_shrink_backward", "R16", "silu"): "dx: 1 of 512 entries at 1.10x the allowance (summed over E·R = 128 "
+                                             "columns)",
+    ("expand_act_combine_backward", "empty_expert", "silu"): "dBg: 1 of 480 entries at 1.06x the allowance",
+    ("expand_act_combine_backward", "multi_tile", "silu"): "dBu: 1 of 32800 entries at 1.01x the allowance (two "
+                                                           "tiles of an expert summed in turn)",
 }
 
 
@@ -164,58 +160,124 @@ SHAPES = {
     "rank0_gate": dict(T=10, H=24, I=32, E=4, K=2, R=(0, 4, 4)),  # gate not targeted
     "ungated": dict(T=10, H=24, I=32, E=4, K=2, R=(4, 0, 4), layout="ungated", p=0.1),  # Phi fc1/fc2: U is None
     "fused_phi3": dict(T=10, H=24, I=32, E=4, K=2, R=(4, 4, 4), layout="fused", p=0.1),  # gate_up_proj halves
-    "multi_tile": dict(T=40, H=16, I=2048, E=2, K=2, R=(8, 8, 8), p=0.1),  # segments longer than one tile
+    # expert segments longer than one tile (128 slots) and I in many column blocks (C++: test_multi_tile_...)
+    "multi_tile": dict(T=150, H=16, I=2050, E=2, K=2, R=(8, 8, 8), p=0.1),
 }
+LOW_PRECISION_SHAPES = ["T1", "empty_expert", "one_expert_K1", "K_eq_E", "prime_E_odd_HI", "R16", "dropout",
+                        "rank0_up_down", "rank0_gate", "ungated", "fused_phi3", "multi_tile"]
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16_fp32_lora": (torch.bfloat16, torch.float32),
+          "bf16_bf16_lora": (torch.bfloat16, torch.bfloat16), "fp16_fp16_lora": (torch.float16, torch.float16)}
+
+
+def kernel(name):
+    if name in CPP_OPS and cpu.EXTENSION_ERROR is not None:
+        pytest.skip(f"the C++ CPU kernels did not load: {cpu.EXTENSION_ERROR}")
+    return cpu.KERNELS[name]
+
+
+def assert_matches_fp64(name, problem):
+    """float64: |out − ref64| ≤ 1e-9·max(1, max|ref64|) (see the module docstring)."""
+    args = problem.args(name)
+    ref = outputs(reference(name, args))
+    got = outputs(kernel(name)(*args))
+    assert len(got) == len(ref)
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert g.shape == r.shape and g.dtype == r.dtype, (name, i, g.shape, r.shape, g.dtype, r.dtype)
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        err = (g - r).abs().max().item() if r.numel() else 0.0
+        assert err <= 1e-9 * scale, f"{name} output {i}: max |kernel - reference| = {err:.3g} (scale {scale:.3g})"
+
+
+def assert_tolerance_rule(request, name, problem, shape, dtypes):
+    dtype, lora_dtype = DTYPES[dtypes]
+    if dtypes == "fp32" and (name, shape, problem.act) in _FP32_BEYOND_RULE:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason="fp32 beyond the rule: "
+                                              f"{_FP32_BEYOND_RULE[name, shape, problem.act]}"))
+    args64 = problem.args(name)
+    args = cast(name, args64, dtype, lora_dtype)
+    ref64 = outputs(reference(name, args64))
+    ref_same = outputs(reference(name, args))
+    got = outputs(kernel(name)(*args))
+    assert_outputs(f"{name} ({dtype}, LoRA {lora_dtype}, {problem.act})", got, ref_same, ref64)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", TORCH_OPS)
 def test_float64_matches_reference(name, shape):
     assert_matches_fp64(name, Problem(**SHAPES[shape]))
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
-@pytest.mark.parametrize("name", ["expand_act_combine", "expand_act_combine_backward"])
-def test_activations_float64(name, act):
-    problem = Problem(T=12, H=16, I=40, E=5, K=2, p=0.2, seed=3)
-    problem.act = act
-    assert_matches_fp64(name, problem)
-
-
-@pytest.mark.parametrize("dtype,lora_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                              (torch.bfloat16, torch.bfloat16)],
-                         ids=["fp32", "bf16_fp32_lora", "bf16_bf16_lora"])
-@pytest.mark.parametrize("shape", ["empty_expert", "prime_E_odd_HI", "R16", "dropout", "fused_phi3", "ungated",
-                                   "multi_tile"])
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES)
 @pytest.mark.parametrize("name", OPS)
-def test_low_precision_tolerance_rule(request, name, shape, dtype, lora_dtype):
-    if dtype == lora_dtype == torch.float32 and (name, shape) in _FP32_BEYOND_RULE:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
-                                              reason=f"fp32 beyond the rule: {_FP32_BEYOND_RULE[name, shape]}"))
-    assert_tolerance_rule(name, Problem(**SHAPES[shape], seed=1), dtype, lora_dtype)
+def test_low_precision_tolerance_rule(request, name, shape, dtypes):
+    assert_tolerance_rule(request, name, Problem(**SHAPES[shape], seed=1), shape, dtypes)
 
 
-def test_multi_tile_shape_spans_tiles():
-    """The multi_tile shape really splits an expert segment (else it tests nothing beyond the others)."""
+@pytest.mark.parametrize("dtypes", list(DTYPES))
+@pytest.mark.parametrize("shape", ["dropout", "ungated", "prime_E_odd_HI", "R64"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("name", CPP_OPS)
+def test_activations(request, name, act, shape, dtypes):
+    problem = Problem(**SHAPES[shape], seed=3)
+    problem.act = act
+    assert_tolerance_rule(request, name, problem, shape, dtypes)
+
+
+@needs_extension
+@pytest.mark.parametrize("name", CPP_OPS)
+def test_cpp_kernels_refuse_float64(name):
+    with pytest.raises(RuntimeError, match="float64 is served by the reference"):
+        cpu.KERNELS[name](*Problem(**SHAPES["dropout"]).args(name))
+
+
+@needs_extension
+def test_multi_tile_shape_spans_tiles_and_blocks():
+    """The multi_tile shape really splits an expert segment into tiles and I into column blocks, the last one of a
+    width that is no multiple of 16 (the loops' tails) (else it tests nothing beyond the other shapes)."""
     problem = Problem(**SHAPES["multi_tile"])
-    assert int(problem.offsets.diff().max()) > tile_rows(2048)
+    tile_rows, *bounds = torch.ops.mixlora_cpu.layout(problem.G.shape[1])
+    assert int(problem.offsets.diff().max()) > tile_rows
+    widths = torch.tensor(bounds).diff()
+    assert bounds[0] == 0 and bounds[-1] == problem.G.shape[1] and len(widths) > 4 and widths[-1] % 16
 
 
 @pytest.mark.parametrize("cols,p,seed", [(64, 0.05, 7), (1001, 0.3, 2**31 + 5), (2048, 0.5, 2**32 - 1),
                                          (3, 0.9, 0)])
 def test_keep_mask_equals_reference_hash(cols, p, seed):
-    """Bit for bit the mask of `dropout_scale`, also where slot·cols passes 2**32 (the index wraps) and for seeds
-    with the top bit set."""
+    """Bit for bit the mask of `dropout_scale`, in the pure-torch kernels and the C++ ones, also where slot·cols
+    passes 2**32 (the index wraps) and for seeds with the top bit set."""
     slots = torch.cat([torch.arange(300), torch.randint(2**32 // cols - 100, 2**32 // cols + 100, (200,)),
                        torch.tensor([2**40 // cols])])
-    assert torch.equal(keep_mask(slots, cols, p, seed), dropout_scale(slots, cols, p, seed, torch.float64) != 0)
+    expected = dropout_scale(slots, cols, p, seed, torch.float64) != 0
+    assert torch.equal(keep_mask(slots, cols, p, seed), expected)
+    if cpu.EXTENSION_ERROR is None:
+        assert torch.equal(torch.ops.mixlora_cpu.dropout_keep(slots, cols, p, seed), expected)
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_deterministic(name):
     args = cast(name, Problem(**SHAPES["dropout"], seed=2).args(name), torch.float32, torch.float32)
-    first, second = outputs(cpu.KERNELS[name](*args)), outputs(cpu.KERNELS[name](*args))
+    first, second = outputs(kernel(name)(*args)), outputs(kernel(name)(*args))
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("dtypes", ["fp32", "bf16_fp32_lora"])
+@pytest.mark.parametrize("name", CPP_OPS)
+def test_cpp_kernels_same_bits_for_any_thread_count(name, dtypes):
+    """No reduction order depends on the threads: 1, 2 and 3 threads give the same bits (several tiles per expert,
+    many column blocks, dropout)."""
+    args = cast(name, Problem(**SHAPES["multi_tile"], seed=4).args(name), *DTYPES[dtypes])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(outputs(kernel(name)(*args)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
 def test_kernels_have_the_registered_signatures():
@@ -223,3 +285,50 @@ def test_kernels_have_the_registered_signatures():
         schema = getattr(torch.ops.mixlora, name).default._schema
         assert list(inspect.signature(fn).parameters) == [a.name for a in schema.arguments], name
 
+
+# --- the extension: built where a compiler is, and what serves without it ------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler here")
+def test_the_cpp_kernels_are_built_and_served():
+    """Where a C++ compiler is, `pip install -e .` / `setup.py build_ext --inplace` built the extension: it loads,
+    and the backend serves CPU tensors of fp32/bf16/fp16 with it after the first-use self-check."""
+    assert cpu.EXTENSION_ERROR is None, cpu.EXTENSION_ERROR
+    assert "cpu_extension" not in backend.load_errors()
+    for name in CPP_OPS:
+        assert cpu.KERNELS[name].__module__ == "mixlora_kernels.cpu.expand_act_combine"
+    if "cpu" in backend.loaded():
+        served = backend.check_all("cpu", (torch.float32, torch.bfloat16, torch.float16))
+        for name in CPP_OPS:
+            assert served[name] == {"float32": "cpu", "bfloat16": "cpu", "float16": "cpu"}, (name, served[name])
+
+
+_WITHOUT_EXTENSION = textwrap.dedent("""
+    import json, sys, warnings
+    sys.modules["mixlora_kernels._cpu"] = None  # as if it were not built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch
+        from mixlora_kernels import backend, ops
+        backend.check_all("cpu", (torch.float32,))
+    print(json.dumps({"warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+                      "errors": backend.load_errors(), "loaded": backend.loaded(),
+                      "selected": backend.selected("cpu")}))
+""")
+
+
+def test_without_the_extension_the_reference_serves_and_says_why():
+    env = {k: v for k, v in os.environ.items() if k != "MIXLORA_BACKEND"}
+    run = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert "cpu" in result["loaded"]
+    assert result["errors"]["cpu_extension"].startswith("ImportError: import of mixlora_kernels._cpu halted") or \
+        result["errors"]["cpu_extension"].startswith("ModuleNotFoundError"), result["errors"]
+    assert any(w.startswith("BackendWarning: mixlora_kernels: the C++ CPU kernels (mixlora_kernels._cpu) cannot load")
+               for w in result["warnings"]), result["warnings"]
+    for name in CPP_OPS:
+        assert result["selected"][name] == "torch", result["selected"]
+    for name in TORCH_OPS:
+        assert result["selected"][name] == "cpu", result["selected"]

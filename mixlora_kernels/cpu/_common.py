@@ -1,13 +1,12 @@
-"""Pieces shared by the CPU kernels: accumulation dtype, slot permutations, activations with their derivatives, the
-LoRA-dropout hash in int32, and matrix products over expert segments.
+"""Pieces shared by the pure-torch CPU kernels: accumulation dtype, the LoRA-dropout hash in int32, matrix products
+over expert segments, the autocast-off wrapper.
 
-A leaf module (imports torch only; the activations come from the leaf `mixlora_kernels.activations`): `mixlora_kernels.ops` imports the backend, which imports this package.
+A leaf module (imports torch only): `mixlora_kernels.ops` imports the backend, which imports this package.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -24,44 +23,9 @@ def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def inverse_order(order: torch.Tensor) -> torch.Tensor:
-    """inv (S,) int64 with inv[order[p]] = p: the expert-sorted position of each slot."""
-    inv = torch.empty_like(order)
-    inv[order] = torch.arange(order.numel(), device=order.device)
-    return inv
-
-
 def bounds(offsets: torch.Tensor) -> list[int]:
     """The expert offsets as Python ints (a CPU tensor: reading it costs no device sync)."""
     return offsets.tolist()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Activations
-
-def activation_and_grad(name: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ(g), σ'(g)) elementwise, sharing the intermediate passes (g is not modified)."""
-    if name == "silu":
-        sig = torch.sigmoid(g)
-        a = g * sig
-        # σ' = sig (1 + g (1 - sig)) = sig + a (1 - sig)
-        return a, torch.rsub(sig, 1.0).mul_(a).add_(sig)
-    if name == "gelu":
-        cdf = torch.erf(g * (1 / math.sqrt(2))).add_(1.0).mul_(0.5)
-        a = g * cdf
-        pdf = torch.exp(g * g * -0.5).mul_(1 / math.sqrt(2 * math.pi))
-        return a, pdf.mul_(g).add_(cdf)
-    if name == "gelu_tanh":
-        c = math.sqrt(2 / math.pi)
-        g2 = g * g
-        th = torch.tanh(g2.mul(0.044715).add_(1.0).mul_(g).mul_(c))
-        a = th.add(1.0).mul_(g).mul_(0.5)
-        # σ' = 0.5 (1 + th) + 0.5 g (1 - th²) c (1 + 3·0.044715 g²)
-        inner = g2.mul_(3 * 0.044715).add_(1.0).mul_(c).mul_(g).mul_(th.mul(th).neg_().add_(1.0)).mul_(0.5)
-        return a, th.add_(1.0).mul_(0.5).add_(inner)
-    if name == "relu":
-        return torch.relu(g), (g > 0).to(g.dtype)
-    raise ValueError(f"unknown activation {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
