@@ -300,9 +300,9 @@ def load_replication(ins: Instr, replication: dict[tuple[str, int], float]) -> f
     and LLVM numbers the lines of an inline-asm block consecutively from the op's own line. The access then carries
     its tl.load's line + up to its register count (3 or 4 for a 128-bit access) at the innermost level of its
     inlining chain (the call sites above keep their lines): when its own lines name no load, the nearest load line at
-    most that far above its innermost line is taken."""
+    most that far above its innermost line is taken (loads only: LDG, LDGSTS)."""
     hits = [replication[loc] for loc in ins.locs if loc in replication]
-    if hits or ins.inner is None:
+    if hits or ins.inner is None or not ins.op.startswith("LDG"):  # a store's block is one line: no shift
         return min(hits, default=1.0)
     f, n = ins.inner
     for shift in range(1, max(1, _lane_bytes(ins.op) // 4) + 1):

@@ -171,6 +171,7 @@ def test_load_replication_matching():
     assert c.load_replication(ldg("LDG.E.128", ("/x/k.py", 54)), rep) == 1.0    # the nearest load above: 51
     assert c.load_replication(ldg("LDG.E", ("/x/k.py", 56)), rep) == 32.0       # 1 register: + 1
     assert c.load_replication(ldg("LDG.E", ("/x/k.py", 57)), rep) == 1.0        # + 2 is too far for 1 register
+    assert c.load_replication(ldg("STG.E.128", ("/x/k.py", 58)), rep) == 1.0    # a store is not shifted
     # a helper's load (h.py:100 + 3, inlined at k.py:47): the call site's line is not shifted onto k.py:46's load
     assert c.load_replication(ldg("LDG.E.128", ("/x/h.py", 103), ("/x/k.py", 47)), rep) == 1.0
     ttgir = "\n".join([
