@@ -11,8 +11,8 @@ torch, so install without build isolation:
 
 The CPU extension needs only the C++ compiler torch's extensions use ($CXX, else c++) and OpenMP (GCC's -fopenmp on
 Linux); it takes about 2 minutes of one core. Without a compiler, or when its build fails, setup.py warns and
-installs without it: CPU tensors then get the pure-torch kernels and references (mixlora_kernels.backend.load_errors()
-says why). Its objects are kept in build/cpu-ext/.
+installs without it: CPU tensors then get the pure-torch references of the ops, 1.7-2.5x slower on a training step
+(mixlora_kernels.backend.load_errors() says why). Its objects are kept in build/cpu-ext/.
 
 The CUDA extension is built when a CUDA GPU is visible (`nvidia-smi -L` lists one, or /dev/nvidia0 exists), or when
 asked with MIXLORA_BUILD_CUDA=1 (CI does, as a compile check): on a machine without a GPU it could not run, and
@@ -219,8 +219,8 @@ def cpu_extension():
     """[the CPU extension], or [] with a message saying why not."""
     build, why = cpu_build_decision()
     if not build:
-        message = (f"not building the CPU extension {CPU_EXTENSION}: {why}; CPU tensors get the pure-torch kernels "
-                   "and references")
+        message = (f"not building the CPU extension {CPU_EXTENSION}: {why}; CPU tensors get the ops' pure-torch "
+                   "references")
         if why.startswith("no "):
             warn(message)
         else:
@@ -259,7 +259,7 @@ def build_ext_command():
                 return super().build_extension(ext)
             except Exception as error:  # noqa: BLE001  (a compiler that does not work: install without it)
                 warn(f"building the CPU extension {CPU_EXTENSION} failed ({type(error).__name__}: {error}); "
-                     "installing without it: CPU tensors get the pure-torch kernels and references. The compiler "
+                     "installing without it: CPU tensors get the ops' pure-torch references. The compiler "
                      "output is above.")
                 # Rebound, not edited: the loop that called us iterates the old list; what follows (the in-place
                 # copy, the outputs of an editable install) no longer expects the library.

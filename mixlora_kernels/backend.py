@@ -3,9 +3,9 @@
 Implementations ("backends"):
     torch   the loop-simple pure-torch references in `mixlora_kernels.ops` (the float64 oracle): every op, device
             and dtype. fp64 inputs always get it.
-    cpu     `mixlora_kernels.cpu`: kernels for CPU tensors, C++ (the extension `mixlora_kernels._cpu`) where built,
-            vectorised torch otherwise. An extension that cannot load is a load error (`cpu_extension`) with a
-            warning; its ops keep the reference.
+    cpu     `mixlora_kernels.cpu`: the C++ kernels of the extension `mixlora_kernels._cpu` (csrc/cpu/), for CPU
+            tensors. Where the extension is not built (or cannot load), the backend does not load: CPU tensors get
+            the references, with a warning, and `load_errors()["cpu"]` says why.
     cuda    the compiled extension `mixlora_kernels._C`, for CUDA tensors.
     triton  `mixlora_kernels.triton`, for CUDA tensors.
 
@@ -81,16 +81,8 @@ def _load_triton() -> Callable[[str], Callable | None]:
 def _load_cpu() -> Callable[[str], Callable | None]:
     module = importlib.import_module("mixlora_kernels.cpu")
     if module.EXTENSION_ERROR is not None:
-        raise _PartialLoad(module.KERNELS.get, "cpu_extension", module.EXTENSION_ERROR)
+        raise ImportError(f"the C++ CPU kernels (mixlora_kernels._cpu) cannot load: {module.EXTENSION_ERROR}")
     return module.KERNELS.get
-
-
-class _PartialLoad(Exception):
-    """A backend that loaded without one of its parts: `lookup` serves, `part` failed with `error`."""
-
-    def __init__(self, lookup: Callable[[str], Callable | None], part: str, error: str) -> None:
-        super().__init__(error)
-        self.lookup, self.part, self.error = lookup, part, error
 
 
 _LOADERS = {"cuda": _load_cuda, "triton": _load_triton, "cpu": _load_cpu}
@@ -120,10 +112,6 @@ def _load(requested: str) -> tuple[dict[str, Callable], dict[str, str]]:
     for name in wanted:
         try:
             loaded[name] = _LOADERS[name]()
-        except _PartialLoad as partial:
-            loaded[name], errors[partial.part] = partial.lookup, partial.error
-            warnings.warn(f"mixlora_kernels: the C++ CPU kernels (mixlora_kernels._cpu) cannot load ({partial.error}); "
-                          "expand_act_combine on CPU tensors falls back to the reference", BackendWarning, stacklevel=3)
         except Exception as err:  # noqa: BLE001  (whatever breaks a backend's import, the others still serve)
             errors[name] = f"{type(err).__name__}: {err}"
             if name == requested:
@@ -225,8 +213,7 @@ def loaded() -> list[str]:
 
 
 def load_errors() -> dict[str, str]:
-    """Backend -> why it did not load (only backends this process tried); `cpu_extension`: why the C++ CPU kernels
-    did not (the cpu backend then serves its pure-torch kernels)."""
+    """Backend -> why it did not load (only backends this process tried)."""
     return dict(_LOAD_ERRORS)
 
 

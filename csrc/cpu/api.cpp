@@ -30,6 +30,22 @@ expand_act_combine_backward_cpu(const at::Tensor& grad_hbar, const at::Tensor& g
                                 const at::Tensor& Ad, double scale, const std::string& activation_name,
                                 double dropout_p, int64_t seed);
 
+at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& experts,
+                           const at::Tensor& order, const at::Tensor& offsets, double dropout_p, int64_t seed);
+
+std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cpu(const at::Tensor& grad_z, const at::Tensor& x,
+                                                            const at::Tensor& A, const at::Tensor& experts,
+                                                            const at::Tensor& order, const at::Tensor& offsets,
+                                                            double dropout_p, int64_t seed);
+
+at::Tensor lora_expand_combine_cpu(const at::Tensor& zd, const at::Tensor& B, const at::Tensor& weights,
+                                   const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets,
+                                   double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_combine_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& zd, const at::Tensor& B, const at::Tensor& weights,
+    const at::Tensor& experts, const at::Tensor& order, const at::Tensor& offsets, double scale);
+
 namespace {
 
 // The keep mask the kernels apply to the rows `slots` (N,) of an (S, cols) slot matrix: (N, cols) bool, True where
@@ -71,6 +87,14 @@ TORCH_LIBRARY(mixlora_cpu, m) {
         "Tensor zu, Tensor Bu, Tensor weights, Tensor experts, Tensor order, Tensor offsets, Tensor Ad, float scale, "
         "str activation_name, float dropout_p, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor)");
+  m.def("lora_shrink(Tensor x, Tensor A, Tensor experts, Tensor order, Tensor offsets, float dropout_p, int seed) "
+        "-> Tensor");
+  m.def("lora_shrink_backward(Tensor grad_z, Tensor x, Tensor A, Tensor experts, Tensor order, Tensor offsets, "
+        "float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def("lora_expand_combine(Tensor zd, Tensor B, Tensor weights, Tensor experts, Tensor order, Tensor offsets, "
+        "float scale) -> Tensor");
+  m.def("lora_expand_combine_backward(Tensor grad_y, Tensor zd, Tensor B, Tensor weights, Tensor experts, "
+        "Tensor order, Tensor offsets, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("dropout_keep(Tensor slots, int cols, float p, int seed) -> Tensor");
   m.def("layout(int I) -> int[]");
 }
@@ -78,6 +102,10 @@ TORCH_LIBRARY(mixlora_cpu, m) {
 TORCH_LIBRARY_IMPL(mixlora_cpu, CPU, m) {
   m.impl("expand_act_combine", &mixlora_cpu::expand_act_combine_cpu);
   m.impl("expand_act_combine_backward", &mixlora_cpu::expand_act_combine_backward_cpu);
+  m.impl("lora_shrink", &mixlora_cpu::lora_shrink_cpu);
+  m.impl("lora_shrink_backward", &mixlora_cpu::lora_shrink_backward_cpu);
+  m.impl("lora_expand_combine", &mixlora_cpu::lora_expand_combine_cpu);
+  m.impl("lora_expand_combine_backward", &mixlora_cpu::lora_expand_combine_backward_cpu);
   m.impl("dropout_keep", &mixlora_cpu::dropout_keep);
 }
 

@@ -302,6 +302,84 @@ inline at::Tensor sorted_rows(const at::Tensor& t, const at::Tensor& order, doub
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Row loops shared by the LoRA ops: gather a column block of token rows into a slot tile, and add a slot tile back
+// into token rows. Static (each translation unit has its own copies and clone resolvers).
+
+// dst[r, i] = keep(r, c0 + i) · w_r · src[t_r, c0 + i] for the tile's rows (keep = 1 without MASK, w_r = 1 without
+// WEIGHTED); src (T x ld) in its own dtype, dst (rows x W) fp32.
+template <bool MASK, bool WEIGHTED, typename In>
+static MIXLORA_CLONES void gather_rows(int64_t rows, int64_t W, int64_t c0, int64_t ld, const In* __restrict src,
+                                       const int64_t* __restrict tokens, const int64_t* __restrict slots,
+                                       const float* __restrict weights, uint32_t seed, uint32_t threshold,
+                                       float* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* __restrict row = src + tokens[r] * ld + c0;
+    float* __restrict out = dst + r * W;
+    const float w = WEIGHTED ? weights[r] : 1.0f;
+    const uint32_t base = hash_base(slots[r], ld, c0);
+    for (int64_t i = 0; i < W; ++i) {
+      float v = load(row[i]);
+      if constexpr (WEIGHTED) v = w * v;
+      if constexpr (MASK) v = hash32((base + static_cast<uint32_t>(i)) ^ seed) >= threshold ? v : 0.0f;
+      out[i] = v;
+    }
+  }
+}
+
+// dst[t_r, c0 + i] += w_r · keep(r, c0 + i) · src[r, i]: src (rows x W) fp32, dst (T x ld) fp32 accumulators.
+template <bool MASK, bool WEIGHTED>
+static MIXLORA_CLONES void add_rows(int64_t rows, int64_t W, int64_t c0, int64_t ld, const float* __restrict src,
+                                    const int64_t* __restrict tokens, const int64_t* __restrict slots,
+                                    const float* __restrict weights, uint32_t seed, uint32_t threshold,
+                                    float* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict in = src + r * W;
+    float* __restrict out = dst + tokens[r] * ld + c0;
+    const float w = WEIGHTED ? weights[r] : 1.0f;
+    const uint32_t base = hash_base(slots[r], ld, c0);
+    for (int64_t i = 0; i < W; ++i) {
+      float v = in[i];
+      if constexpr (WEIGHTED) v = w * v;
+      if constexpr (MASK) v = hash32((base + static_cast<uint32_t>(i)) ^ seed) >= threshold ? v : 0.0f;
+      out[i] += v;
+    }
+  }
+}
+
+// Zero columns [c0, c0 + W) of the rows of a (T x ld) fp32 accumulator.
+inline void zero_columns(float* acc, int64_t T, int64_t ld, int64_t c0, int64_t W) {
+  for (int64_t t = 0; t < T; ++t) std::fill(acc + t * ld + c0, acc + t * ld + c0 + W, 0.0f);
+}
+
+// The activations a loop reads, in one dtype: bf16 as is, fp32 as is, anything else (fp16, mixed) widened to fp32.
+inline at::ScalarType loop_dtype(std::initializer_list<const at::Tensor*> ts) {
+  const at::ScalarType first = (*ts.begin())->scalar_type();
+  for (const at::Tensor* t : ts) {
+    if (t != nullptr && t->scalar_type() != first) return at::kFloat;
+  }
+  return first == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
+
+template <typename F>
+void dispatch_input(at::ScalarType dtype, const F& f) {
+  if (dtype == at::kBFloat16) {
+    f(bf16_bits{});
+  } else {
+    f(float{});
+  }
+}
+
+template <typename In>
+const In* data_as(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const In*>(t.data_ptr()) : nullptr;
+}
+
+// The result like `ref` (its dtype), from an fp32 result.
+inline at::Tensor like(const at::Tensor& t, const at::Tensor& ref) {
+  return t.scalar_type() == ref.scalar_type() ? t : t.to(ref.scalar_type());
+}
+
 template <typename F>
 void dispatch_bool(bool value, const F& f) {
   if (value) {

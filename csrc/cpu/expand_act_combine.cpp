@@ -140,41 +140,11 @@ void expand(int64_t rows, int64_t W, int64_t R, float s, const float* z, const f
   }
 }
 
-// Zero columns [c0, c0 + W) of the rows of a (T x I) fp32 accumulator.
-void zero_columns(float* acc, int64_t T, int64_t I, int64_t c0, int64_t W) {
-  for (int64_t t = 0; t < T; ++t) std::memset(acc + t * I + c0, 0, sizeof(float) * W);
-}
-
-// The activations in one dtype the loops read (fp32 or bf16 bits); a float16 or mixed call is widened to fp32.
-struct Activations {
-  at::ScalarType dtype;  // what the loops read: kFloat or kBFloat16
-  std::vector<at::Tensor> tensors;
-};
-
-Activations activations(std::initializer_list<const at::Tensor*> ts) {
-  at::ScalarType common = (*ts.begin())->scalar_type();
-  for (const at::Tensor* t : ts) {
-    if (t != nullptr && t->scalar_type() != common) common = at::kFloat;
-  }
-  if (common != at::kBFloat16) common = at::kFloat;
-  Activations out{common, {}};
-  for (const at::Tensor* t : ts) out.tensors.push_back(t == nullptr ? at::Tensor() : t->to(common).contiguous());
+// The activations in the dtype the loops read (cpu_common.h: loop_dtype), contiguous; undefined for nullptr.
+std::vector<at::Tensor> activations(at::ScalarType dtype, std::initializer_list<const at::Tensor*> ts) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor* t : ts) out.push_back(t == nullptr ? at::Tensor() : t->to(dtype).contiguous());
   return out;
-}
-
-template <typename F>
-void dispatch_input(at::ScalarType dtype, const F& f) {
-  if (dtype == at::kBFloat16) {
-    f(bf16_bits{});
-  } else {
-    f(float{});
-  }
-}
-
-template <typename In>
-const In* data_as(const at::Tensor& t) {
-  if (!t.defined()) return nullptr;
-  return reinterpret_cast<const In*>(t.data_ptr());
 }
 
 void check_inputs(const char* op, const at::Tensor& G, const std::optional<at::Tensor>& U, const at::Tensor& zg,
@@ -221,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor> expand_act_combine_cpu(
   const int64_t S = routing.S;
   const Dropout drop(Rd > 0 ? dropout_p : 0.0, seed);
 
-  const Activations in = activations({&G, gated ? &*U : nullptr});
+  const at::ScalarType in_dtype = loop_dtype({&G, gated ? &*U : nullptr});
+  const std::vector<at::Tensor> in = activations(in_dtype, {&G, gated ? &*U : nullptr});
   const at::Tensor zg_s = sorted_rows(zg, order, 1.0), zu_s = sorted_rows(zu, order, 1.0);
   const at::Tensor Bg_f = f32(Bg), Bu_f = f32(Bu), Ad_f = f32(Ad);
   const auto opts = G.options().dtype(at::kFloat);
@@ -239,10 +210,10 @@ std::tuple<at::Tensor, at::Tensor> expand_act_combine_cpu(
   dispatch_activation(act, [&](auto ACT) {
     dispatch_bool(gated, [&](auto GATED) {
       dispatch_bool(drop.on, [&](auto MASK) {
-        dispatch_input(in.dtype, [&](auto in_tag) {
+        dispatch_input(in_dtype, [&](auto in_tag) {
           using In = decltype(in_tag);
-          const In* Gp = data_as<In>(in.tensors[0]);
-          const In* Up = data_as<In>(in.tensors[1]);
+          const In* Gp = data_as<In>(in[0]);
+          const In* Up = data_as<In>(in[1]);
           at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
             int64_t wmax = 0;
             for (int64_t c = b0; c < b1; ++c) wmax = std::max(wmax, blocks[c + 1] - blocks[c]);
@@ -311,7 +282,8 @@ expand_act_combine_backward_cpu(const at::Tensor& grad_hbar, const at::Tensor& g
   const int64_t S = routing.S;
   const Dropout drop(Rd > 0 ? dropout_p : 0.0, seed);
 
-  const Activations in = activations({&G, gated ? &*U : nullptr, &grad_hbar});
+  const at::ScalarType in_dtype = loop_dtype({&G, gated ? &*U : nullptr, &grad_hbar});
+  const std::vector<at::Tensor> in = activations(in_dtype, {&G, gated ? &*U : nullptr, &grad_hbar});
   const at::Tensor zg_s = sorted_rows(zg, order, 1.0), zu_s = sorted_rows(zu, order, 1.0);
   const at::Tensor gzd_s = sorted_rows(grad_zd, order, drop.inv_keep);  // the mask's 1/(1-p), on the rank-R side
   const at::Tensor Bg_f = f32(Bg), Bu_f = f32(Bu), Ad_f = f32(Ad);
@@ -340,11 +312,11 @@ expand_act_combine_backward_cpu(const at::Tensor& grad_hbar, const at::Tensor& g
           if constexpr (MASK && !DOWN) {
             return;  // unreachable: the mask is on only with a down LoRA
           } else {
-            dispatch_input(in.dtype, [&](auto in_tag) {
+            dispatch_input(in_dtype, [&](auto in_tag) {
               using In = decltype(in_tag);
-              const In* Gp = data_as<In>(in.tensors[0]);
-              const In* Up = data_as<In>(in.tensors[1]);
-              const In* GHp = data_as<In>(in.tensors[2]);
+              const In* Gp = data_as<In>(in[0]);
+              const In* Up = data_as<In>(in[1]);
+              const In* GHp = data_as<In>(in[2]);
               at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
                 int64_t wmax = 0;
                 for (int64_t c = b0; c < b1; ++c) wmax = std::max(wmax, blocks[c + 1] - blocks[c]);
@@ -417,9 +389,6 @@ expand_act_combine_backward_cpu(const at::Tensor& grad_hbar, const at::Tensor& g
       }
     });
   }
-  const auto like = [](const at::Tensor& t, const at::Tensor& ref) {
-    return t.scalar_type() == ref.scalar_type() ? t : t.to(ref.scalar_type());
-  };
   at::Tensor dU_out = gated ? like(dU, *U) : at::empty({0}, G.options());
   return {like(dG, G), dU_out, like(dzg, zg), like(dBg, Bg), like(dzu, zu), like(dBu, Bu),
           like(dw.view(weights.sizes()), weights), like(dAd, Ad)};

@@ -5,7 +5,8 @@ routing-weighted combine h̄ and the down-LoRA shrink; the backward recomputes g
 Layout (see the C++ file): expert-sorted tiles of at most 128 slots × column blocks of about 128 of I; one task per
 column block owns its columns of h̄, dG, dU and of the weight gradients (summed in sorted order), the rank-R results
 are summed over the blocks in block order: no atomics, the same bits for any thread count. The rank-R products are
-ATen GEMMs on the tiles, everything between them one fused loop (compiled for AVX-512, AVX2 and the baseline).
+GEMMs on the tiles (the BLAS torch uses), everything between them one fused loop (compiled for AVX-512, AVX2 and
+the baseline).
 fp32, bf16 and fp16 inputs (bf16 read as is, fp16 widened to fp32), fp32 arithmetic; fp64 is left to the reference.
 """
 
