@@ -93,6 +93,7 @@ def _op_cases():
     yield ops.route, (P["logits"].requires_grad_(), 2)
     yield ops.router_logits, (P["x"].float().requires_grad_(), torch.randn(5, 7, requires_grad=True))
     yield ops.router_logits, (P["x"].bfloat16().requires_grad_(), torch.randn(5, 7, requires_grad=True))
+    yield ops.router_logits_backward, (torch.randn(6, 5), P["x"].bfloat16(), torch.randn(5, 7))
     yield ops.sort_slots, (e, 5)
     yield ops.lora_shrink, (P["x"].requires_grad_(), P["A"].requires_grad_(), e, o, off, 0.2, 3)
     yield ops.lora_shrink_backward, (torch.randn(S, 6, dtype=torch.float64), P["x"], P["A"], e, o, off, 0.2, 3)

@@ -10,10 +10,11 @@ from mixlora_kernels.ops.expand_act_combine import expand_act_combine, expand_ac
 from mixlora_kernels.ops.lora_expand_combine import lora_expand_combine, lora_expand_combine_backward
 from mixlora_kernels.ops.lora_shrink import lora_shrink, lora_shrink_backward
 from mixlora_kernels.ops.route import route, route_backward
-from mixlora_kernels.ops.router_logits import router_logits
+from mixlora_kernels.ops.router_logits import router_logits, router_logits_backward
 from mixlora_kernels.ops.sort_slots import sort_slots
 
 __all__ = [
     "expand_act_combine", "expand_act_combine_backward", "lora_expand_combine", "lora_expand_combine_backward",
-    "lora_shrink", "lora_shrink_backward", "route", "route_backward", "router_logits", "sort_slots",
+    "lora_shrink", "lora_shrink_backward", "route", "route_backward", "router_logits", "router_logits_backward",
+    "sort_slots",
 ]

@@ -59,7 +59,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # One op computes both (dW needs the read of x that dx's kernel makes anyway); an unneeded one is dropped.
+    # One op for both gradients (the router always trains, so both are wanted in practice); an unneeded one is
+    # dropped.
     x, weight = ctx.saved_tensors
     dx, dw = router_logits_backward(grad.contiguous(), x, weight)
     return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None)
