@@ -31,6 +31,11 @@ MIXLORA_CLONES void forward_tile(int64_t rows, int64_t W, int64_t c0, int64_t I,
                                  const int64_t* __restrict slots, float* __restrict hbar, uint32_t seed,
                                  uint32_t threshold) {
   for (int64_t r = 0; r < rows; ++r) {
+    if (kPrefetchRows > 0 && r + kPrefetchRows < rows) {
+      const int64_t ahead = tokens[r + kPrefetchRows] * I + c0;
+      prefetch_bytes(G + ahead, W * static_cast<int64_t>(sizeof(In)));
+      if constexpr (GATED) prefetch_bytes(U + ahead, W * static_cast<int64_t>(sizeof(In)));
+    }
     const int64_t t = tokens[r];
     const In* __restrict Gt = G + t * I + c0;
     float* __restrict gr = gbuf + r * W;
@@ -88,6 +93,12 @@ MIXLORA_CLONES void backward_tile(int64_t rows, int64_t W, int64_t c0, int64_t I
                                   const int64_t* __restrict slots, float* __restrict dG, float* __restrict dU,
                                   float* __restrict dw, uint32_t seed, uint32_t threshold) {
   for (int64_t r = 0; r < rows; ++r) {
+    if (kPrefetchRows > 0 && r + kPrefetchRows < rows) {
+      const int64_t ahead = tokens[r + kPrefetchRows] * I + c0;
+      prefetch_bytes(G + ahead, W * static_cast<int64_t>(sizeof(In)));
+      prefetch_bytes(GH + ahead, W * static_cast<int64_t>(sizeof(In)));
+      if constexpr (GATED) prefetch_bytes(U + ahead, W * static_cast<int64_t>(sizeof(In)));
+    }
     const int64_t t = tokens[r];
     const In* __restrict Gt = G + t * I + c0;
     const In* __restrict Ut = GATED ? U + t * I + c0 : nullptr;
