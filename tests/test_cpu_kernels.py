@@ -62,7 +62,8 @@ class Problem:
         rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
         Rg, Ru, Rd = R
         S = T * K
-        self.p, self.seed, self.scale, self.act = p, 1234 + seed, 0.7, "silu"
+        # a dropout seed with high bits set, as the model draws them (small counters XOR it reach every hash bit)
+        self.p, self.seed, self.scale, self.act = p, 0x9E3779B1 + seed, 0.7, "silu"
         self.weights, self.experts, self.order, self.offsets = _routing(T, E, K, gen, case)
         self.x = rnd(T, H)
         if noncontiguous:
@@ -129,14 +130,12 @@ def outputs(out):
 
 
 # fp32 cases that exceed the rule: the kernel sums in another order than the reference (per-column-block partial sums
-# over I, added in block order; an expert's tiles summed in turn), and one entry ends up further than
+# over I, added in block order), and one entry ends up further than
 # 2·|ref_same − ref64| + 2 fp32 ulps of the largest entry from ref64 (by the ratio given; the kernels' rms error is
 # the reference's); no rounding of the kernel's to put into ref_same. Strict: a pass means the rule or the kernel
 # changed, and the entry goes. (op, shape, activation) -> what.
 _FP32_BEYOND_RULE = {
     ("expand_act_combine_backward", "empty_expert", "silu"): "dBg: 1 of 480 entries at 1.06x the allowance",
-    ("expand_act_combine_backward", "multi_tile", "silu"): "dBu: 1 of 32800 entries at 1.01x the allowance (two "
-                                                           "tiles of an expert summed in turn)",
 }
 
 
