@@ -1,6 +1,6 @@
 // Pieces shared by the C++ CPU kernels (mixlora_kernels._cpu): ISA multiversioning, the vectorisable fp32 math of
 // the activations, the LoRA-dropout counter hash, bf16 loads, the column blocks and expert tiles of a call, and the
-// rank-R GEMMs (ATen's, on views of the tiles).
+// rank-R GEMMs on the tiles (the BLAS behind torch's matmuls).
 //
 // Determinism: every reduction has a fixed order that depends on the shapes and the routing only, never on the
 // number of threads or on scheduling. Work is split into column blocks of I (a function of I alone); one task owns a

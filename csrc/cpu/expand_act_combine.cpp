@@ -2,7 +2,7 @@
 //
 // Layout: slots in expert-sorted order, cut into tiles of at most kTileRows rows of one expert; columns of I cut into
 // blocks (cpu_common.h: column_blocks). One task per column block walks every tile in sorted order:
-//   forward   gz = s zg Bgᵀ and uz = s zu Buᵀ for the tile's columns (ATen GEMMs into L1/L2-resident buffers), then
+//   forward   gz = s zg Bgᵀ and uz = s zu Buᵀ for the tile's columns (GEMMs into L1/L2-resident buffers), then
 //             one fused loop: g = G_t + gz, u = U_t + uz, h = σ(g) u, h̄_t += w h, h_in = drop(h); then the block's
 //             share of zd = h_in Adᵀ (a GEMM into this block's partial).
 //   backward  the same recompute, bd = (gzd / (1-p)) Ad, and one fused loop for σ'(g), dw, dh = w dH̄ + drop(bd),
