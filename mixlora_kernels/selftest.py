@@ -22,7 +22,9 @@ from typing import Callable
 
 import torch
 
-_SHAPE = {"T": 7, "H": 24, "I": 40, "E": 5, "K": 2, "R": 4, "p": 0.25, "seed": 1234, "scale": 0.5}
+# The dropout seed has high bits set, as the model's draws do (below 2**31): a hash broken above bit 15 passes
+# with a small seed.
+_SHAPE = {"T": 7, "H": 24, "I": 40, "E": 5, "K": 2, "R": 4, "p": 0.25, "seed": 0x5E3779B1, "scale": 0.5}
 
 
 def tolerance_violation(out: torch.Tensor, ref_same: torch.Tensor, ref64: torch.Tensor,
