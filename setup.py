@@ -269,5 +269,8 @@ def build_ext_command():
     return Build
 
 
-ext_modules = cpu_extension() + cuda_extension()
+# The CUDA extension is decided first: it sets CUDA_HOME, which torch.utils.cpp_extension reads once, at its import
+# (the CPU extension's import of it would otherwise fix CUDA_HOME to None and drop the CUDA headers).
+cuda_modules = cuda_extension()
+ext_modules = cpu_extension() + cuda_modules
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_command()} if ext_modules else {})
