@@ -23,13 +23,13 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from benchmarks.bench_model import ModelShape, build_model, oracle64
 from benchmarks.common import DEVICE, MIB, check_close, environment, saved_bytes
+from benchmarks.report import write_report
 from mixlora_kernels import backend
 
 FFN_TARGETS = ["gate_proj", "up_proj", "down_proj"]
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.results) as f:
         text = render(json.load(f))
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    write_report(text, args.output)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.measured_cost:
         with open(args.measured_cost, "w") as f:
             json.dump(measured_cost(data), f, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
+    write_report(text, args.output)
+
+
+def write_report(text: str, path: str | None) -> None:
+    """The markdown `text` into `path`, or onto stdout for None."""
+    if path:
+        with open(path, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
