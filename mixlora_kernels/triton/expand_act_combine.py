@@ -35,14 +35,17 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 # and descriptor instructions per tile (predicted +65% for the backward). Forward: 128 slot rows (two warpgroups of
 # 64) x 32 columns of I, 8 warps (236-239 registers; predicted 0.22 ms at T 4096 against 0.30 for 64 rows x 4 warps);
 # token-major backward: 64 x 16, 4 warps (245-246; 32 columns spill, 128 rows gain nothing); weight role: 64 columns
-# x 32 sorted slots per step (184-187; 64 slots need 253-255), so its dB dots are 64-row wgmma and its recompute dots
-# 32-row mma.sync. A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples
+# x 32 sorted slots per step, so its dB dots are 64-row wgmma and its recompute dots 32-row mma.sync, capped at 168
+# registers (`maxnreg`; 182-188 uncapped) so that three 4-warp programs share an SM (predicted 0.76 against 1.09 ms
+# at T 16384); with dropout the hash's registers need 16 slots per step to stay unspilled at that cap (1.06 against
+# 1.40 ms uncapped at 32 slots). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples
 # the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need 640 KB); those
 # still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
 _FWD = dict(ROWS=128, BLOCK_I=32, num_warps=8, num_stages=2)
 _BWD = dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2)
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
-_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2)
+_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2, maxnreg=168)
+_BWD_WEIGHT_DROPOUT = dict(BLOCK_I=64, BLOCK_M=16, num_warps=4, num_stages=2, maxnreg=168)
 # Token-major programs to aim for per launch (row blocks x I splits): ~8 per H200 SM keeps the last wave short while
 # each split still loops over >= 20 I tiles at LLaMA-2-7B T 4096 (172 tiles / 8 splits). A prediction, not measured.
 _TARGET_PROGRAMS = 1024
@@ -254,11 +257,11 @@ def _expand_act_combine_bwd_kernel(
 def _expand_act_combine_bwd_weight_kernel(
         ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, order_ptr, offsets_ptr, ad_ptr,
         dbg_ptr, dbu_ptr, dad_ptr,
-        I, K, E, Rg, Ru, Rd, scale, seed, threshold, keep_scale,
+        I, E, Rg, Ru, Rd, scale, seed, threshold, keep_scale,
         s_ght, s_ghi, s_gzs, s_gzr, s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur,
         s_bue, s_bui, s_bur, s_wt, s_wk, s_ade, s_adr, s_adi,
-        ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_M: tl.constexpr,
+        K: tl.constexpr, ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr,
+        HAS_RD: tl.constexpr, HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr, BLOCK_RD: tl.constexpr):
     """Weight role, program (I tile, expert) (experts fastest, so the K programs reading one token's G row run
     together): dBg, dBu, dAd of that tile as a deterministic segmented reduction over the expert's sorted slots,
@@ -288,7 +291,8 @@ def _expand_act_combine_bwd_weight_kernel(
     for p0 in range(start, end, BLOCK_M):
         pos = p0 + tl.arange(0, BLOCK_M)
         ok = pos < end
-        # 32-bit division (slot ids are < 2**31, checked by the launcher); 64-bit ones are slow paths in SASS
+        # K is a constexpr: slot // K is a shift (K a power of two) or a multiply-high, not a division sequence; in 32
+        # bits (slot ids are < 2**31, checked by the launcher), as a 64-bit one is a slow path in SASS
         slot32 = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int32)
         t32 = slot32 // K
         k = slot32 - t32 * K
@@ -448,11 +452,12 @@ def expand_act_combine_backward(
         T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
         1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
     dzg, dzu, dw = (_split_sum(part, out) for part, out in zip(parts, (dzg, dzu, dw)))
-    _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, _BWD_WEIGHT["BLOCK_I"]) * E,)](
+    weight_launch = _BWD_WEIGHT_DROPOUT if dropout_p > 0 else _BWD_WEIGHT
+    _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, weight_launch["BLOCK_I"]) * E,)](
         grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, order, offsets, Ad, dBg, dBu, dAd,
-        I, K, E, Rg, Ru, Rd, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        I, E, Rg, Ru, Rd, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, Ad),
-        ACT=activation_name, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
+        K=K, ACT=activation_name, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
         HAS_DROPOUT=dropout_p > 0, DT=meta["DT"], BLOCK_RG=dot_block(Rg), BLOCK_RU=dot_block(Ru),
-        BLOCK_RD=dot_block(Rd), **_BWD_WEIGHT)
+        BLOCK_RD=dot_block(Rd), **weight_launch)
     return dG, dU, dzg, dBg, dzu, dBu, dw, dAd
