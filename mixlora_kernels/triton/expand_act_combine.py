@@ -30,18 +30,20 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
                                             mma_operand, round_to, unfold_rows)
 
 # Untuned (no GPU this session): chosen by the predicted time of benchmarks/sm90_cost (LLaMA-2-7B, E 8, R 16, bf16,
-# T 4096 and 16384, dropout 0 and 0.05) among configurations that compile for sm_90 without spills. One warpgroup
-# per 64 slot rows: 8 warps on 64 rows split every wgmma's N between two warpgroups, which doubled the MMA, fence
-# and descriptor instructions per tile (predicted +65% for the backward). Forward: 128 slot rows (two warpgroups of
-# 64) x 32 columns of I, 8 warps (236-239 registers; predicted 0.22 ms at T 4096 against 0.30 for 64 rows x 4 warps);
-# token-major backward: 64 x 16, 4 warps (245-246; 32 columns spill, 128 rows gain nothing); weight role: 64 columns
+# T 4096 and 16384, dropout 0 and 0.05) among configurations that compile for sm_90 without spills (triton 3.8 and
+# 3.6). One warpgroup per 64 slot rows: 8 warps on 64 rows split every wgmma's N between two warpgroups, which
+# doubled the MMA, fence and descriptor instructions per tile (predicted +65% for the backward). The token-major
+# kernels load each token's G / U / grad_hbar row once for its K slot rows (`_token_rows`), which frees the registers
+# for wider I tiles. Forward: 128 slot rows (two warpgroups of 64) x 64 columns of I, 8 warps (254 registers;
+# predicted 0.62 / 0.85 ms without / with dropout at T 16384 against 0.67 / 0.92 for 32 columns loaded per row);
+# token-major backward: 64 x 16, 4 warps (241-250; 32 columns spill, 128 rows gain nothing); weight role: 64 columns
 # x 32 sorted slots per step, so its dB dots are 64-row wgmma and its recompute dots 32-row mma.sync, capped at 168
 # registers (`maxnreg`; 182-188 uncapped) so that three 4-warp programs share an SM (predicted 0.76 against 1.09 ms
 # at T 16384); with dropout the hash's registers need 16 slots per step to stay unspilled at that cap (1.06 against
-# 1.40 ms uncapped at 32 slots). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples
-# the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need 640 KB); those
-# still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
-_FWD = dict(ROWS=128, BLOCK_I=32, num_warps=8, num_stages=2)
+# 1.40 ms uncapped at 32 slots). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
+# (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
+# 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
+_FWD = dict(ROWS=128, BLOCK_I=64, num_warps=8, num_stages=2)
 _BWD = dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2)
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
 _BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2, maxnreg=168)
@@ -62,6 +64,15 @@ def _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T: t
     e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
     w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
     return t, ok, t * K + k, e_row, w
+
+
+@triton.jit
+def _token_rows(ptr, tok, s_t, i, s_i, tok_ok, i_ok, KP: tl.constexpr):
+    """(BLOCK_T * KP, BLOCK_I) fp32 slot rows of a per-token (T, I) tensor (row = t_local * KP + k): each token's row
+    loaded once and repeated for its KP slot rows, not loaded once per slot row."""
+    x = tl.load(ptr + tok[:, None] * s_t + i[None, :] * s_i, mask=tok_ok[:, None] & i_ok[None, :], other=0.0)
+    x = tl.broadcast_to(x.to(tl.float32)[:, None, :], (x.shape[0], KP, x.shape[1]))
+    return tl.reshape(x, (x.shape[0] * KP, x.shape[2]))
 
 
 @triton.jit
@@ -135,26 +146,27 @@ def _expand_act_combine_fwd_kernel(
         i = it * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
         m = ok[:, None] & i_ok[None, :]
-        g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
+        g = _token_rows(g_ptr, tok, s_gt, i, s_gi, tok < T, i_ok, KP)
         if HAS_RG:
             slab = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
             g += scale * _fold_expand(zg0, slab, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
                                       s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
         h = act_fwd(g, ACT)
         if HAS_U:
-            u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
+            u = _token_rows(u_ptr, tok, s_ut, i, s_ui, tok < T, i_ok, KP)
             if HAS_RU:
                 slab = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
                 u += scale * _fold_expand(zu0, slab, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
                                           s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
             h = h * u
+        h = tl.where(m, h, 0.0)  # padding slot rows (k >= K) hold their token's G / U
         hbar = _sum_slots(w[:, None] * h, BLOCK_T, KP)
         tl.store(hbar_ptr + tok[:, None] * I + i[None, :], round_to(hbar, hbar_ptr.dtype.element_ty),
                  mask=(tok < T)[:, None] & i_ok[None, :])
         if HAS_RD:
             if HAS_DROPOUT:
                 h = tl.where(dropout_keep(slot, i, I, seed, threshold), h, 0.0)
-            hm = mma_operand(tl.where(m, h, 0.0), DT)
+            hm = mma_operand(h, DT)
             slab = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
             zd_wide, zd = _fold_shrink(hm, slab, zd_wide, zd, e_row, ad_ptr, i, i_ok, Rd, E, s_ade, s_adi, s_adr,
                                        DT, EPC_D, BLOCK_RD, NC_D)
@@ -202,13 +214,13 @@ def _expand_act_combine_bwd_kernel(
         i = it * BLOCK_I + tl.arange(0, BLOCK_I)
         i_ok = i < I
         m = ok[:, None] & i_ok[None, :]
-        g = tl.load(g_ptr + t[:, None] * s_gt + i[None, :] * s_gi, mask=m, other=0.0).to(tl.float32)
+        g = _token_rows(g_ptr, tok, s_gt, i, s_gi, tok < T, i_ok, KP)
         if HAS_RG:
             slab_g = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
             g += scale * _fold_expand(zg0, slab_g, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
                                       s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
         a = act_fwd(g, ACT)
-        gh = tl.load(ghbar_ptr + t[:, None] * s_ght + i[None, :] * s_ghi, mask=m, other=0.0).to(tl.float32)
+        gh = _token_rows(ghbar_ptr, tok, s_ght, i, s_ghi, tok < T, i_ok, KP)
         dh = w[:, None] * gh
         if HAS_RD:
             slab_d = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
@@ -219,7 +231,7 @@ def _expand_act_combine_bwd_kernel(
             dh += back
         dg = dh * act_grad(g, ACT)
         if HAS_U:
-            u = tl.load(u_ptr + t[:, None] * s_ut + i[None, :] * s_ui, mask=m, other=0.0).to(tl.float32)
+            u = _token_rows(u_ptr, tok, s_ut, i, s_ui, tok < T, i_ok, KP)
             if HAS_RU:
                 slab_u = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
                 u += scale * _fold_expand(zu0, slab_u, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
