@@ -1128,6 +1128,31 @@ def _split_sum_blocks(n: int) -> int:
     return max(1, min(1024, -(-n // 256)))
 
 
+def _lora_tile_smem(planes: int, words: int) -> int:
+    """lora_tile_smem_bytes (csrc/lora_tiles.cuh): `planes` bf16 planes of 64 x 72 (or the 64 x 68 fp32 stage
+    laid over them, if larger), then `words` 32-bit words."""
+    return max(planes * 64 * 72 * 2, 64 * 68 * 4) + 4 * words
+
+
+def _slot_rank(s: Shape, R: int, rank_tiles: int) -> dict:
+    """Loop bounds of slot_rank_mma_kernel (lora_tiles.cuh) for rank R: the rank loop's step (gridDim.y tiles of
+    64), a tile's rank columns and the weight rows staged for them, the k steps of a 64-deep chunk,
+    find_segment_tile's experts."""
+    return dict(H=s.H, R=R, K=s.K, E=s.E, S=s.S, num_experts=s.E, rank_step=64 * rank_tiles, ncols=min(64, R),
+                nrows=_round16(min(64, R)), steps=4)
+
+
+def _token_fold(s: Shape, R: int, passes: int) -> dict:
+    """Loop bounds of token_fold_mma_kernel: the fold's E * R rows, one pass per slot k with dropout (else 1)."""
+    return dict(H=s.H, R=R, K=s.K, E=s.E, T=s.T, F=s.E * R, passes=passes, nrows=min(64, s.E * R), steps=4)
+
+
+def _weight_grad(s: Shape, R: int) -> dict:
+    """Loop bounds of weight_grad_mma_kernel: its expert's slots [start, end) at balanced routing (set by
+    analyse_cuda), 64 per chunk."""
+    return dict(H=s.H, R=R, K=s.K, S=s.S, steps=4)
+
+
 # Bytes: bf16 activations and LoRA weights (2; api.cpp passes the weights of a bf16 model as they are), fp32 rank-R
 # tensors, routing weights, y (the down delta) and weight gradients (4; api.cpp casts the gradients to bf16 after the
 # launches: cuda_model_only_records), int64 experts / order (8). Instances: logits and the routing tensors are fp32
@@ -1141,11 +1166,13 @@ CUDA_LAUNCHES = [
                lambda s: (math.ceil(s.S / 256),), lambda s: s.S * (8 + 4 + 8), instance="<long>"),
     CudaLaunch("sort_slots", "csrc/sort_slots/sort_slots.cu", "sort_slots_offsets_kernel",
                lambda s: (math.ceil((s.E + 1) / 256),), lambda s: s.S * 4),
-    # lora_shrink: grid (ceil(S/64) + E, ceil(2R/64)); reads x rows (gathered) and A (bf16), writes z (S, 2R) fp32.
-    CudaLaunch("lora_shrink", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_fwd_kernel",
+    # lora_shrink: slot_rank_mma_kernel, grid (ceil(S/64) + E, ceil(2R/64)); reads x rows (gathered) and A (bf16),
+    # writes z (S, 2R) fp32.
+    CudaLaunch("lora_shrink", "csrc/lora_shrink/lora_shrink.cu", "slot_rank_mma_kernel",
                lambda s: (math.ceil(s.S / 64) + s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 2 + s.S * 2 * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, num_experts=s.E, nk=32),
+               dyn_smem=lambda s: _lora_tile_smem(1 + 1, 4 * 64),
+               params=lambda s: _slot_rank(s, 2 * s.R, math.ceil(2 * s.R / 64)),
                instance="<c10::BFloat16, c10::BFloat16>"),
     # expand_act_combine on tensor cores (bf16 G/U and weights, ranks <= 64): grid (I splits, token tiles of
     # BT = 128 / K tokens forward, 64 / K backward), the split partial sums added by eac_split_sum_kernel (forward:
@@ -1161,21 +1188,26 @@ CUDA_LAUNCHES = [
                params=lambda s: dict(splits=_mma(s, False)["grid_x"], rows=s.S, cols=s.R,
                                      grid_x=_split_sum_blocks(s.S * s.R)),
                when=lambda s: _mma(s, False)["grid_x"] > 1 and s.R > 0),
-    CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu",
-               "lora_expand_combine_fwd_kernel", lambda s: (s.T,),
+    # lora_expand_combine: token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)); reads zd, the routing, B (bf16),
+    # writes y (T, H) fp32.
+    CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu", "token_fold_mma_kernel",
+               lambda s: (math.ceil(s.H / 64), math.ceil(s.T / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 12,
-               dyn_smem=lambda s: s.K * s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E),
-               instance="<c10::BFloat16>"),
+               dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64), params=lambda s: _token_fold(s, s.R, 1),
+               instance="<c10::BFloat16, float>"),
+    # lora_expand_combine_backward: slot_rank_mma_kernel (q, dzd, dweights; one rank tile, grid (ceil(S/64) + E, 1))
+    # reads grad_y (fp32) rows by token, B, zd, the routing; weight_grad_mma_kernel (dB) reads grad_y, zd, the
+    # routing, writes dB fp32.
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
-               "lora_expand_combine_bwd_q_kernel", lambda s: (s.T,),
+               "slot_rank_mma_kernel", lambda s: (math.ceil(s.S / 64) + s.E, 1),
                lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 16,
-               dyn_smem=lambda s: s.R * 4, params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, N=32),
+               dyn_smem=lambda s: _lora_tile_smem(3 + 1, 4 * 64), params=lambda s: _slot_rank(s, s.R, 1),
                instance="<float, c10::BFloat16>"),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
-               "lora_expand_combine_bwd_dB_kernel",
-               lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
+               "weight_grad_mma_kernel", lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=s.R, K=s.K, E=s.E, nk=16), instance="<float>"),
+               dyn_smem=lambda s: _lora_tile_smem(3 + 3, 3 * 64), params=lambda s: _weight_grad(s, s.R),
+               instance="<float>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_mma_kernel", lambda s: (_mma(s, True)["grid_x"], _mma(s, True)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
@@ -1196,14 +1228,20 @@ CUDA_LAUNCHES = [
                "eac_bwd_weight_mma_kernel", lambda s: (math.ceil(s.I / 64), s.E),
                lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * (2 + 4) + s.S * (8 + 4),
                dyn_smem=_wg_layout_bytes, params=_wg, instance=lambda s: f"<{_rank_frags(s)}>"),
-    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dx_kernel",
-               lambda s: (s.T,), lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
-               dyn_smem=lambda s: s.K * 2 * s.R * 4, params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E),
+    # lora_shrink_backward: token_fold_mma_kernel (dx: reads grad_z, experts, A; writes dx bf16), grid
+    # (ceil(H/64), ceil(T/64)), one pass per slot k with dropout; weight_grad_mma_kernel (dA), grid
+    # (ceil(H/64), E, ceil(2R/64)): reads x rows by slot, grad_z, writes dA fp32.
+    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "token_fold_mma_kernel",
+               lambda s: (math.ceil(s.H / 64), math.ceil(s.T / 64)),
+               lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
+               dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64),
+               params=lambda s: _token_fold(s, 2 * s.R, s.K if s.dropout > 0 else 1),
                instance="<c10::BFloat16, c10::BFloat16>"),
-    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "lora_shrink_bwd_dA_kernel",
+    CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "weight_grad_mma_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
-               params=lambda s: dict(H=s.H, R=2 * s.R, K=s.K, E=s.E, nk=16), instance="<c10::BFloat16>"),
+               dyn_smem=lambda s: _lora_tile_smem(1 + 3, 3 * 64), params=lambda s: _weight_grad(s, 2 * s.R),
+               instance="<c10::BFloat16>"),
     CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
                lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K),
                instance="<float>"),

@@ -139,6 +139,7 @@ void check_routing(const char* op, const at::Tensor& experts, const at::Tensor& 
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == num_experts + 1, op, ": offsets must have shape (E+1,) = (",
               num_experts + 1, ",), got ", offsets.sizes());
   TORCH_CHECK(num_experts < 65536, op, ": E = ", num_experts, " experts exceed the 65535 this kernel version supports");
+  TORCH_CHECK(S < (int64_t{1} << 31), op, ": T*K = ", S, " slots exceed the 2^31 - 1 of the kernels' 32-bit slot ids");
 }
 
 void check_dropout(const char* op, double dropout_p) {
@@ -164,6 +165,14 @@ int64_t max_offset(const at::Tensor& t) {
     off += (t.size(d) - 1) * t.stride(d);
   }
   return off;
+}
+
+// The kernels address the LoRA weights with 32-bit offsets.
+const at::Tensor& check_32bit_span(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(max_offset(t) < (int64_t{1} << 31), op, ": ", name,
+              " must span fewer than 2^31 elements (32-bit weight offsets), got sizes ", t.sizes(), " strides ",
+              t.strides());
+  return t;
 }
 
 at::Tensor float_contiguous(const at::Tensor& t) {
@@ -201,7 +210,8 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor z = x.size(1) == 0 ? at::zeros({experts.numel(), A.size(1)}, f32)
                                 : at::empty({experts.numel(), A.size(1)}, f32);
-  lora_shrink_forward_launch(unit_inner_stride(x), weight_as_is(A, x), order.contiguous(), offsets.contiguous(),
+  lora_shrink_forward_launch(unit_inner_stride(x), check_32bit_span("lora_shrink", "A", weight_as_is(A, x)),
+                             order.contiguous(), offsets.contiguous(),
                              experts.size(1), dropout_p, seed, z, c10::cuda::getCurrentCUDAStream());
   return z;
 }
@@ -230,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_backward_cuda(const at::Tensor& g
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor dA = at::empty({A.size(0), A.size(1), A.size(2)}, A.options().dtype(at::kFloat));
-  lora_shrink_backward_launch(float_inner(grad_z), unit_inner_stride(x), weight_as_is(A, x),
+  lora_shrink_backward_launch(float_inner(grad_z), unit_inner_stride(x),
+                              check_32bit_span("lora_shrink_backward", "A", weight_as_is(A, x)),
                               experts.to(at::kLong).contiguous(), order.contiguous(), offsets.contiguous(), dropout_p,
                               seed, dx, dA, c10::cuda::getCurrentCUDAStream());
   return {dx, like_dtype(dA, A)};
@@ -265,7 +276,9 @@ at::Tensor lora_expand_combine_cuda(const at::Tensor& zd, const at::Tensor& B, c
   check_lora_expand_combine(zd, B, weights, experts, order, offsets);
   const c10::cuda::CUDAGuard device_guard(zd.device());
   at::Tensor y = at::empty({experts.size(0), B.size(1)}, zd.options().dtype(at::kFloat));
-  lora_expand_combine_forward_launch(float_inner(zd), unit_inner_stride(B), float_contiguous(weights),
+  lora_expand_combine_forward_launch(float_inner(zd),
+                                     check_32bit_span("lora_expand_combine", "B", unit_inner_stride(B)),
+                                     float_contiguous(weights),
                                      experts.to(at::kLong).contiguous(), scale, y, c10::cuda::getCurrentCUDAStream());
   return y;
 }
@@ -298,7 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_combine_backward_cuda
   at::Tensor dweights = at::empty({weights.size(0), weights.size(1)}, f32);
   const bool B_as_is = B.scalar_type() == grad_y.scalar_type() || grad_y.scalar_type() == at::kFloat;
   lora_expand_combine_backward_launch(unit_inner_stride(grad_y), float_inner(zd),
-                                      B_as_is ? unit_inner_stride(B) : float_inner(B),
+                                      check_32bit_span("lora_expand_combine_backward", "B",
+                                                       B_as_is ? unit_inner_stride(B) : float_inner(B)),
                                       float_contiguous(weights), experts.to(at::kLong).contiguous(),
                                       order.contiguous(), offsets.contiguous(), scale, dzd, dB, dweights,
                                       c10::cuda::getCurrentCUDAStream());
@@ -380,9 +394,7 @@ ExpandActCombineInputs prepare_expand_act_combine(const at::Tensor& G, const std
   in.offsets = offsets.contiguous();
   in.Ad = weight(Ad);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"Bg", &in.Bg}, {"Bu", &in.Bu}, {"Ad", &in.Ad}}) {
-    TORCH_CHECK(max_offset(*t) < (int64_t{1} << 31), "expand_act_combine: ", name,
-                " must span fewer than 2^31 elements (32-bit weight offsets), got sizes ", t->sizes(), " strides ",
-                t->strides());
+    check_32bit_span("expand_act_combine", name, *t);
   }
   in.scale = scale;
   in.activation = activation_code("expand_act_combine", activation_name);

@@ -55,12 +55,18 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
   return (x >> 16) ^ x;
 }
 
+// Whether element (slot, c) of the mask is kept (always, when dropout is off).
+__device__ __forceinline__ bool dropout_keep(const Dropout& d, int64_t slot, int64_t cols, int64_t c) {
+  const uint32_t idx = static_cast<uint32_t>(slot) * static_cast<uint32_t>(cols) + static_cast<uint32_t>(c);
+  return !d.active || hash32(idx ^ d.seed) >= d.threshold;
+}
+
+// The mask element's multiplier: 1 / (1 - p) kept, 0 dropped, 1 without dropout.
 __device__ __forceinline__ float dropout_mult(const Dropout& d, int64_t slot, int64_t cols, int64_t c) {
   if (!d.active) {
     return 1.0f;
   }
-  const uint32_t idx = static_cast<uint32_t>(slot) * static_cast<uint32_t>(cols) + static_cast<uint32_t>(c);
-  return hash32(idx ^ d.seed) >= d.threshold ? d.scale : 0.0f;
+  return dropout_keep(d, slot, cols, c) ? d.scale : 0.0f;
 }
 
 // Activation codes, in the order of ops/_common.py::ACTIVATIONS.

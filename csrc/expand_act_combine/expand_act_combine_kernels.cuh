@@ -10,10 +10,9 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
-#include <cuda_bf16.h>
-#include <mma.h>
 
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace mixlora {
 namespace {
@@ -351,8 +350,6 @@ eac_bwd_weight_kernel(Args<scalar_t, weight_t> p, const scalar_t* __restrict__ g
 // slots are regrouped by expert, each expert's group padded to a multiple of 16 rows ("positions"), so every
 // 16-row wmma fragment belongs to one expert and multiplies that expert's slab in shared memory directly.
 
-namespace wmma = nvcuda::wmma;
-
 constexpr int kMmaCols = 64;     // I columns per step: 128-byte rows of G, U, dH̄ and hbar
 constexpr int kMmaMaxRank = 64;  // ranks padded to 16, at most 4 fragments each
 constexpr int kMmaFwdSlots = 128;
@@ -360,14 +357,6 @@ constexpr int kMmaBwdSlots = 64;  // the backward keeps twice the per-slot state
 constexpr size_t kMmaMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block (cudaFuncSetAttribute)
 
 using MmaArgs = Args<c10::BFloat16, c10::BFloat16>;
-using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using BRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
-using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-__host__ __device__ constexpr int round16(int v) {
-  return (v + 15) / 16 * 16;
-}
 
 // Byte offsets of the shared arrays of one block, computed once on the host and passed to the kernel. Every array
 // starts on a 128-byte boundary (wmma needs 32).
@@ -453,10 +442,6 @@ inline unsigned int split_sum_blocks(int64_t n) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks < 1024 ? blocks : 1024);
 }
 
-template <typename T>
-__device__ __forceinline__ T* smem_at(unsigned char* base, int offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
 
 __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
   hi = __float2bfloat16_rn(v);

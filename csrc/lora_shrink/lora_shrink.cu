@@ -1,24 +1,15 @@
 // Grouped LoRA shrink (docs/algorithm.md §2-3) and its backward. Semantics: mixlora_kernels/ops/lora_shrink.py.
-//
-// Forward, z_j = A_e drop_j(x_t) for slot j = t*K + k routed to expert e:
-//   lora_shrink_fwd_kernel: a grouped GEMM over the expert-sorted slot order. Block = (64 consecutive positions
-//   of one expert's segment, 64 rank columns); it loops over H in chunks of 32, gathering the 64 token rows of x
-//   straight into shared memory (the gather and the dropout mask are fused into the load: no (S, H) copy),
-//   and the 64 x 32 slice of A_e next to it. Each thread accumulates 16 outputs in fp32 registers.
-//   grid = (ceil(S/64) + E, ceil(R/64)): an upper bound on the per-expert tile count, so nothing is read on the
-//   host; surplus blocks exit.
-// Backward:
-//   lora_shrink_bwd_dx_kernel: token-major, one block per token: dx_t = sum_k drop_j(A_e^T dz_j), the K slots of
-//   the token summed inside one thread (k = 0..K-1 in order), no atomics. dz_j (K x R) is staged in shared
-//   memory; A_e is read from L2 (E*R*H*4 bytes, a few MB).
-//   lora_shrink_bwd_dA_kernel: dA_e = sum_{j -> e} dz_j drop_j(x_t)^T, a segmented reduction: one block per
-//   (64 columns h, expert e, 64 ranks) walks its expert's slots in sorted order in chunks of 16. Deterministic
-//   (fixed order, no atomics). Tuning note: when one expert holds most slots only ceil(H/64) blocks work on it;
-//   a split over the slots with a second fixed-order pass is the next step if that shows up in profiles.
-// Expert ids: the forward takes the expert of a slot from `offsets` (as the reference does); the dx kernel reads
-// `experts` and checks each id with a device assertion (CUDA_KERNEL_ASSERT: reported at the next synchronising
-// call as "device-side assert triggered"; the CUDA context is unusable afterwards). Slot ids read from `order`
-// are checked the same way.
+// The kernels (tensor cores, bf16 operand planes, fp32 accumulation) are csrc/lora_tiles.cuh's; their algorithm and
+// block shapes are described there. Launches, 256 threads each, all on the caller's stream, no host synchronisation:
+//   forward   z_j = A_e drop_j(x_t):        slot_rank_mma_kernel, grid (ceil(S/64) + E, ceil(R/64)): 64 sorted
+//             slots of one expert x 64 ranks per block (an upper bound on the per-expert tile count, so nothing is
+//             read on the host; surplus blocks exit); x gathered by token and masked while it is staged.
+//   backward  dx_t = sum_k drop_j(A_e^T dz_j): token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)), the expert
+//             fold of the token's dz_j times every expert's A (one pass per slot k when dropout masks them);
+//             dA_e = sum_{j -> e} dz_j drop_j(x_t)^T: weight_grad_mma_kernel, grid (ceil(H/64), E, ceil(R/64)).
+// Expert ids read from `experts` and slot ids read from `order` are checked by device assertions
+// (CUDA_KERNEL_ASSERT: reported at the next synchronising call as "device-side assert triggered"; the CUDA context
+// is unusable afterwards); the forward takes a slot's expert from `offsets`, as the reference does.
 
 #include "lora_shrink/lora_shrink.h"
 
@@ -29,16 +20,9 @@
 #include <c10/util/Half.h>
 
 #include "dispatch.h"
-#include "lora_shrink/lora_shrink_kernels.cuh"
+#include "lora_tiles.cuh"
 
 namespace mixlora {
-namespace {
-
-unsigned int ceil_div(int64_t a, int64_t b) {
-  return static_cast<unsigned int>((a + b - 1) / b);
-}
-
-}  // namespace
 
 void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const at::Tensor& order,
                                 const at::Tensor& offsets, int64_t K, double dropout_p, int64_t seed, at::Tensor& z,
@@ -50,15 +34,18 @@ void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const 
   if (S == 0 || R == 0 || H == 0) {  // H = 0: the caller allocated z as zeros
     return;
   }
-  const dim3 grid(ceil_div(S, kTileM) + static_cast<unsigned int>(E), ceil_div(R, kTileN));
   const Dropout drop = make_dropout(dropout_p, seed);
   MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink", [&] {
     auto launch = [&](auto wtag) {
       using weight_t = decltype(wtag);
-      lora_shrink_fwd_kernel<scalar_t, weight_t><<<grid, kBlock, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), x.stride(0), A.const_data_ptr<weight_t>(), A.stride(0), A.stride(1),
-          order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
-          z.mutable_data_ptr<float>());
+      const auto p = shrink_forward_args(x.const_data_ptr<scalar_t>(), x.stride(0), A.const_data_ptr<weight_t>(),
+                                         A.stride(0), A.stride(1), order.const_data_ptr<int64_t>(),
+                                         offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
+                                         z.mutable_data_ptr<float>());
+      const auto kernel = slot_rank_mma_kernel<scalar_t, weight_t>;
+      const size_t smem = slot_rank_smem_bytes<scalar_t, weight_t>();
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<slot_rank_grid(S, E, (R + kTile - 1) / kTile), kBlock, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
@@ -74,34 +61,34 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
   const int64_t E = A.size(0);
   const int64_t R = A.size(1);
   const int64_t K = experts.size(1);
-  const int64_t S = T * K;
   const Dropout drop = make_dropout(dropout_p, seed);
-  if (T > 0 && H > 0) {
-    const size_t smem = static_cast<size_t>(K * R) * sizeof(float);
-    TORCH_CHECK(smem <= 48 * 1024, "lora_shrink_backward: K * R = ", K * R, " floats of grad_z per token exceed the ",
-                "48 KiB of shared memory this kernel version stages them in; use the torch or triton backend");
-    MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink_backward", [&] {
+  MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink_backward", [&] {
+    if (T > 0 && H > 0) {
       auto launch = [&](auto wtag) {
         using weight_t = decltype(wtag);
-        lora_shrink_bwd_dx_kernel<scalar_t, weight_t><<<static_cast<unsigned int>(T), kBlock, smem, stream>>>(
-            grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<weight_t>(), A.stride(0),
-            A.stride(1), experts.const_data_ptr<int64_t>(), E, K, H, R, drop, dx.mutable_data_ptr<scalar_t>());
+        const auto p = shrink_dx_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<weight_t>(),
+                                      A.stride(0), A.stride(1), experts.const_data_ptr<int64_t>(), E, T, K, H, R, drop,
+                                      dx.mutable_data_ptr<scalar_t>());
+        const auto kernel = token_fold_mma_kernel<weight_t, scalar_t>;
+        const size_t smem = token_fold_smem_bytes<weight_t>(K);
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
-    });
-  }
-  if (E > 0 && R > 0 && H > 0) {
-    // Every block writes its tile, zeros included, so empty experts get dA_e = 0 without a memset.
-    const dim3 grid(ceil_div(H, kTileM), static_cast<unsigned int>(E), ceil_div(R, kTileN));
-    MIXLORA_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "lora_shrink_backward", [&] {
-      lora_shrink_bwd_dA_kernel<scalar_t><<<grid, kBlock, 0, stream>>>(
-          grad_z.const_data_ptr<float>(), grad_z.stride(0), x.const_data_ptr<scalar_t>(), x.stride(0),
-          order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), S, K, H, R, drop,
-          dA.mutable_data_ptr<float>());
+    }
+    if (E > 0 && R > 0 && H > 0) {  // every block writes its tile, zeros included: dA_e = 0 for an empty expert
+      const auto p = shrink_dA_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), x.const_data_ptr<scalar_t>(),
+                                    x.stride(0), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+                                    T * K, K, H, R, drop, dA.mutable_data_ptr<float>());
+      const auto kernel = weight_grad_mma_kernel<scalar_t>;
+      const size_t smem = weight_grad_smem_bytes<scalar_t>();
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+    }
+  });
 }
 
 }  // namespace mixlora

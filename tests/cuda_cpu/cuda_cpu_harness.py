@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/ run on the CPU: build of the harness library and the ops on top of it.
 
-`load()` compiles the kernel headers csrc/<op>/<op>_kernels.cuh (the text nvcc compiles) with the host compiler,
-`g++ -x c++ -std=c++17 -O1`, against tests/cuda_cpu/cuda_cpu.h, together with the fiber scheduler cuda_cpu.cpp and
+`load()` compiles the kernel headers csrc/<op>/<op>_kernels.cuh and csrc/lora_tiles.cuh (the text nvcc compiles)
+with the host compiler, `g++ -x c++ -std=c++17 -O1`, against tests/cuda_cpu/cuda_cpu.h, together with the fiber scheduler cuda_cpu.cpp and
 the C ABI launchers launch_<op>.cpp, into one shared library under build/cuda_cpu/<hash of every input>/ (built once,
 then reused; a file lock serialises concurrent builds), and returns `Kernels`: one method per
 `torch.ops.mixlora_cuda` op with the same arguments and results, for CPU tensors.

@@ -1,8 +1,8 @@
-// C ABI launchers of csrc/lora_expand_combine/lora_expand_combine_kernels.cuh, mirroring
+// C ABI launchers of the lora_expand_combine kernels (csrc/lora_tiles.cuh), mirroring
 // lora_expand_combine_forward_launch / lora_expand_combine_backward_launch of
 // csrc/lora_expand_combine/lora_expand_combine.cu (see launchers.h).
 #include "launchers.h"
-#include "lora_expand_combine/lora_expand_combine_kernels.cuh"
+#include "lora_tiles.cuh"
 
 using namespace mixlora;
 using cuda_cpu::ceil_div;
@@ -19,15 +19,12 @@ int cuda_cpu_lora_expand_combine_forward(const float* zd, int64_t zd_stride, con
     if (T == 0 || H == 0) {
       return;
     }
-    const size_t smem = static_cast<size_t>(K * R) * sizeof(float);
-    if (smem > 48 * 1024) {
-      throw cuda_cpu::Error("lora_expand_combine: K * R floats of zd per token exceed 48 KiB");
-    }
     cuda_cpu::dispatch_float_half_bf16(b_dtype, [&](auto wtag) {
       using weight_t = decltype(wtag);
-      CUDA_CPU_LAUNCH(lora_expand_combine_fwd_kernel<weight_t>, static_cast<unsigned int>(T), kBlock, smem, zd,
-                      zd_stride, static_cast<const weight_t*>(B), B_stride0, B_stride1, weights, experts, E, K, H, R,
-                      static_cast<float>(scale), y);
+      const auto p = expand_forward_args(zd, zd_stride, weights, experts, static_cast<const weight_t*>(B), B_stride0,
+                                         B_stride1, E, T, K, H, R, static_cast<float>(scale), y);
+      CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float>), token_fold_grid(T, H), kBlock,
+                      token_fold_smem_bytes<weight_t>(K), p);
     });
   });
 }
@@ -43,26 +40,24 @@ int cuda_cpu_lora_expand_combine_backward(int dtype, const void* grad_y, int64_t
                                           const int64_t* offsets, double scale, float* dzd, float* dB,
                                           float* dweights) {
   return cuda_cpu::guarded([&] {
+    const float s = static_cast<float>(scale);
     cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
-      using scalar_t = decltype(tag);
+      using gy_t = decltype(tag);
       if (T > 0) {
-        const size_t smem = static_cast<size_t>(R) * sizeof(float);
-        if (smem + (kWarps + 1) * kRanksPerPass * sizeof(float) > 48 * 1024) {
-          throw cuda_cpu::Error("lora_expand_combine_backward: rank R exceeds what the kernel keeps in shared memory");
-        }
         cuda_cpu::dispatch_float_half_bf16(b_dtype, [&](auto wtag) {
           using weight_t = decltype(wtag);
-          CUDA_CPU_LAUNCH((lora_expand_combine_bwd_q_kernel<scalar_t, weight_t>), static_cast<unsigned int>(T),
-                          kBlock, smem, static_cast<const scalar_t*>(grad_y), gy_stride, zd, zd_stride,
-                          static_cast<const weight_t*>(B), B_stride0, B_stride1, weights, experts, E, K, H, R,
-                          static_cast<float>(scale), dzd, dweights);
+          const auto p = expand_q_args(static_cast<const gy_t*>(grad_y), gy_stride, zd, zd_stride,
+                                       static_cast<const weight_t*>(B), B_stride0, B_stride1, weights, order, offsets,
+                                       E, T * K, K, H, R, s, dzd, dweights);
+          CUDA_CPU_LAUNCH((slot_rank_mma_kernel<gy_t, weight_t>), slot_rank_grid(T * K, E, 1), kBlock,
+                          (slot_rank_smem_bytes<gy_t, weight_t>()), p);
         });
       }
       if (E > 0 && H > 0 && R > 0) {
-        const dim3 grid(ceil_div(H, kTileM), static_cast<unsigned int>(E), ceil_div(R, kTileN));
-        CUDA_CPU_LAUNCH(lora_expand_combine_bwd_dB_kernel<scalar_t>, grid, kBlock, 0,
-                        static_cast<const scalar_t*>(grad_y), gy_stride, zd, zd_stride, weights, order, offsets,
-                        T * K, K, H, R, static_cast<float>(scale), dB);
+        const auto p = expand_dB_args(static_cast<const gy_t*>(grad_y), gy_stride, zd, zd_stride, weights, order,
+                                      offsets, T * K, K, H, R, s, dB);
+        CUDA_CPU_LAUNCH(weight_grad_mma_kernel<gy_t>, weight_grad_grid(H, E, R), kBlock,
+                        weight_grad_smem_bytes<gy_t>(), p);
       }
     });
   });

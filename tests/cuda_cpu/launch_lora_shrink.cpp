@@ -1,7 +1,7 @@
-// C ABI launchers of csrc/lora_shrink/lora_shrink_kernels.cuh, mirroring lora_shrink_forward_launch /
+// C ABI launchers of the lora_shrink kernels (csrc/lora_tiles.cuh), mirroring lora_shrink_forward_launch /
 // lora_shrink_backward_launch of csrc/lora_shrink/lora_shrink.cu (see launchers.h).
 #include "launchers.h"
-#include "lora_shrink/lora_shrink_kernels.cuh"
+#include "lora_tiles.cuh"
 
 using namespace mixlora;
 using cuda_cpu::ceil_div;
@@ -18,15 +18,15 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
     if (S == 0 || R == 0 || H == 0) {
       return;
     }
-    const dim3 grid(ceil_div(S, kTileM) + static_cast<unsigned int>(E), ceil_div(R, kTileN));
     const Dropout drop = make_dropout(dropout_p, seed);
     cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
       using scalar_t = decltype(tag);
       auto launch = [&](auto wtag) {
         using weight_t = decltype(wtag);
-        CUDA_CPU_LAUNCH((lora_shrink_fwd_kernel<scalar_t, weight_t>), grid, kBlock, 0,
-                        static_cast<const scalar_t*>(x), x_stride, static_cast<const weight_t*>(A), A_stride0,
-                        A_stride1, order, offsets, E, S, K, H, R, drop, z);
+        const auto p = shrink_forward_args(static_cast<const scalar_t*>(x), x_stride, static_cast<const weight_t*>(A),
+                                           A_stride0, A_stride1, order, offsets, E, S, K, H, R, drop, z);
+        CUDA_CPU_LAUNCH((slot_rank_mma_kernel<scalar_t, weight_t>), slot_rank_grid(S, E, ceil_div(R, kTile)), kBlock,
+                        (slot_rank_smem_bytes<scalar_t, weight_t>()), p);
       };
       a_fp32 ? launch(float{}) : launch(scalar_t{});
     });
@@ -41,27 +41,24 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
                                   const int64_t* order, const int64_t* offsets, double dropout_p, int64_t seed,
                                   void* dx, float* dA) {
   return cuda_cpu::guarded([&] {
-    const int64_t S = T * K;
     const Dropout drop = make_dropout(dropout_p, seed);
     cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
       using scalar_t = decltype(tag);
       if (T > 0 && H > 0) {
-        const size_t smem = static_cast<size_t>(K * R) * sizeof(float);
-        if (smem > 48 * 1024) {
-          throw cuda_cpu::Error("lora_shrink_backward: K * R floats of grad_z per token exceed 48 KiB");
-        }
         auto launch = [&](auto wtag) {
           using weight_t = decltype(wtag);
-          CUDA_CPU_LAUNCH((lora_shrink_bwd_dx_kernel<scalar_t, weight_t>), static_cast<unsigned int>(T), kBlock, smem,
-                          grad_z, gz_stride, static_cast<const weight_t*>(A), A_stride0, A_stride1, experts, E, K, H,
-                          R, drop, static_cast<scalar_t*>(dx));
+          const auto p = shrink_dx_args(grad_z, gz_stride, static_cast<const weight_t*>(A), A_stride0, A_stride1,
+                                        experts, E, T, K, H, R, drop, static_cast<scalar_t*>(dx));
+          CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t>), token_fold_grid(T, H), kBlock,
+                          token_fold_smem_bytes<weight_t>(K), p);
         };
         a_fp32 ? launch(float{}) : launch(scalar_t{});
       }
       if (E > 0 && R > 0 && H > 0) {
-        const dim3 grid(ceil_div(H, kTileM), static_cast<unsigned int>(E), ceil_div(R, kTileN));
-        CUDA_CPU_LAUNCH(lora_shrink_bwd_dA_kernel<scalar_t>, grid, kBlock, 0, grad_z, gz_stride,
-                        static_cast<const scalar_t*>(x), x_stride, order, offsets, S, K, H, R, drop, dA);
+        const auto p = shrink_dA_args(grad_z, gz_stride, static_cast<const scalar_t*>(x), x_stride, order, offsets,
+                                      T * K, K, H, R, drop, dA);
+        CUDA_CPU_LAUNCH(weight_grad_mma_kernel<scalar_t>, weight_grad_grid(H, E, R), kBlock,
+                        weight_grad_smem_bytes<scalar_t>(), p);
       }
     });
   });

@@ -1,0 +1,599 @@
+// The tensor-core kernels of lora_shrink and lora_expand_combine (forward and backward). Both ops are rank-R
+// products of expert-stacked weights with token rows, so three kernels serve their six launches; each weight is
+// read through a view W (E, R, H) of element (e, r, h) at e * s_e + r * s_r + h * s_h: A (E, R, H) as it is,
+// B (E, H, R) as its transpose.
+//
+//   slot_rank_mma_kernel   per-slot rank vectors out_j = scale * W_e x_t(j) (reduction over H):
+//                          lora_shrink's z (x masked by dropout) and lora_expand_combine's q_j = s B_e^T dy_t
+//                          (then dzd_j = w_j q_j and dw_j = <q_j, zd_j>).
+//                          Block = 64 consecutive positions of one expert's segment of the sorted order
+//                          (find_segment_tile) x 64 rank columns; grid (ceil(S/64) + E, rank tiles).
+//   token_fold_mma_kernel  per-token rows out_t = scale * sum_k mask_j (W_e^T (w_j v_j)) (reduction over ranks):
+//                          lora_shrink's dx (v = dz, dropout mask per slot) and lora_expand_combine's y (v = zd,
+//                          routing weights w_j). The expert fold: a token's K rank vectors sit in their experts'
+//                          blocks of one E*R-wide row, which one MMA chain multiplies with every expert's stacked
+//                          weight rows (64 of the E*R fold rows per staged chunk); with a dropout mask, one such
+//                          pass per slot k, masked as it is added. Block = 64 tokens x 64 columns h; grid
+//                          (ceil(H/64), ceil(T/64)).
+//   weight_grad_mma_kernel the segmented weight gradient dW_e = scale * sum_{j -> e} (w_j v_j) x_t(j)^T: lora_shrink's
+//                          dA (x masked) and lora_expand_combine's dB (w_j, dy_t). Block = (64 columns h, expert e,
+//                          64 ranks); it walks the expert's slots in sorted order, 64 per chunk; every block writes
+//                          its tile (zeros for an empty expert). Grid (ceil(H/64), E, rank tiles).
+//
+// Operands are staged in shared memory as bf16 planes of 64 x 64 (Bf16Terms: 1 plane for bf16, 2 for fp16, 3 for
+// fp32 values, so the products are exact) and multiplied by nvcuda::wmma 16x16x16 bf16 MMAs into fp32 accumulator
+// fragments (each warp owns 2 of the tile's 16). The fp32 result is staged over the planes for the epilogue.
+// Dropout keeps or zeroes an operand element (exact) and its 1 / (1 - p) scales the result. Deterministic: fixed
+// summation orders, no atomics. 32-bit index math (api.cpp checks the weights' span and S < 2^31), 64-bit only for
+// the offsets of (T, *) rows. 256 threads, dynamic shared memory lora_tile_smem_bytes (opted into above 48 KiB).
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include <c10/macros/Macros.h>
+
+#include "common.cuh"
+#include "tensor_core.cuh"
+
+namespace mixlora {
+namespace {
+
+constexpr int kTile = 64;                 // output rows and columns of a block, and the depth of one staged chunk
+constexpr int kTileLd = kTile + 8;        // bf16 plane rows: 144 bytes (wmma: a multiple of 16 bytes)
+constexpr int kPlane = kTile * kTileLd;   // elements of one plane (9216 bytes: 128-byte aligned planes)
+constexpr int kStageLd = kTile + 4;       // the fp32 result stage
+constexpr int kTileFrags = (kTile / 16) * (kTile / 16) / kWarps;  // accumulator fragments per warp: 2
+constexpr int kTileRowsPerPass = kBlock / kTile;                   // rows a block stages per pass: 4
+
+// Bytes of `planes` bf16 planes, or of the fp32 stage laid over them if that is larger.
+__host__ __device__ constexpr int lora_tile_planes_bytes(int planes) {
+  return planes * kPlane * 2 > kTile * kStageLd * 4 ? planes * kPlane * 2 : kTile * kStageLd * 4;
+}
+
+// Dynamic shared memory of a launch: the planes, then `words` 32-bit words of per-row state.
+__host__ __device__ constexpr size_t lora_tile_smem_bytes(int planes, int words) {
+  return static_cast<size_t>(lora_tile_planes_bytes(planes)) + static_cast<size_t>(words) * 4;
+}
+
+// Dynamic shared memory and grids of the three kernels (shared by the launches and the CPU harness's mirrors).
+template <typename x_t, typename w_t>
+constexpr size_t slot_rank_smem_bytes() {
+  return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<w_t>::value, 4 * kTile);
+}
+template <typename w_t>
+constexpr size_t token_fold_smem_bytes(int64_t K) {
+  return lora_tile_smem_bytes(Bf16Terms<float>::value + Bf16Terms<w_t>::value, static_cast<int>((3 + K) * kTile));
+}
+template <typename x_t>
+constexpr size_t weight_grad_smem_bytes() {
+  return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<float>::value, 3 * kTile);
+}
+// Host side: whether rows of T starting at ptr, `strides` elements apart, all start on 16 bytes (8-element loads).
+template <typename T>
+bool rows_aligned(const T* ptr, std::initializer_list<int64_t> strides) {
+  bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  for (int64_t s : strides) {
+    ok = ok && (s * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  }
+  return ok;
+}
+
+// rank_tiles: 1 (a block loops over all ranks) or ceil(R / 64).
+inline dim3 slot_rank_grid(int64_t S, int64_t E, int64_t rank_tiles) {
+  return dim3(static_cast<unsigned int>((S + kTile - 1) / kTile + E), static_cast<unsigned int>(rank_tiles));
+}
+inline dim3 token_fold_grid(int64_t T, int64_t H) {
+  return dim3(static_cast<unsigned int>((H + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
+}
+inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
+  return dim3(static_cast<unsigned int>((H + kTile - 1) / kTile), static_cast<unsigned int>(E),
+              static_cast<unsigned int>((R + kTile - 1) / kTile));
+}
+
+// Fragment i of a warp's kTileFrags among the 4 x 4 fragments of the 64 x 64 tile: f = warp + 8 i is row fragment
+// f % 4 and column fragment f / 4, so that narrow rank tiles (R <= 32: column fragments 0, 1) keep all 8 warps busy.
+__device__ __forceinline__ int tile_frag_row(int i) {
+  return (static_cast<int>(threadIdx.x) / 32 + kWarps * i) % (kTile / 16);
+}
+__device__ __forceinline__ int tile_frag_col(int i) {
+  return (static_cast<int>(threadIdx.x) / 32 + kWarps * i) / (kTile / 16);
+}
+
+// v[0..8) = src[0..n) as floats, zeros after (n clamped to [0, 8]): 16-byte loads when `vec` (16-byte aligned rows)
+// and all 8 exist.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ src, int n, bool vec, float (&v)[8]) {
+  if (vec && n >= 8) {
+    if constexpr (sizeof(T) == 2) {
+      const uint4 u = *reinterpret_cast<const uint4*>(src);
+      const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[k] = static_cast<float>(e[k]);
+      }
+    } else {
+      const float4 a = reinterpret_cast<const float4*>(src)[0];
+      const float4 b = reinterpret_cast<const float4*>(src)[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    v[k] = k < n ? static_cast<float>(src[k]) : 0.0f;
+  }
+}
+
+// Writes v[0..8) as N bf16 terms (store_bf16_terms), 16 bytes per plane; dst is 16-byte aligned.
+template <int N>
+__device__ __forceinline__ void store8_bf16_terms(float (&v)[8], __nv_bfloat16* dst, int plane) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    alignas(16) __nv_bfloat16 t[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      t[k] = __float2bfloat16_rn(v[k]);
+      v[k] -= __bfloat162float(t[k]);
+    }
+    *reinterpret_cast<uint4*>(dst + i * plane) = *reinterpret_cast<const uint4*>(t);
+  }
+}
+
+// Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into NX bf16 planes: zero where
+// slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H) mask. A thread moves 8
+// consecutive columns of 2 rows; vec: x's rows are 16-byte aligned.
+template <int NX, typename x_t>
+__device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const int* slots, const int64_t* row_off,
+                                                 const x_t* __restrict__ x, int H, int h0, const Dropout& drop,
+                                                 bool vec) {
+  const int c = static_cast<int>(threadIdx.x) % 8 * 8;
+#pragma unroll
+  for (int q = 0; q < kTile * 8 / kBlock; ++q) {
+    const int row = static_cast<int>(threadIdx.x) / 8 + q * (kBlock / 8);
+    const int slot = slots[row];
+    float v[8];
+    load8(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, vec, v);
+    if (drop.active) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[k] = dropout_keep(drop, slot, H, h0 + c + k) ? v[k] : 0.0f;
+      }
+    }
+    store8_bf16_terms<NX>(v, planes + row * kTileLd + c, kPlane);
+  }
+}
+
+// The per-row state of stage_token_rows, by thread tid < 64 for row tid: the slot at sorted position pos0 + tid
+// (-1 from position pos0 + n on) and its token's row offset in x (0 for none).
+__device__ __forceinline__ void load_row_slot(const int64_t* __restrict__ order, int64_t pos0, int n, int S, int K,
+                                              int64_t x_stride, int* slots, int64_t* row_off) {
+  const int tid = static_cast<int>(threadIdx.x);
+  int slot = -1;
+  if (tid < n) {
+    const int64_t s = order[pos0 + tid];
+    CUDA_KERNEL_ASSERT(s >= 0 && s < S && "lora: order holds a slot id out of range");
+    slot = static_cast<int>(s);
+  }
+  slots[tid] = slot;
+  row_off[tid] = slot < 0 ? 0 : static_cast<int64_t>(slot / K) * x_stride;
+}
+
+// Stages rows [0, nrows) of chunk [n][c] = W[base(n) + (h0 + c) * s_h] into NW bf16 planes (zero where base(n) < 0
+// or h0 + c >= H; rows from nrows on are left as they are: the caller's MMAs do not read them). With s_h == 1 a
+// thread moves 8 consecutive columns of a row (vec: 16-byte aligned rows); otherwise consecutive threads read
+// consecutive rows n (W's unit stride).
+template <int NW, typename w_t, typename RowBase>
+__device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
+                                                  int h0, int nrows, bool vec, RowBase base) {
+  if (s_h == 1) {
+    const int c = static_cast<int>(threadIdx.x) % 8 * 8;
+    for (int row = static_cast<int>(threadIdx.x) / 8; row < nrows; row += kBlock / 8) {
+      const int b = base(row);
+      float v[8];
+      load8(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, v);
+      store8_bf16_terms<NW>(v, planes + row * kTileLd + c, kPlane);
+    }
+    return;
+  }
+  const int n = static_cast<int>(threadIdx.x) % kTile;
+  if (n < nrows) {
+    const int b = base(n);
+#pragma unroll 4
+    for (int c = static_cast<int>(threadIdx.x) / kTile; c < kTile; c += kTileRowsPerPass) {
+      const float v = (b >= 0 && h0 + c < H) ? static_cast<float>(W[b + (h0 + c) * s_h]) : 0.0f;
+      store_bf16_terms<NW>(v, planes + n * kTileLd + c, kPlane);
+    }
+  }
+}
+
+// The warp's accumulators into the fp32 stage [row][column] (fragments `active` says the warp computed).
+template <typename Active>
+__device__ __forceinline__ void store_tile(float* stage, SplitAcc (&acc)[kTileFrags], Active active) {
+#pragma unroll
+  for (int i = 0; i < kTileFrags; ++i) {
+    if (active(i)) {
+      wmma::store_matrix_sync(stage + tile_frag_row(i) * 16 * kStageLd + tile_frag_col(i) * 16, acc[i].total(),
+                              kStageLd, wmma::mem_row_major);
+    }
+  }
+}
+
+template <typename x_t, typename w_t>
+struct SlotRankArgs {
+  const x_t* x;  // (T, H) token rows: x (shrink) or dy (expand backward)
+  int64_t x_stride;
+  const w_t* W;  // view (E, R, H)
+  int s_e, s_r, s_h;
+  const int64_t* order;
+  const int64_t* offsets;
+  int E, S, K, H, R;
+  Dropout drop;  // on x (shrink); inactive otherwise
+  float scale;
+  bool vec_x, vec_w;          // rows_aligned(x), rows_aligned(W) (for s_h == 1)
+  float* out;                 // (S, R) contiguous
+  const float* row_weights;   // nullptr, or (S,) w_j: out_j = w_j * scale * W_e x_t
+  const float* zd;            // with dweights: dweights_j = <scale * W_e x_t, zd_j>
+  int64_t zd_stride;
+  float* dweights;            // nullptr: none (then gridDim.y may split the ranks)
+};
+
+template <typename x_t, typename w_t>
+__global__ void __launch_bounds__(kBlock) slot_rank_mma_kernel(const SlotRankArgs<x_t, w_t> p) {
+  constexpr int NX = Bf16Terms<x_t>::value;
+  constexpr int NW = Bf16Terms<w_t>::value;
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
+  __nv_bfloat16* ws = xs + NX * kPlane;
+  float* stage = smem_at<float>(sm, 0);
+  int64_t* row_off = smem_at<int64_t>(sm, lora_tile_planes_bytes(NX + NW));
+  int* row_slot = smem_at<int>(sm, lora_tile_planes_bytes(NX + NW) + kTile * 8);
+  float* row_dw = smem_at<float>(sm, lora_tile_planes_bytes(NX + NW) + kTile * 12);
+  int64_t expert, start, end;
+  if (!find_segment_tile(p.offsets, p.E, blockIdx.x, kTile, expert, start, end)) {
+    return;
+  }
+  const int e = static_cast<int>(expert);
+  const int rows = static_cast<int>(end - start);
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < kTile) {
+    load_row_slot(p.order, start, rows, p.S, p.K, p.x_stride, row_slot, row_off);
+    row_dw[tid] = 0.0f;
+  }
+  __syncthreads();
+  const int rank_step = static_cast<int>(gridDim.y) * kTile;
+  for (int rank0 = static_cast<int>(blockIdx.y) * kTile; rank0 < p.R; rank0 += rank_step) {
+    const int ncols = p.R - rank0 < kTile ? p.R - rank0 : kTile;
+    const int nrows = round16(ncols);  // weight rows the MMAs read
+    const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && tile_frag_col(i) * 16 < ncols; };
+    SplitAcc acc[kTileFrags];
+#pragma unroll
+    for (int i = 0; i < kTileFrags; ++i) {
+      acc[i].zero();
+    }
+    for (int h0 = 0; h0 < p.H; h0 += kTile) {
+      stage_token_rows<NX>(xs, row_slot, row_off, p.x, p.H, h0, p.drop, p.vec_x);
+      stage_weight_rows<NW>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
+                            [&](int n) { return rank0 + n < p.R ? e * p.s_e + (rank0 + n) * p.s_r : -1; });
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kTileFrags; ++i) {
+        if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks): W's [rank][h] plane read col-major
+          mma_terms<NX, NW, wmma::row_major, wmma::col_major>(acc[i], xs + tile_frag_row(i) * 16 * kTileLd, 16,
+                                                              ws + tile_frag_col(i) * 16 * kTileLd, 16, kPlane,
+                                                              kTileLd, kTile / 16);
+        }
+      }
+      __syncthreads();
+    }
+    store_tile(stage, acc, active);
+    __syncthreads();
+    for (int idx = tid; idx < kTile * kTile; idx += kBlock) {
+      const int row = idx / kTile;
+      const int c = idx % kTile;
+      const int slot = row_slot[row];
+      if (slot >= 0 && c < ncols) {
+        const float q = p.scale * stage[row * kStageLd + c];
+        p.out[static_cast<int64_t>(slot) * p.R + rank0 + c] = p.row_weights ? p.row_weights[slot] * q : q;
+      }
+    }
+    if (p.dweights && tid < rows) {
+      const float* z = p.zd + static_cast<int64_t>(row_slot[tid]) * p.zd_stride + rank0;
+      float dw = row_dw[tid];
+      for (int c = 0; c < ncols; ++c) {
+        dw = fmaf(p.scale * stage[tid * kStageLd + c], z[c], dw);
+      }
+      row_dw[tid] = dw;
+    }
+    __syncthreads();  // the stage is the next rank tile's planes
+  }
+  if (p.dweights && tid < rows) {
+    p.dweights[row_slot[tid]] = row_dw[tid];
+  }
+}
+
+template <typename w_t, typename out_t>
+struct TokenFoldArgs {
+  const float* v;  // (S, R) slot rank vectors: dz (shrink backward) or zd (expand)
+  int64_t v_stride;
+  const float* row_weights;  // nullptr, or (S,) w_j multiplying v_j
+  const int64_t* experts;    // (T, K)
+  const w_t* W;              // view (E, R, H)
+  int s_e, s_r, s_h;
+  int E, T, K, H, R;
+  Dropout drop;  // mask of element (j, h) of the (S, H) slot products (shrink backward); inactive otherwise
+  float scale;
+  bool vec_w;  // rows_aligned(W) (for s_h == 1)
+  out_t* out;  // (T, H) contiguous
+};
+
+template <typename w_t, typename out_t>
+__global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
+  constexpr int NV = Bf16Terms<float>::value;
+  constexpr int NW = Bf16Terms<w_t>::value;
+  constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  __nv_bfloat16* zs = smem_at<__nv_bfloat16>(sm, 0);
+  __nv_bfloat16* ws = zs + NV * kPlane;
+  float* stage = smem_at<float>(sm, 0);
+  int* fold_e = smem_at<int>(sm, lora_tile_planes_bytes(NV + NW));  // expert, rank, weight offset of fold row f0 + n
+  int* fold_r = fold_e + kTile;
+  int* fold_base = fold_r + kTile;
+  int* tok_expert = fold_base + kTile;  // [row * K + k]
+  const int tid = static_cast<int>(threadIdx.x);
+  const int h0 = static_cast<int>(blockIdx.x) * kTile;
+  const int t0 = static_cast<int>(blockIdx.y) * kTile;
+  const int rows = p.T - t0 < kTile ? p.T - t0 : kTile;
+  const int64_t E = p.E;
+  for (int i = tid; i < kTile * p.K; i += kBlock) {
+    int64_t e = -1;
+    if (i < rows * p.K) {
+      e = p.experts[static_cast<int64_t>(t0) * p.K + i];
+      CUDA_KERNEL_ASSERT(e >= 0 && e < E && "lora: expert id out of range [0, E)");
+    }
+    tok_expert[i] = static_cast<int>(e);
+  }
+  const int F = p.E * p.R;
+  const int passes = p.drop.active ? p.K : 1;  // without a mask one pass folds all K slots
+  const int c = tid % kTile;
+  float res[kOut] = {};
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && h0 + tile_frag_col(i) * 16 < p.H; };
+    SplitAcc acc[kTileFrags];
+#pragma unroll
+    for (int i = 0; i < kTileFrags; ++i) {
+      acc[i].zero();
+    }
+    for (int f0 = 0; f0 < F; f0 += kTile) {
+      if (tid < kTile) {
+        const int f = f0 + tid;
+        fold_e[tid] = f < F ? f / p.R : -1;
+        fold_r[tid] = f < F ? f % p.R : 0;
+        fold_base[tid] = f < F ? (f / p.R) * p.s_e + (f % p.R) * p.s_r : -1;
+      }
+      __syncthreads();
+      const int e_c = fold_e[c];
+      for (int row = tid / kTile; row < kTile; row += kTileRowsPerPass) {
+        float v = 0.0f;
+        for (int k = 0; k < p.K; ++k) {
+          if (e_c >= 0 && tok_expert[row * p.K + k] == e_c && (passes == 1 || k == pass)) {
+            const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
+            v += (p.row_weights ? p.row_weights[j] : 1.0f) * p.v[j * p.v_stride + fold_r[c]];
+          }
+        }
+        store_bf16_terms<NV>(v, zs + row * kTileLd + c, kPlane);
+      }
+      const int nrows = round16(F - f0 < kTile ? F - f0 : kTile);  // fold rows the MMAs read
+      stage_weight_rows<NW>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w, [&](int n) { return fold_base[n]; });
+      __syncthreads();
+      const int steps = nrows / 16;
+#pragma unroll
+      for (int i = 0; i < kTileFrags; ++i) {
+        if (active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
+          mma_terms<NV, NW, wmma::row_major, wmma::row_major>(acc[i], zs + tile_frag_row(i) * 16 * kTileLd, 16,
+                                                              ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane,
+                                                              kTileLd, steps);
+        }
+      }
+      __syncthreads();
+    }
+    store_tile(stage, acc, active);
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kOut; ++q) {
+      const int row = tid / kTile + kTileRowsPerPass * q;
+      const float mult = p.drop.active ? dropout_mult(p.drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H,
+                                                      h0 + c)
+                                       : 1.0f;
+      res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+    }
+    __syncthreads();  // the stage is the next pass's planes
+  }
+  if (h0 + c < p.H) {
+#pragma unroll
+    for (int q = 0; q < kOut; ++q) {
+      const int row = tid / kTile + kTileRowsPerPass * q;
+      if (row < rows) {
+        p.out[static_cast<int64_t>(t0 + row) * p.H + h0 + c] = static_cast<out_t>(p.scale * res[q]);
+      }
+    }
+  }
+}
+
+template <typename x_t>
+struct WeightGradArgs {
+  const x_t* x;  // (T, H) token rows: x (shrink) or dy (expand)
+  int64_t x_stride;
+  const float* v;  // (S, R) slot rank vectors: dz (shrink) or zd (expand)
+  int64_t v_stride;
+  const float* row_weights;  // nullptr, or (S,) w_j multiplying v_j
+  const int64_t* order;
+  const int64_t* offsets;
+  int S, K, H, R;
+  Dropout drop;  // on x (shrink); inactive otherwise
+  float scale;
+  bool vec_x;  // rows_aligned(x)
+  float* out;  // dW_e (r, h) at e * R * H + r * o_r + h * o_h: dA (E, R, H) or dB (E, H, R), fp32
+  int o_r, o_h;
+};
+
+template <typename x_t>
+__global__ void __launch_bounds__(kBlock) weight_grad_mma_kernel(const WeightGradArgs<x_t> p) {
+  constexpr int NX = Bf16Terms<x_t>::value;
+  constexpr int NV = Bf16Terms<float>::value;
+  unsigned char* sm = dynamic_smem<unsigned char>();
+  __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
+  __nv_bfloat16* vs = xs + NX * kPlane;
+  float* stage = smem_at<float>(sm, 0);
+  int64_t* row_off = smem_at<int64_t>(sm, lora_tile_planes_bytes(NX + NV));
+  int* chunk_slot = smem_at<int>(sm, lora_tile_planes_bytes(NX + NV) + kTile * 8);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int h0 = static_cast<int>(blockIdx.x) * kTile;
+  const int e = static_cast<int>(blockIdx.y);
+  const int rank0 = static_cast<int>(blockIdx.z) * kTile;
+  const int ncols = p.R - rank0 < kTile ? p.R - rank0 : kTile;
+  const int64_t start = p.offsets[e];
+  const int64_t end = p.offsets[e + 1];
+  const auto active = [&](int i) { return h0 + tile_frag_row(i) * 16 < p.H && tile_frag_col(i) * 16 < ncols; };
+  SplitAcc acc[kTileFrags];
+#pragma unroll
+  for (int i = 0; i < kTileFrags; ++i) {
+    acc[i].zero();
+  }
+  const int c = tid % kTile;
+  for (int64_t s0 = start; s0 < end; s0 += kTile) {
+    const int n = end - s0 < kTile ? static_cast<int>(end - s0) : kTile;
+    if (tid < kTile) {
+      load_row_slot(p.order, s0, n, p.S, p.K, p.x_stride, chunk_slot, row_off);
+    }
+    __syncthreads();
+    stage_token_rows<NX>(xs, chunk_slot, row_off, p.x, p.H, h0, p.drop, p.vec_x);
+    for (int row = tid / kTile; row < kTile; row += kTileRowsPerPass) {
+      const int slot = chunk_slot[row];
+      float v = 0.0f;
+      if (slot >= 0 && c < ncols) {
+        v = (p.row_weights ? p.row_weights[slot] : 1.0f) * p.v[static_cast<int64_t>(slot) * p.v_stride + rank0 + c];
+      }
+      store_bf16_terms<NV>(v, vs + row * kTileLd + c, kPlane);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kTileFrags; ++i) {
+      if (active(i)) {  // dW^T (h x ranks) = x^T (h x slots) . v (slots x ranks): x's [slot][h] plane read col-major
+        mma_terms<NX, NV, wmma::col_major, wmma::row_major>(acc[i], xs + tile_frag_row(i) * 16, 16 * kTileLd,
+                                                            vs + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd,
+                                                            (n + 15) / 16);
+      }
+    }
+    __syncthreads();
+  }
+  store_tile(stage, acc, active);
+  __syncthreads();
+  float* out = p.out + static_cast<int64_t>(e) * p.R * p.H;
+  for (int idx = tid; idx < kTile * kTile; idx += kBlock) {
+    const int m = p.o_h == 1 ? idx % kTile : idx / kTile;  // consecutive threads write consecutive addresses
+    const int r = p.o_h == 1 ? idx / kTile : idx % kTile;
+    if (h0 + m < p.H && r < ncols) {
+      out[(rank0 + r) * p.o_r + (h0 + m) * p.o_h] = p.scale * stage[m * kStageLd + r];
+    }
+  }
+}
+
+// ----- The arguments of the six launches (lora_shrink.cu, lora_expand_combine.cu and the CPU harness's mirrors),
+// from the layouts of lora_shrink.h / lora_expand_combine.h. A is (E, R, H) with unit h stride, B (E, H, R) with unit
+// r stride; x / dy rows and A rows move 8 elements per load where they are 16-byte aligned.
+
+template <typename x_t, typename w_t>
+SlotRankArgs<x_t, w_t> slot_rank_args(const x_t* x, int64_t x_stride, const w_t* W, int64_t s_e, int64_t s_r,
+                                      int64_t s_h, const int64_t* order, const int64_t* offsets, int64_t E, int64_t S,
+                                      int64_t K, int64_t H, int64_t R, Dropout drop, float scale, float* out) {
+  return {x, x_stride, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h), order, offsets,
+          static_cast<int>(E), static_cast<int>(S), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
+          drop, scale, rows_aligned(x, {x_stride}), s_h == 1 && rows_aligned(W, {s_e, s_r}), out};
+}
+
+template <typename w_t, typename out_t>
+TokenFoldArgs<w_t, out_t> token_fold_args(const float* v, int64_t v_stride, const float* row_weights,
+                                          const int64_t* experts, const w_t* W, int64_t s_e, int64_t s_r, int64_t s_h,
+                                          int64_t E, int64_t T, int64_t K, int64_t H, int64_t R, Dropout drop,
+                                          float scale, out_t* out) {
+  return {v, v_stride, row_weights, experts, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h),
+          static_cast<int>(E), static_cast<int>(T), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
+          drop, scale, s_h == 1 && rows_aligned(W, {s_e, s_r}), out};
+}
+
+// out: dW (E, R, H) when o_r = H, o_h = 1; (E, H, R) when o_r = 1, o_h = R. fp32 contiguous.
+template <typename x_t>
+WeightGradArgs<x_t> weight_grad_args(const x_t* x, int64_t x_stride, const float* v, int64_t v_stride,
+                                     const float* row_weights, const int64_t* order, const int64_t* offsets, int64_t S,
+                                     int64_t K, int64_t H, int64_t R, Dropout drop, float scale, float* out,
+                                     int64_t o_r, int64_t o_h) {
+  return {x, x_stride, v, v_stride, row_weights, order, offsets, static_cast<int>(S), static_cast<int>(K),
+          static_cast<int>(H), static_cast<int>(R), drop, scale, rows_aligned(x, {x_stride}), out,
+          static_cast<int>(o_r), static_cast<int>(o_h)};
+}
+
+// The mask's 1 / (1 - p) scales the shrink's products (the operands are only masked).
+inline float drop_scale(const Dropout& drop) {
+  return drop.active ? drop.scale : 1.0f;
+}
+
+template <typename x_t, typename w_t>
+SlotRankArgs<x_t, w_t> shrink_forward_args(const x_t* x, int64_t x_stride, const w_t* A, int64_t A_stride0,
+                                           int64_t A_stride1, const int64_t* order, const int64_t* offsets,
+                                           int64_t E, int64_t S, int64_t K, int64_t H, int64_t R, Dropout drop,
+                                           float* z) {
+  return slot_rank_args(x, x_stride, A, A_stride0, A_stride1, 1, order, offsets, E, S, K, H, R, drop,
+                        drop_scale(drop), z);
+}
+
+template <typename w_t, typename x_t>
+TokenFoldArgs<w_t, x_t> shrink_dx_args(const float* grad_z, int64_t gz_stride, const w_t* A, int64_t A_stride0,
+                                       int64_t A_stride1, const int64_t* experts, int64_t E, int64_t T, int64_t K,
+                                       int64_t H, int64_t R, Dropout drop, x_t* dx) {
+  return token_fold_args(grad_z, gz_stride, nullptr, experts, A, A_stride0, A_stride1, 1, E, T, K, H, R, drop, 1.0f,
+                         dx);
+}
+
+template <typename x_t>
+WeightGradArgs<x_t> shrink_dA_args(const float* grad_z, int64_t gz_stride, const x_t* x, int64_t x_stride,
+                                   const int64_t* order, const int64_t* offsets, int64_t S, int64_t K, int64_t H,
+                                   int64_t R, Dropout drop, float* dA) {
+  return weight_grad_args(x, x_stride, grad_z, gz_stride, nullptr, order, offsets, S, K, H, R, drop,
+                          drop_scale(drop), dA, H, 1);
+}
+
+template <typename w_t>
+TokenFoldArgs<w_t, float> expand_forward_args(const float* zd, int64_t zd_stride, const float* weights,
+                                              const int64_t* experts, const w_t* B, int64_t B_stride0,
+                                              int64_t B_stride1, int64_t E, int64_t T, int64_t K, int64_t H,
+                                              int64_t R, float scale, float* y) {
+  return token_fold_args(zd, zd_stride, weights, experts, B, B_stride0, 1, B_stride1, E, T, K, H, R,
+                         make_dropout(0.0, 0), scale, y);
+}
+
+// Launched with one rank tile (slot_rank_grid(S, E, 1)): dw_j sums every rank.
+template <typename gy_t, typename w_t>
+SlotRankArgs<gy_t, w_t> expand_q_args(const gy_t* grad_y, int64_t gy_stride, const float* zd, int64_t zd_stride,
+                                      const w_t* B, int64_t B_stride0, int64_t B_stride1, const float* weights,
+                                      const int64_t* order, const int64_t* offsets, int64_t E, int64_t S, int64_t K,
+                                      int64_t H, int64_t R, float scale, float* dzd, float* dweights) {
+  SlotRankArgs<gy_t, w_t> p = slot_rank_args(grad_y, gy_stride, B, B_stride0, 1, B_stride1, order, offsets, E, S, K,
+                                             H, R, make_dropout(0.0, 0), scale, dzd);
+  p.row_weights = weights;
+  p.zd = zd;
+  p.zd_stride = zd_stride;
+  p.dweights = dweights;
+  return p;
+}
+
+template <typename gy_t>
+WeightGradArgs<gy_t> expand_dB_args(const gy_t* grad_y, int64_t gy_stride, const float* zd, int64_t zd_stride,
+                                    const float* weights, const int64_t* order, const int64_t* offsets, int64_t S,
+                                    int64_t K, int64_t H, int64_t R, float scale, float* dB) {
+  return weight_grad_args(grad_y, gy_stride, zd, zd_stride, weights, order, offsets, S, K, H, R,
+                          make_dropout(0.0, 0), scale, dB, 1, R);
+}
+
+}  // namespace
+}  // namespace mixlora
