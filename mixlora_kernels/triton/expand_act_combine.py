@@ -26,7 +26,7 @@ import triton.language as tl
 
 from mixlora_kernels.checks import check, check_expand_act_combine
 from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_supported, dot_block, dropout_keep,
-                                            dropout_threshold, expert_fold, fold_rows, fold_slab, mma_dtype,
+                                            dropout_threshold, expert_fold, fold_rows, mma_dtype,
                                             mma_operand, round_to, unfold_rows)
 
 # Untuned (no GPU this session): chosen by the predicted time of benchmarks/sm90_cost (LLaMA-2-7B, E 8, R 16, bf16,
@@ -82,20 +82,29 @@ def _sum_slots(x, BLOCK_T: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _fold_expand(z0, slab0, z_ptr, slot, e_row, s_zs, s_zr, b_ptr, i, i_ok, R, E, s_be, s_bi, s_br,
+def _slab(wt_ptr, ch, i, i_ok, DT: tl.constexpr, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """Chunk ch of the all-expert slab of a LoRA weight laid out by `_slab_weights`, (EPC * BLOCK_R, BLOCK_I) as an
+    MMA operand: row e * BLOCK_R + r is expert e's rank-r vector at columns i. Rows of a column are contiguous and
+    the row stride is a constexpr, so the load is vectorised with no per-element address or rank/expert mask."""
+    c = ch * EPC * BLOCK_R + tl.arange(0, EPC * BLOCK_R)
+    return mma_operand(tl.load(wt_ptr + c[:, None] + i[None, :] * (N_CHUNKS * EPC * BLOCK_R), mask=i_ok[None, :],
+                               other=0.0), DT)
+
+
+@triton.jit
+def _fold_expand(z0, slab0, z_ptr, slot, e_row, s_zs, s_zr, b_ptr, i, i_ok, R,
                  DT: tl.constexpr, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
     """(ROWS, BLOCK_I) fp32: row j times its own expert's B_e[i]ᵀ. z0 / slab0 are chunk 0's folded rows (hoisted out
     of the I loop) and B slab; further chunks (only when E * R > FOLD_WIDTH) are folded here."""
     out = tl.dot(z0, slab0, input_precision=FP32_DOT)
     for ch in tl.static_range(1, N_CHUNKS):
         zc = mma_operand(fold_rows(z_ptr, slot, e_row, s_zs, s_zr, R, ch * EPC, EPC, BLOCK_R), DT)
-        slab = mma_operand(fold_slab(b_ptr, ch * EPC, i, i_ok, R, E, s_be, s_bi, s_br, EPC, BLOCK_R), DT)
-        out = tl.dot(zc, slab, out, input_precision=FP32_DOT)
+        out = tl.dot(zc, _slab(b_ptr, ch, i, i_ok, DT, EPC, BLOCK_R, N_CHUNKS), out, input_precision=FP32_DOT)
     return out
 
 
 @triton.jit
-def _fold_shrink(x, slab0, wide, acc, e_row, b_ptr, i, i_ok, R, E, s_be, s_bi, s_br,
+def _fold_shrink(x, slab0, wide, acc, e_row, b_ptr, i, i_ok,
                  DT: tl.constexpr, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_CHUNKS: tl.constexpr):
     """Accumulate x (ROWS, BLOCK_I) (an MMA operand) times each row's own expert's B_e[i]: with one chunk into the
     wide (ROWS, EPC * BLOCK_R) accumulator (unfolded once after the I loop, `_fold_result`), else chunk by chunk
@@ -105,7 +114,7 @@ def _fold_shrink(x, slab0, wide, acc, e_row, b_ptr, i, i_ok, R, E, s_be, s_bi, s
     else:
         acc += unfold_rows(tl.dot(x, tl.trans(slab0), input_precision=FP32_DOT), e_row, 0, EPC, BLOCK_R)
         for ch in tl.static_range(1, N_CHUNKS):
-            slab = mma_operand(fold_slab(b_ptr, ch * EPC, i, i_ok, R, E, s_be, s_bi, s_br, EPC, BLOCK_R), DT)
+            slab = _slab(b_ptr, ch, i, i_ok, DT, EPC, BLOCK_R, N_CHUNKS)
             acc += unfold_rows(tl.dot(x, tl.trans(slab), input_precision=FP32_DOT), e_row, ch * EPC, EPC, BLOCK_R)
     return wide, acc
 
@@ -122,8 +131,7 @@ def _fold_result(wide, acc, e_row, EPC: tl.constexpr, BLOCK_R: tl.constexpr, N_C
 def _expand_act_combine_fwd_kernel(
         g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, ad_ptr, hbar_ptr, zd_ptr,
         T, I, K, E, Rg, Ru, Rd, S, TILES, scale, seed, threshold, keep_scale,
-        s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur, s_bue, s_bui, s_bur,
-        s_wt, s_wk, s_et, s_ek, s_ade, s_adr, s_adi,
+        s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_zus, s_zur, s_wt, s_wk, s_et, s_ek,
         ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_RG: tl.constexpr, EPC_G: tl.constexpr, NC_G: tl.constexpr,
@@ -148,16 +156,16 @@ def _expand_act_combine_fwd_kernel(
         m = ok[:, None] & i_ok[None, :]
         g = _token_rows(g_ptr, tok, s_gt, i, s_gi, tok < T, i_ok, KP)
         if HAS_RG:
-            slab = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
-            g += scale * _fold_expand(zg0, slab, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
-                                      s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
+            slab = _slab(bg_ptr, 0, i, i_ok, DT, EPC_G, BLOCK_RG, NC_G)
+            g += scale * _fold_expand(zg0, slab, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, DT, EPC_G,
+                                      BLOCK_RG, NC_G)
         h = act_fwd(g, ACT)
         if HAS_U:
             u = _token_rows(u_ptr, tok, s_ut, i, s_ui, tok < T, i_ok, KP)
             if HAS_RU:
-                slab = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
-                u += scale * _fold_expand(zu0, slab, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
-                                          s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
+                slab = _slab(bu_ptr, 0, i, i_ok, DT, EPC_U, BLOCK_RU, NC_U)
+                u += scale * _fold_expand(zu0, slab, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, DT,
+                                          EPC_U, BLOCK_RU, NC_U)
             h = h * u
         h = tl.where(m, h, 0.0)  # padding slot rows (k >= K) hold their token's G / U
         hbar = _sum_slots(w[:, None] * h, BLOCK_T, KP)
@@ -167,9 +175,8 @@ def _expand_act_combine_fwd_kernel(
             if HAS_DROPOUT:
                 h = tl.where(dropout_keep(slot, i, I, seed, threshold), h, 0.0)
             hm = mma_operand(h, DT)
-            slab = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
-            zd_wide, zd = _fold_shrink(hm, slab, zd_wide, zd, e_row, ad_ptr, i, i_ok, Rd, E, s_ade, s_adi, s_adr,
-                                       DT, EPC_D, BLOCK_RD, NC_D)
+            slab = _slab(ad_ptr, 0, i, i_ok, DT, EPC_D, BLOCK_RD, NC_D)
+            zd_wide, zd = _fold_shrink(hm, slab, zd_wide, zd, e_row, ad_ptr, i, i_ok, DT, EPC_D, BLOCK_RD, NC_D)
     if HAS_RD:
         zd = _fold_result(zd_wide, zd, e_row, EPC_D, BLOCK_RD, NC_D)
         if HAS_DROPOUT:
@@ -184,8 +191,7 @@ def _expand_act_combine_bwd_kernel(
         ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, ad_ptr,
         dg_ptr, du_ptr, dzg_ptr, dzu_ptr, dw_ptr,
         T, I, K, E, Rg, Ru, Rd, S, TILES, scale, seed, threshold, keep_scale,
-        s_ght, s_ghi, s_gzs, s_gzr, s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_bge, s_bgi, s_bgr, s_zus, s_zur,
-        s_bue, s_bui, s_bur, s_wt, s_wk, s_et, s_ek, s_ade, s_adr, s_adi,
+        s_ght, s_ghi, s_gzs, s_gzr, s_gt, s_gi, s_ut, s_ui, s_zgs, s_zgr, s_zus, s_zur, s_wt, s_wk, s_et, s_ek,
         ACT: tl.constexpr, HAS_U: tl.constexpr, HAS_RG: tl.constexpr, HAS_RU: tl.constexpr, HAS_RD: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, DT: tl.constexpr, BLOCK_T: tl.constexpr, KP: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_RG: tl.constexpr, EPC_G: tl.constexpr, NC_G: tl.constexpr,
@@ -216,16 +222,16 @@ def _expand_act_combine_bwd_kernel(
         m = ok[:, None] & i_ok[None, :]
         g = _token_rows(g_ptr, tok, s_gt, i, s_gi, tok < T, i_ok, KP)
         if HAS_RG:
-            slab_g = mma_operand(fold_slab(bg_ptr, 0, i, i_ok, Rg, E, s_bge, s_bgi, s_bgr, EPC_G, BLOCK_RG), DT)
-            g += scale * _fold_expand(zg0, slab_g, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, E, s_bge,
-                                      s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
+            slab_g = _slab(bg_ptr, 0, i, i_ok, DT, EPC_G, BLOCK_RG, NC_G)
+            g += scale * _fold_expand(zg0, slab_g, zg_ptr, slot, e_row, s_zgs, s_zgr, bg_ptr, i, i_ok, Rg, DT, EPC_G,
+                                      BLOCK_RG, NC_G)
         a = act_fwd(g, ACT)
         gh = _token_rows(ghbar_ptr, tok, s_ght, i, s_ghi, tok < T, i_ok, KP)
         dh = w[:, None] * gh
         if HAS_RD:
-            slab_d = mma_operand(fold_slab(ad_ptr, 0, i, i_ok, Rd, E, s_ade, s_adi, s_adr, EPC_D, BLOCK_RD), DT)
-            back = _fold_expand(gzd0, slab_d, gzd_ptr, slot, e_row, s_gzs, s_gzr, ad_ptr, i, i_ok, Rd, E, s_ade,
-                                s_adi, s_adr, DT, EPC_D, BLOCK_RD, NC_D)
+            slab_d = _slab(ad_ptr, 0, i, i_ok, DT, EPC_D, BLOCK_RD, NC_D)
+            back = _fold_expand(gzd0, slab_d, gzd_ptr, slot, e_row, s_gzs, s_gzr, ad_ptr, i, i_ok, Rd, DT, EPC_D,
+                                BLOCK_RD, NC_D)
             if HAS_DROPOUT:
                 back = tl.where(dropout_keep(slot, i, I, seed, threshold), back * keep_scale, 0.0)
             dh += back
@@ -233,25 +239,25 @@ def _expand_act_combine_bwd_kernel(
         if HAS_U:
             u = _token_rows(u_ptr, tok, s_ut, i, s_ui, tok < T, i_ok, KP)
             if HAS_RU:
-                slab_u = mma_operand(fold_slab(bu_ptr, 0, i, i_ok, Ru, E, s_bue, s_bui, s_bur, EPC_U, BLOCK_RU), DT)
-                u += scale * _fold_expand(zu0, slab_u, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, E,
-                                          s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
+                slab_u = _slab(bu_ptr, 0, i, i_ok, DT, EPC_U, BLOCK_RU, NC_U)
+                u += scale * _fold_expand(zu0, slab_u, zu_ptr, slot, e_row, s_zus, s_zur, bu_ptr, i, i_ok, Ru, DT,
+                                          EPC_U, BLOCK_RU, NC_U)
             dw += tl.sum(gh * a * u, axis=1)
             du = tl.where(m, dh * a, 0.0)
             dg = dg * u
             tl.store(du_ptr + tok[:, None] * I + i[None, :], round_to(_sum_slots(du, BLOCK_T, KP),
                      du_ptr.dtype.element_ty), mask=(tok < T)[:, None] & i_ok[None, :])
             if HAS_RU:
-                dzu_wide, dzu = _fold_shrink(mma_operand(du, DT), slab_u, dzu_wide, dzu, e_row, bu_ptr, i, i_ok, Ru,
-                                             E, s_bue, s_bui, s_bur, DT, EPC_U, BLOCK_RU, NC_U)
+                dzu_wide, dzu = _fold_shrink(mma_operand(du, DT), slab_u, dzu_wide, dzu, e_row, bu_ptr, i, i_ok, DT,
+                                             EPC_U, BLOCK_RU, NC_U)
         else:
             dw += tl.sum(gh * a, axis=1)
         dg = tl.where(m, dg, 0.0)
         tl.store(dg_ptr + tok[:, None] * I + i[None, :], round_to(_sum_slots(dg, BLOCK_T, KP),
                  dg_ptr.dtype.element_ty), mask=(tok < T)[:, None] & i_ok[None, :])
         if HAS_RG:
-            dzg_wide, dzg = _fold_shrink(mma_operand(dg, DT), slab_g, dzg_wide, dzg, e_row, bg_ptr, i, i_ok, Rg, E,
-                                         s_bge, s_bgi, s_bgr, DT, EPC_G, BLOCK_RG, NC_G)
+            dzg_wide, dzg = _fold_shrink(mma_operand(dg, DT), slab_g, dzg_wide, dzg, e_row, bg_ptr, i, i_ok, DT,
+                                         EPC_G, BLOCK_RG, NC_G)
     tl.store(dw_ptr + split.to(tl.int64) * S + slot, round_to(dw, dw_ptr.dtype.element_ty), mask=ok)
     if HAS_RG:
         dzg = _fold_result(dzg_wide, dzg, e_row, EPC_G, BLOCK_RG, NC_G)
@@ -378,6 +384,17 @@ def _meta(G, U, Bg, Bu, Ad, K, act, dropout_p, launch):
     return {**meta, **launch}
 
 
+def _slab_weights(W: torch.Tensor, meta: dict, name: str, rank_last: bool) -> torch.Tensor:
+    """A LoRA weight, (E, I, R) when rank_last else (E, R, I), laid out for `_slab`: (I, N_CHUNKS * EPC * BLOCK_R)
+    contiguous, column e * BLOCK_R + r = W[e, :, r] (zero for padding experts and ranks). A copy per call, 2.8 MB at
+    LLaMA-2-7B (I 11008, E 8, R 16, bf16)."""
+    E, I = W.shape[0], W.shape[1 if rank_last else 2]
+    R = W.shape[2 if rank_last else 1]
+    slab = W.new_zeros(I, meta[f"NC_{name}"] * meta[f"EPC_{name}"], meta[f"BLOCK_R{name}"])
+    slab[:, :E, :R] = (W if rank_last else W.transpose(1, 2)).permute(1, 0, 2)
+    return slab.view(I, -1)
+
+
 def _grid(T, I, meta):
     """(row blocks, I splits) and the I tiles per split."""
     n_rb, n_i = triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(I, meta["BLOCK_I"])
@@ -414,10 +431,12 @@ def expand_act_combine_forward(G: torch.Tensor, U: Optional[torch.Tensor], zg: t
     grid, tiles = _grid(T, I, meta)
     zd_part = None if grid[1] == 1 else torch.empty(grid[1], S, Rd, dtype=torch.float32, device=G.device)
     Uarg = G if U is None else U
+    Bgs, Bus, Ads = (_slab_weights(Bg, meta, "G", True), _slab_weights(Bu, meta, "U", True),
+                     _slab_weights(Ad, meta, "D", False))
     _expand_act_combine_fwd_kernel[grid](
-        G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad, hbar, zd if zd_part is None else zd_part,
+        G, Uarg, zg, Bgs, zu, Bus, weights, experts, Ads, hbar, zd if zd_part is None else zd_part,
         T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
-        1.0 / (1.0 - dropout_p), *_strides(G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
+        1.0 / (1.0 - dropout_p), *_strides(G, Uarg, zg, zu, weights, experts), **meta)
     return hbar, _split_sum(zd_part, zd)
 
 
@@ -458,11 +477,13 @@ def expand_act_combine_backward(
     else:
         parts = tuple(torch.empty(grid[1], S, *r, dtype=torch.float32, device=G.device) for r in ((Rg,), (Ru,), ()))
     Uarg = G if U is None else U
+    Bgs, Bus, Ads = (_slab_weights(Bg, meta, "G", True), _slab_weights(Bu, meta, "U", True),
+                     _slab_weights(Ad, meta, "D", False))
     _expand_act_combine_bwd_kernel[grid](
-        grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad, dG, dG if U is None else dU,
+        grad_hbar, grad_zd, G, Uarg, zg, Bgs, zu, Bus, weights, experts, Ads, dG, dG if U is None else dU,
         *(out if part is None else part for part, out in zip(parts, (dzg, dzu, dw))),
         T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
-        1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, experts, Ad), **meta)
+        1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, zu, weights, experts), **meta)
     dzg, dzu, dw = (_split_sum(part, out) for part, out in zip(parts, (dzg, dzu, dw)))
     weight_launch = _BWD_WEIGHT_DROPOUT if dropout_p > 0 else _BWD_WEIGHT
     _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, weight_launch["BLOCK_I"]) * E,)](
