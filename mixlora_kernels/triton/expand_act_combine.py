@@ -35,8 +35,9 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 # doubled the MMA, fence and descriptor instructions per tile (predicted +65% for the backward). The token-major
 # kernels load each token's G / U / grad_hbar row once for its K slot rows (`_token_rows`), which frees the registers
 # for wider I tiles. Forward: 128 slot rows (two warpgroups of 64) x 64 columns of I, 8 warps (254 registers;
-# predicted 0.62 / 0.85 ms without / with dropout at T 16384 against 0.67 / 0.92 for 32 columns loaded per row);
-# token-major backward: 64 x 16, 4 warps (241-250; 32 columns spill, 128 rows gain nothing); weight role: 64 columns
+# predicted 0.62 / 0.79 ms without / with dropout at T 16384 against 0.67 / 0.92 for 32 columns loaded per row);
+# token-major backward: 64 x 16, 4 warps (248 registers; 32 columns spill 6 words, 128 rows gain nothing), with
+# dropout 64 x 32 (255, unspilled; predicted 1.30 against 1.47 ms at T 16384); weight role: 64 columns
 # x 32 sorted slots per step, so its dB dots are 64-row wgmma and its recompute dots 32-row mma.sync, capped at 168
 # registers (`maxnreg`; 182-188 uncapped) so that three 4-warp programs share an SM (predicted 0.76 against 1.09 ms
 # at T 16384); with dropout the hash's registers need 16 slots per step to stay unspilled at that cap (1.06 against
@@ -44,10 +45,11 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 # (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
 # 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
 _FWD = dict(ROWS=128, BLOCK_I=64, num_warps=8, num_stages=2)
-_BWD = dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2)
+_BWD = {False: dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2),  # keyed by LoRA dropout > 0
+        True: dict(ROWS=64, BLOCK_I=32, num_warps=4, num_stages=2)}
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
-_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2, maxnreg=168)
-_BWD_WEIGHT_DROPOUT = dict(BLOCK_I=64, BLOCK_M=16, num_warps=4, num_stages=2, maxnreg=168)
+_BWD_WEIGHT = {False: dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2, maxnreg=168),
+               True: dict(BLOCK_I=64, BLOCK_M=16, num_warps=4, num_stages=2, maxnreg=168)}
 # Token-major programs to aim for per launch (row blocks x I splits): ~8 per H200 SM keeps the last wave short while
 # each split still loops over >= 20 I tiles at LLaMA-2-7B T 4096 (172 tiles / 8 splits). A prediction, not measured.
 _TARGET_PROGRAMS = 1024
@@ -370,7 +372,7 @@ def _strides(*tensors):
 
 
 def _meta(G, U, Bg, Bu, Ad, K, act, dropout_p, launch):
-    """Constexprs and launch options of the token-major kernels; `launch` is _FWD or _BWD."""
+    """Constexprs and launch options of the token-major kernels; `launch` is _FWD or one of _BWD."""
     E, Rg, Ru, Rd = Bg.shape[0], Bg.shape[2], Bu.shape[2], Ad.shape[1]
     kp = triton.next_power_of_2(K)
     meta = dict(ACT=act, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
@@ -470,7 +472,7 @@ def expand_act_combine_backward(
     dw, dAd = new(weights.shape, weights), new(Ad.shape, Ad)
     if T == 0 or I == 0 or K == 0:
         return tuple(t.zero_() for t in (dG, dU, dzg, dBg, dzu, dBu, dw, dAd))
-    meta = _meta(G, U, Bg, Bu, Ad, K, activation_name, dropout_p, _BWD)
+    meta = _meta(G, U, Bg, Bu, Ad, K, activation_name, dropout_p, _BWD[dropout_p > 0])
     grid, tiles = _grid(T, I, meta)
     if grid[1] == 1:
         parts = (None, None, None)
@@ -485,7 +487,7 @@ def expand_act_combine_backward(
         T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
         1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, zu, weights, experts), **meta)
     dzg, dzu, dw = (_split_sum(part, out) for part, out in zip(parts, (dzg, dzu, dw)))
-    weight_launch = _BWD_WEIGHT_DROPOUT if dropout_p > 0 else _BWD_WEIGHT
+    weight_launch = _BWD_WEIGHT[dropout_p > 0]
     _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, weight_launch["BLOCK_I"]) * E,)](
         grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, order, offsets, Ad, dBg, dBu, dAd,
         I, E, Rg, Ru, Rd, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
