@@ -388,12 +388,14 @@ def _meta(G, U, Bg, Bu, Ad, K, act, dropout_p, launch):
 
 def _slab_weights(W: torch.Tensor, meta: dict, name: str, rank_last: bool) -> torch.Tensor:
     """A LoRA weight, (E, I, R) when rank_last else (E, R, I), laid out for `_slab`: (I, N_CHUNKS * EPC * BLOCK_R)
-    contiguous, column e * BLOCK_R + r = W[e, :, r] (zero for padding experts and ranks). A copy per call, 2.8 MB at
-    LLaMA-2-7B (I 11008, E 8, R 16, bf16)."""
-    E, I = W.shape[0], W.shape[1 if rank_last else 2]
-    R = W.shape[2 if rank_last else 1]
-    slab = W.new_zeros(I, meta[f"NC_{name}"] * meta[f"EPC_{name}"], meta[f"BLOCK_R{name}"])
-    slab[:, :E, :R] = (W if rank_last else W.transpose(1, 2)).permute(1, 0, 2)
+    contiguous, column e * BLOCK_R + r = W[e, :, r], zero for padding experts and ranks. One copy per call (2.8 MB
+    at LLaMA-2-7B: I 11008, E 8, R 16, bf16, where no padding is needed)."""
+    src = (W if rank_last else W.transpose(1, 2)).permute(1, 0, 2)  # (I, E, R) view
+    (I, E, R), blocks, block_r = src.shape, meta[f"NC_{name}"] * meta[f"EPC_{name}"], meta[f"BLOCK_R{name}"]
+    if (E, R) == (blocks, block_r):
+        return src.contiguous().view(I, -1)
+    slab = W.new_zeros(I, blocks, block_r)
+    slab[:, :E, :R] = src
     return slab.view(I, -1)
 
 
