@@ -1,10 +1,11 @@
 // The CPU execution of a CUDA grid for tests/cuda_cpu: every CUDA thread is a fiber, one block at a time.
 //
 // Scheduling. The blocks of a launch run one after another in a shuffled order. Inside a block, the threads run one
-// at a time, each until it blocks (at __syncthreads or a warp collective) or returns, in a shuffled order; when
-// every thread is blocked, the complete warp collectives are resolved first (their lanes become runnable again,
-// in a shuffled order), and when only __syncthreads waiters are left the barrier opens for all of them (again in a
-// shuffled order). So between two barriers the threads run strictly one after another in an order that differs
+// at a time, each until it blocks (at __syncthreads or a warp collective) or returns, in a shuffled order; a warp
+// collective completes when its last lane arrives, and its lanes (in a shuffled order) run next, before the threads
+// still waiting to run, so that a warp may run ahead of the others as on a GPU (a collective is no barrier for the
+// block); when every thread is blocked, the collectives left are checked (one that cannot complete is a fault), and
+// when only __syncthreads waiters are left the barrier opens for all of them (again in a shuffled order). So between two barriers the threads run strictly one after another in an order that differs
 // from the program order: a missing barrier makes a thread read what another thread has not written yet (or has
 // already overwritten), deterministically for a given seed. The shuffles are drawn from a generator seeded by
 // cuda_cpu_set_schedule_seed (one seed per op call from Python), so a failure reproduces.
@@ -214,12 +215,23 @@ int source_lane(const Fiber& f, int lane) {
   }
 }
 
-// Resolves every collective of warp `lanes` (nullptr: no such thread) whose lanes have all arrived; a collective
-// that cannot complete is a fault (every thread of the block is blocked or done when this runs).
-void resolve_warp(Fiber* const (&lanes)[32], std::vector<Fiber*>& released) {
+// Whether every lane named in the mask of f's collective waits in a collective (of warp `lanes`).
+bool collective_arrived(Fiber* const (&lanes)[32], const Fiber* f) {
+  for (int m = 0; m < 32; ++m) {
+    if ((f->mask >> m & 1u) && (lanes[m] == nullptr || lanes[m]->state != State::kAtCollective)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Resolves every collective of warp `lanes` (nullptr: no such thread) whose lanes have all arrived. all_blocked:
+// every thread of the block is blocked or done, so a collective that cannot complete is a fault; otherwise the
+// collectives still waiting for lanes are left alone.
+void resolve_warp(Fiber* const (&lanes)[32], std::vector<Fiber*>& released, bool all_blocked) {
   for (int l = 0; l < 32; ++l) {
     Fiber* f = lanes[l];
-    if (f == nullptr || f->state != State::kAtCollective) {
+    if (f == nullptr || f->state != State::kAtCollective || (!all_blocked && !collective_arrived(lanes, f))) {
       continue;
     }
     rt.blame = f;
@@ -334,11 +346,22 @@ void run_block(std::vector<Fiber*>& threads, const SharedMemory& shared) {
   ready.clear();
   released.assign(threads.begin(), threads.end());
   shuffle_into(ready, released);
+  auto warp_of = [&threads](const Fiber* f, Fiber* (&lanes)[32]) {
+    const size_t w = (f->index.x + rt.block_dim.x * (f->index.y + rt.block_dim.y * f->index.z)) / 32 * 32;
+    for (size_t l = 0; l < 32; ++l) {
+      lanes[l] = w + l < threads.size() ? threads[w + l] : nullptr;
+    }
+  };
   while (true) {
     while (!ready.empty()) {
       Fiber* f = ready.back();
       ready.pop_back();
       switch_to(f);
+      Fiber* lanes[32];
+      if (f->state == State::kAtCollective && (warp_of(f, lanes), collective_arrived(lanes, f))) {
+        resolve_warp(lanes, released, false);  // its last lane: the warp runs next
+        shuffle_into(ready, released);
+      }
     }
     // Everybody is blocked or done: warp collectives first.
     for (size_t w = 0; w < threads.size(); w += 32) {
@@ -346,7 +369,7 @@ void run_block(std::vector<Fiber*>& threads, const SharedMemory& shared) {
       for (size_t l = 0; l < 32 && w + l < threads.size(); ++l) {
         lanes[l] = threads[w + l];
       }
-      resolve_warp(lanes, released);
+      resolve_warp(lanes, released, true);
     }
     if (!released.empty()) {
       shuffle_into(ready, released);

@@ -16,6 +16,7 @@ enum Case : int {
   kDynamicOutOfBounds,   // d[t + 1] of the launch's n floats of dynamic shared memory
   kDeviceAssert,         // CUDA_KERNEL_ASSERT(in[t] >= 0)
   kShuffleAfterExit,     // lane 5 returns, the others shuffle with the full mask
+  kExchangeWarpSync,     // out[t] = s[(t + 32) % n], the next warp's value, after a __syncwarp only
 };
 
 constexpr int kMaxThreads = 256;
@@ -36,6 +37,11 @@ __global__ void selftest_kernel(int which, const float* __restrict__ in, float* 
         __syncthreads();
       }
       out[t] = s[(t + 1) % n];
+      break;
+    case kExchangeWarpSync:
+      s[t] = in[t];
+      __syncwarp();
+      out[t] = s[(t + 32) % n];
       break;
     case kWarpOps: {
       // out[4t .. 4t+3] = warp sum (xor butterfly), lane 3's value, the value of lane - 1 (shfl_up; lane 0 keeps

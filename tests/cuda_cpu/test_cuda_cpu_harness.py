@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs a host C++ co
 
 # The cases of selftest.cu::Case.
 (EXCHANGE, EXCHANGE_NO_BARRIER, WARP_OPS, BARRIER_AFTER_EXIT, TWO_BARRIERS, SHARED_OOB, SHARED_OOB_BY_POINTER,
- DYNAMIC_OOB, DEVICE_ASSERT, SHUFFLE_AFTER_EXIT) = range(10)
+ DYNAMIC_OOB, DEVICE_ASSERT, SHUFFLE_AFTER_EXIT, EXCHANGE_WARP_SYNC) = range(11)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,14 @@ def test_missing_barrier_gives_wrong_results(selftest):
     memory before its writer ran (NaN, the fill of fresh shared memory)."""
     x = torch.randn(256)
     error, out = selftest(EXCHANGE_NO_BARRIER, x)
+    assert error is None and out.isnan().any()
+
+
+def test_warp_collective_is_no_block_barrier(selftest):
+    """A warp collective completes when its warp's last lane arrives and that warp runs on: a warp that reads
+    another warp's shared memory after a __syncwarp only (as a wmma call's) reads it before its writer ran."""
+    x = torch.randn(256)
+    error, out = selftest(EXCHANGE_WARP_SYNC, x)
     assert error is None and out.isnan().any()
 
 
