@@ -79,6 +79,13 @@ bool rows_aligned(const T* ptr, std::initializer_list<int64_t> strides) {
   return ok;
 }
 
+// Host side: whether stage_weight_rows moves W 8 elements per load: rows along h aligned (s_h == 1), or (s_r == 1)
+// ranks in runs of 8 of one expert, aligned.
+template <typename T>
+bool weight_rows_aligned(const T* W, int64_t s_e, int64_t s_r, int64_t s_h, int64_t R) {
+  return s_h == 1 ? rows_aligned(W, {s_e, s_r}) : s_r == 1 && R % 8 == 0 && rows_aligned(W, {s_e, s_h});
+}
+
 // rank_tiles: 1 (a block loops over all ranks) or ceil(R / 64).
 inline dim3 slot_rank_grid(int64_t S, int64_t E, int64_t rank_tiles) {
   return dim3(static_cast<unsigned int>((S + kTile - 1) / kTile + E), static_cast<unsigned int>(rank_tiles));
@@ -180,9 +187,8 @@ __device__ __forceinline__ void load_row_slot(const int64_t* __restrict__ order,
 }
 
 // Stages rows [0, nrows) of chunk [n][c] = W[base(n) + (h0 + c) * s_h] into NW bf16 planes (zero where base(n) < 0
-// or h0 + c >= H; rows from nrows on are left as they are: the caller's MMAs do not read them). With s_h == 1 a
-// thread moves 8 consecutive columns of a row (vec: 16-byte aligned rows); otherwise consecutive threads read
-// consecutive rows n (W's unit stride).
+// or h0 + c >= H; rows from nrows on, a multiple of 8, are left as they are: the caller's MMAs do not read them).
+// vec: weight_rows_aligned.
 template <int NW, typename w_t, typename RowBase>
 __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
                                                   int h0, int nrows, bool vec, RowBase base) {
@@ -196,13 +202,29 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
     }
     return;
   }
-  const int n = static_cast<int>(threadIdx.x) % kTile;
-  if (n < nrows) {
-    const int b = base(n);
-#pragma unroll 4
-    for (int c = static_cast<int>(threadIdx.x) / kTile; c < kTile; c += kTileRowsPerPass) {
-      const float v = (b >= 0 && h0 + c < H) ? static_cast<float>(W[b + (h0 + c) * s_h]) : 0.0f;
-      store_bf16_terms<NW>(v, planes + n * kTileLd + c, kPlane);
+  // A thread moves 8 consecutive rows n0 .. n0 + 7 of a column: with vec one 16-byte load (W's rows n are unit
+  // stride apart in runs of 8, aligned), else 8 loads.
+  const int n0 = static_cast<int>(threadIdx.x) % 8 * 8;
+  if (n0 < nrows) {
+    int b[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      b[i] = base(n0 + i);
+    }
+    for (int c = static_cast<int>(threadIdx.x) / 8; c < kTile; c += kBlock / 8) {
+      float v[8];
+      if (vec) {
+        load8(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true, v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          v[i] = (b[i] >= 0 && h0 + c < H) ? static_cast<float>(W[b[i] + (h0 + c) * s_h]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        store_bf16_terms<NW>(v[i], planes + (n0 + i) * kTileLd + c, kPlane);
+      }
     }
   }
 }
@@ -230,7 +252,7 @@ struct SlotRankArgs {
   int E, S, K, H, R;
   Dropout drop;  // on x (shrink); inactive otherwise
   float scale;
-  bool vec_x, vec_w;          // rows_aligned(x), rows_aligned(W) (for s_h == 1)
+  bool vec_x, vec_w;          // rows_aligned(x), weight_rows_aligned(W)
   float* out;                 // (S, R) contiguous
   const float* row_weights;   // nullptr, or (S,) w_j: out_j = w_j * scale * W_e x_t
   const float* zd;            // with dweights: dweights_j = <scale * W_e x_t, zd_j>
@@ -323,7 +345,8 @@ struct TokenFoldArgs {
   int E, T, K, H, R;
   Dropout drop;  // mask of element (j, h) of the (S, H) slot products (shrink backward); inactive otherwise
   float scale;
-  bool vec_w;  // rows_aligned(W) (for s_h == 1)
+  bool vec_w;  // weight_rows_aligned(W)
+  bool vec_v;  // R % 8 == 0 and rows_aligned(v)
   out_t* out;  // (T, H) contiguous
 };
 
@@ -372,16 +395,38 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
         fold_base[tid] = f < F ? (f / p.R) * p.s_e + (f % p.R) * p.s_r : -1;
       }
       __syncthreads();
-      const int e_c = fold_e[c];
-      for (int row = tid / kTile; row < kTile; row += kTileRowsPerPass) {
-        float v = 0.0f;
+      // The fold chunk [row][c]: the (weighted) rank vector of the row's slot k at the columns of its expert
+      // (this pass's slot only, with a mask); a thread builds 8 consecutive columns of 2 rows.
+      const int c8 = tid % 8 * 8;
+#pragma unroll
+      for (int q = 0; q < kTile * 8 / kBlock; ++q) {
+        const int row = tid / 8 + q * (kBlock / 8);
+        float v[8] = {};
         for (int k = 0; k < p.K; ++k) {
-          if (e_c >= 0 && tok_expert[row * p.K + k] == e_c && (passes == 1 || k == pass)) {
-            const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
-            v += (p.row_weights ? p.row_weights[j] : 1.0f) * p.v[j * p.v_stride + fold_r[c]];
+          const int ek = tok_expert[row * p.K + k];
+          if (ek < 0 || (passes > 1 && k != pass)) {
+            continue;
+          }
+          const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
+          const float w = p.row_weights ? p.row_weights[j] : 1.0f;
+          const float* vj = p.v + j * p.v_stride;
+          if (p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
+            if (fold_e[c8] == ek) {
+              float u[8];
+              load8(vj + fold_r[c8], 8, true, u);
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                v[i] = fmaf(w, u[i], v[i]);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              v[i] = fold_e[c8 + i] == ek ? fmaf(w, vj[fold_r[c8 + i]], v[i]) : v[i];
+            }
           }
         }
-        store_bf16_terms<NV>(v, zs + row * kTileLd + c, kPlane);
+        store8_bf16_terms<NV>(v, zs + row * kTileLd + c8, kPlane);
       }
       const int nrows = round16(F - f0 < kTile ? F - f0 : kTile);  // fold rows the MMAs read
       stage_weight_rows<NW>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w, [&](int n) { return fold_base[n]; });
@@ -509,7 +554,7 @@ SlotRankArgs<x_t, w_t> slot_rank_args(const x_t* x, int64_t x_stride, const w_t*
                                       int64_t K, int64_t H, int64_t R, Dropout drop, float scale, float* out) {
   return {x, x_stride, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h), order, offsets,
           static_cast<int>(E), static_cast<int>(S), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
-          drop, scale, rows_aligned(x, {x_stride}), s_h == 1 && rows_aligned(W, {s_e, s_r}), out};
+          drop, scale, rows_aligned(x, {x_stride}), weight_rows_aligned(W, s_e, s_r, s_h, R), out};
 }
 
 template <typename w_t, typename out_t>
@@ -519,7 +564,7 @@ TokenFoldArgs<w_t, out_t> token_fold_args(const float* v, int64_t v_stride, cons
                                           float scale, out_t* out) {
   return {v, v_stride, row_weights, experts, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h),
           static_cast<int>(E), static_cast<int>(T), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
-          drop, scale, s_h == 1 && rows_aligned(W, {s_e, s_r}), out};
+          drop, scale, weight_rows_aligned(W, s_e, s_r, s_h, R), R % 8 == 0 && rows_aligned(v, {v_stride}), out};
 }
 
 // out: dW (E, R, H) when o_r = H, o_h = 1; (E, H, R) when o_r = 1, o_h = R. fp32 contiguous.
