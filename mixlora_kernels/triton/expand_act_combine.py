@@ -37,19 +37,17 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 # for wider I tiles. Forward: 128 slot rows (two warpgroups of 64) x 64 columns of I, 8 warps (254 registers;
 # predicted 0.62 / 0.79 ms without / with dropout at T 16384 against 0.67 / 0.92 for 32 columns loaded per row);
 # token-major backward: 64 x 16, 4 warps (248 registers; 32 columns spill 6 words, 128 rows gain nothing), with
-# dropout 64 x 32 (255, unspilled; predicted 1.30 against 1.47 ms at T 16384); weight role: 64 columns
-# x 32 sorted slots per step, so its dB dots are 64-row wgmma and its recompute dots 32-row mma.sync, capped at 168
-# registers (`maxnreg`; 182-188 uncapped) so that three 4-warp programs share an SM (predicted 0.76 against 1.09 ms
-# at T 16384); with dropout the hash's registers need 16 slots per step to stay unspilled at that cap (1.06 against
-# 1.40 ms uncapped at 32 slots). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
+# dropout 64 x 32 (255, unspilled; predicted 1.30 against 1.47 ms at T 16384); weight role: 64 columns x 16 sorted
+# slots per step, one stage, 137-140 registers (capped at 168 by `maxnreg`) so that three 4-warp programs share an SM
+# (predicted 0.67 / 0.93 ms without / with dropout at T 16384, against 0.76 / 1.06 at 32 slots and two stages, which
+# need the cap and spill under it with dropout, and 1.09 / 1.40 uncapped). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
 # (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
 # 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
 _FWD = dict(ROWS=128, BLOCK_I=64, num_warps=8, num_stages=2)
 _BWD = {False: dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2),  # keyed by LoRA dropout > 0
         True: dict(ROWS=64, BLOCK_I=32, num_warps=4, num_stages=2)}
 _WIDE = dict(ROWS=64, BLOCK_I=16, num_warps=8, num_stages=1)
-_BWD_WEIGHT = {False: dict(BLOCK_I=64, BLOCK_M=32, num_warps=4, num_stages=2, maxnreg=168),
-               True: dict(BLOCK_I=64, BLOCK_M=16, num_warps=4, num_stages=2, maxnreg=168)}
+_BWD_WEIGHT = dict(BLOCK_I=64, BLOCK_M=16, num_warps=4, num_stages=1, maxnreg=168)
 # Token-major programs to aim for per launch (row blocks x I splits): ~8 per H200 SM keeps the last wave short while
 # each split still loops over >= 20 I tiles at LLaMA-2-7B T 4096 (172 tiles / 8 splits). A prediction, not measured.
 _TARGET_PROGRAMS = 1024
@@ -346,14 +344,14 @@ def _expand_act_combine_bwd_weight_kernel(
                 back = tl.where(keep, back * keep_scale, 0.0)
                 h = tl.where(keep, h, 0.0)
             dh += back
-            dadt = tl.dot(tl.trans(mma_operand(tl.where(m, h, 0.0), DT)), gzd, dadt, input_precision=FP32_DOT)
+            dadt = tl.dot(tl.trans(mma_operand(h, DT)), gzd, dadt, input_precision=FP32_DOT)
         dg = dh * act_grad(g, ACT)
         if HAS_U:
             dg = dg * u
             if HAS_RU:
-                dbu = tl.dot(tl.trans(mma_operand(tl.where(m, dh * a, 0.0), DT)), zu, dbu, input_precision=FP32_DOT)
+                dbu = tl.dot(tl.trans(mma_operand(dh * a, DT)), zu, dbu, input_precision=FP32_DOT)
         if HAS_RG:
-            dbg = tl.dot(tl.trans(mma_operand(tl.where(m, dg, 0.0), DT)), zg, dbg, input_precision=FP32_DOT)
+            dbg = tl.dot(tl.trans(mma_operand(dg, DT)), zg, dbg, input_precision=FP32_DOT)
     if HAS_RG:
         tl.store(dbg_ptr + e * I * Rg + i[:, None] * Rg + rg[None, :], round_to(scale * dbg, dbg_ptr.dtype.element_ty),
                  mask=i_ok[:, None] & rg_ok[None, :])
@@ -489,12 +487,11 @@ def expand_act_combine_backward(
         T, I, K, E, Rg, Ru, Rd, S, tiles, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p),
         1.0 / (1.0 - dropout_p), *_strides(grad_hbar, grad_zd, G, Uarg, zg, zu, weights, experts), **meta)
     dzg, dzu, dw = (_split_sum(part, out) for part, out in zip(parts, (dzg, dzu, dw)))
-    weight_launch = _BWD_WEIGHT[dropout_p > 0]
-    _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, weight_launch["BLOCK_I"]) * E,)](
+    _expand_act_combine_bwd_weight_kernel[(triton.cdiv(I, _BWD_WEIGHT["BLOCK_I"]) * E,)](
         grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, order, offsets, Ad, dBg, dBu, dAd,
         I, E, Rg, Ru, Rd, scale, seed & 0xFFFFFFFF, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         *_strides(grad_hbar, grad_zd, G, Uarg, zg, Bg, zu, Bu, weights, Ad),
         K=K, ACT=activation_name, HAS_U=U is not None, HAS_RG=Rg > 0, HAS_RU=Ru > 0, HAS_RD=Rd > 0,
         HAS_DROPOUT=dropout_p > 0, DT=meta["DT"], BLOCK_RG=dot_block(Rg), BLOCK_RU=dot_block(Ru),
-        BLOCK_RD=dot_block(Rd), **weight_launch)
+        BLOCK_RD=dot_block(Rd), **_BWD_WEIGHT)
     return dG, dU, dzg, dBg, dzu, dBu, dw, dAd
