@@ -87,25 +87,40 @@ __device__ __forceinline__ float act_forward(int act, float g) {
   }
 }
 
-// d act(g) / dg, the formulas of ops/_common.py::activation_grad.
-__device__ __forceinline__ float act_grad(int act, float g) {
+// act(g) and d act(g) / dg (the formulas of ops/_common.py::activation_grad) from one evaluation of the special
+// functions: the backward needs both at each element (SiLU: one exp and one reciprocal, act = g sigmoid(g)).
+__device__ __forceinline__ void act_forward_grad(int act, float g, float& a, float& da) {
   switch (act) {
     case kSilu: {
       const float sig = 1.0f / (1.0f + expf(-g));
-      return sig * (1.0f + g * (1.0f - sig));
+      a = g * sig;
+      da = sig * (1.0f + g * (1.0f - sig));
+      return;
     }
     case kGelu: {
       const float cdf = 0.5f * (1.0f + erff(g * 0.70710678118654752f));
-      return cdf + g * expf(-0.5f * g * g) * 0.39894228040143268f;
+      a = g * cdf;
+      da = cdf + g * expf(-0.5f * g * g) * 0.39894228040143268f;
+      return;
     }
     case kGeluTanh: {
       const float c = 0.79788456080286536f;
       const float th = tanhf(c * (g + 0.044715f * g * g * g));
-      return 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * g * g);
+      a = 0.5f * g * (1.0f + th);
+      da = 0.5f * (1.0f + th) + 0.5f * g * (1.0f - th * th) * c * (1.0f + 3.0f * 0.044715f * g * g);
+      return;
     }
     default:
-      return g > 0.0f ? 1.0f : 0.0f;
+      a = g > 0.0f ? g : 0.0f;
+      da = g > 0.0f ? 1.0f : 0.0f;
   }
+}
+
+// d act(g) / dg.
+__device__ __forceinline__ float act_grad(int act, float g) {
+  float a, da;
+  act_forward_grad(act, g, a, da);
+  return da;
 }
 
 // Sums v[0..N) over the block in a fixed order (xor butterfly inside each warp, then warps 0..7 in order by one

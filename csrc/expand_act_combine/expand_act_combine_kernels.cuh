@@ -866,10 +866,11 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
             const float g = static_cast<float>(sG[tl * kMmaCols + c]) + p.scale * stage_g[idx];
             const float u = gated ? static_cast<float>(sU[tl * kMmaCols + c]) + p.scale * stage_u[idx] : 1.0f;
             const float gh = static_cast<float>(sGH[tl * kMmaCols + c]);
-            const float a = act_forward(p.act, g);
+            float a, da;
+            act_forward_grad(p.act, g, a, da);
             const float mask = dropout_mult(p.drop, t0 * K + s, p.I, i0 + c);
             const float dh = wslot[s] * gh + stage_b[idx] * mask;
-            dg = dh * act_grad(p.act, g) * u;
+            dg = dh * da * u;
             du = dh * a;
             dwp = gh * (a * u);
             comb_g[s * kMmaCols + c] = dg;
@@ -1138,10 +1139,11 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           const float g = __bfloat162float(__ushort_as_bfloat16(sG[o])) + p.scale * stage[idx];
           const float u = gated ? __bfloat162float(__ushort_as_bfloat16(sU[o])) + p.scale * stage[256 + idx] : 1.0f;
           const float gh = __bfloat162float(__ushort_as_bfloat16(sGH[o]));
-          const float a = act_forward(p.act, g);
+          float a, da;
+          act_forward_grad(p.act, g, a, da);
           const float mask = dropout_mult(p.drop, s, p.I, i0 + col);
           const float dh = p.weights[s] * gh + stage[512 + idx] * mask;
-          dg = dh * act_grad(p.act, g) * u;
+          dg = dh * da * u;
           du = dh * a;
           hin = a * u * mask;
         }
