@@ -42,8 +42,9 @@ Approximate, and how: a loop's trip count is taken at its source bounds (mean ov
 the program id); unrolled loops are recognised as main + remainder copies of one source loop, and unswitched copies
 of a CUDA kernel's loop as versions of which one runs, but versions that nvcc does not emit as sibling loops are
 all counted; branches inside a loop are counted as if taken (CUDA's dropout hash at dropout 0, an untaken
-activation case is removed); early exits of spare programs are not modelled. Not modelled at all: the few torch
-glue ops between kernels (sort_slots' cumsum, the split-sum of an I-split reduction, dtype casts of the down delta).
+activation case is removed); early exits of spare programs are not modelled. Torch ops between kernels that move
+whole weights are modelled at HBM bandwidth (`triton_model_only_records`, `cuda_model_only_records`); not modelled at
+all: the small ones (sort_slots' cumsum, the split-sum of an I-split reduction, dtype casts of the down delta).
 """
 
 from __future__ import annotations
@@ -667,7 +668,7 @@ def triton_pipeline(shape: Shape, act: str = "silu"):
 
     from mixlora_kernels.triton import KERNELS
     T, H, I, E, K, R, p = shape.T, shape.H, shape.I, shape.E, shape.K, shape.R, shape.dropout
-    S, bf16, f32, i64 = shape.S, torch.bfloat16, torch.float32, torch.int64
+    bf16, f32 = torch.bfloat16, torch.float32
 
     def new(*size, dtype=bf16):
         return torch.empty(*size, dtype=dtype, device="meta")
@@ -864,7 +865,16 @@ def rule_violations(shape: Shape) -> list[str]:
 
 
 def triton_records(shape: Shape) -> list[dict]:
-    return [analyse_triton(launch, shape) for launch in triton_pipeline(shape)]
+    return [analyse_triton(launch, shape) for launch in triton_pipeline(shape)] + triton_model_only_records(shape)
+
+
+def triton_model_only_records(shape: Shape) -> list[dict]:
+    """What the Triton path runs beyond its kernels, modelled at HBM bandwidth: the expand_act_combine launchers'
+    layout copies of Bg, Bu and Ad into the all-expert slab (`_slab_weights`: one permuted copy each, read + write,
+    in the forward and again in the backward)."""
+    b = float(3 * shape.E * shape.I * shape.R * 2 * 2)
+    return [_model_only("triton", op, "LoRA weight slab layout copies (torch, _slab_weights)", shape, b, b / HBM_BPS,
+                        launches=3) for op in ("expand_act_combine", "expand_act_combine_backward")]
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA
