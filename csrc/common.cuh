@@ -1,8 +1,8 @@
 // Device helpers shared by the LoRA kernels (lora_shrink, lora_expand_combine, expand_act_combine, route): the
 // block shape, the counter-based dropout mask, activations, a deterministic block reduction, the mapping of a
-// block to a tile of one expert's segment, the register-tile FMA loop of the small grouped GEMMs, and the dynamic
-// shared memory. Free of torch (the dtype dispatch of the launch code is in dispatch.h), so that tests/cuda_cpu can
-// compile the kernels for the CPU.
+// block to a tile of one expert's segment, the register-tile FMA loop of the SIMT weight gradients, and the
+// dynamic shared memory. Free of torch (the dtype dispatch of the launch code is in dispatch.h), so that
+// tests/cuda_cpu can compile the kernels for the CPU.
 #pragma once
 
 #include <cstdint>
@@ -16,11 +16,12 @@ namespace mixlora {
 constexpr int kBlock = 256;
 constexpr int kWarps = kBlock / 32;
 
-// Register tile of the grouped GEMMs: a block owns kTileM = 64 rows (tokens' rows, or columns h / i of a weight
-// gradient) x kTileN = 64 rank columns; thread tid owns row m = tid % 64 and the 16 columns (tid / 64) + 4q.
-// Shared tiles are stored k-major with a leading dimension of 65 (one pad word) so that both the transposing
-// stores and the row reads are free of bank conflicts. Simple CUDA-core tiling: at R <= 64 these GEMMs are
-// a few % of the layer's FLOPs; tensor cores are a later tuning step.
+// Register tile of the SIMT weight-gradient kernel (expand_act_combine's eac_bwd_weight_kernel, the fallback of
+// fp32 / fp16 models): a block owns kTileM = 64 columns i x kTileN = 64 rank columns; thread tid owns row
+// m = tid % 64 and the 16 columns (tid / 64) + 4q. Shared tiles are stored k-major with a leading dimension of 65
+// (one pad word) so that both the transposing stores and the row reads are free of bank conflicts. (The lora
+// kernels and the bf16 expand_act_combine path run their products on tensor cores: lora_tiles.cuh,
+// tensor_core.cuh.)
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kLd = kTileM + 1;
