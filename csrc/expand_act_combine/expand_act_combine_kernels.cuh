@@ -448,6 +448,53 @@ __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bflo
   lo = __float2bfloat16_rn(v - __bfloat162float(hi));
 }
 
+// lo, hi rounded to bf16 in one 32-bit word (lo in the low half: the first of two consecutive elements).
+__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
+  return static_cast<unsigned>(static_cast<c10::BFloat16>(lo).x) |
+         static_cast<unsigned>(static_cast<c10::BFloat16>(hi).x) << 16;
+}
+
+// dst[t0 + tl][i0 + c] (bf16 rows of I) = the sum over k = 0..K-1, in k order, of the slot rows
+// comb[(tl * K + k) * kMmaCols + c], for the tile's tokens t0 + tl < t1 and columns i0 + c < I. A thread sums 8
+// consecutive columns (two 16-byte shared loads per slot) and stores them with one 16-byte store when I % 8 == 0
+// (dst's rows 16-byte aligned: api.cpp allocates it contiguous) and all 8 exist. Backward only: in the forward
+// kernel (64 registers) ptxas spills with it, so hbar keeps a one-column loop there.
+__device__ __forceinline__ void combine_slot_rows(const float* comb, int K, int BT, int64_t t0, int64_t t1, int i0,
+                                                  int64_t I, c10::BFloat16* __restrict__ dst) {
+  for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
+    const int tl = idx / (kMmaCols / 8);
+    const int c = idx % (kMmaCols / 8) * 8;
+    if (t0 + tl >= t1 || i0 + c >= I) {
+      continue;
+    }
+    float sum[8] = {};
+    for (int k = 0; k < K; ++k) {
+      const float4* src = reinterpret_cast<const float4*>(comb + (tl * K + k) * kMmaCols + c);
+      const float4 a = src[0];
+      const float4 b = src[1];
+      sum[0] += a.x, sum[1] += a.y, sum[2] += a.z, sum[3] += a.w;
+      sum[4] += b.x, sum[5] += b.y, sum[6] += b.z, sum[7] += b.w;
+    }
+    c10::BFloat16* out = dst + (t0 + tl) * I + i0 + c;
+    const int64_t n = I - i0 - c;
+    if (n >= 8 && I % 8 == 0) {
+      uint4 u;
+      u.x = bf16_pair(sum[0], sum[1]);
+      u.y = bf16_pair(sum[2], sum[3]);
+      u.z = bf16_pair(sum[4], sum[5]);
+      u.w = bf16_pair(sum[6], sum[7]);
+      *reinterpret_cast<uint4*>(out) = u;
+    } else {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        if (q < n) {
+          out[q] = static_cast<c10::BFloat16>(sum[q]);
+        }
+      }
+    }
+  }
+}
+
 // Tile set-up shared by both directions: the expert regrouping of the tile's slots, their routing weights, and
 // the hi/lo bf16 split of their rank vectors [zg | zu | dzd] by position (fp32 operands as two bf16 terms, so that
 // products with the bf16 weights keep ~16 bits: the tolerance of the fp32 rank vectors). Returns the slot count.
@@ -914,20 +961,9 @@ eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ gra
     }
     __syncthreads();
     // dG_t, dU_t = sums over the token's K slots, in k order.
-    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
-      const int tl = idx / kMmaCols;
-      const int c = idx - tl * kMmaCols;
-      if (t0 + tl < t1 && i0 + c < I) {
-        float sg = 0.0f, su = 0.0f;
-        for (int k = 0; k < K; ++k) {
-          sg += comb_g[(tl * K + k) * kMmaCols + c];
-          su += comb_u[(tl * K + k) * kMmaCols + c];
-        }
-        dG[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(sg);
-        if (gated) {
-          dU[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(su);
-        }
-      }
+    combine_slot_rows(comb_g, K, L.BT, t0, t1, i0, p.I, dG);
+    if (gated) {
+      combine_slot_rows(comb_u, K, L.BT, t0, t1, i0, p.I, dU);
     }
   }
   __syncthreads();
