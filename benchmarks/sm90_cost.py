@@ -1568,7 +1568,7 @@ def markdown(report: dict) -> str:
              "## Whole FFN, forward + backward (ms)", "",
              "| path | T 4096 | T 16384 | T 4096, dropout 0.05 | T 16384, dropout 0.05 | kind |",
              "|---|---:|---:|---:|---:|---|"]
-    for b in ("triton", "cuda"):
+    for b in report["predicted_fwd_bwd_ms"]:  # the backends analysed
         d, dd = report["predicted_fwd_bwd_ms"][b], report["predicted_fwd_bwd_ms_dropout_0.05"][b]
         lines.append(f"| MixLoRA, {b} kernels | {d['4096']:.2f} | {d['16384']:.2f} | {dd['4096']:.2f} | "
                      f"{dd['16384']:.2f} | **predicted** |")
@@ -1623,17 +1623,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True, help="write the report (JSON) here")
     ap.add_argument("--md", help="also write a Markdown table here")
-    ap.add_argument("--predicted", default=str(PREDICTED_COST_PATH),
-                    help="write backend -> {T: ms} here for `auto` backend selection ('' to skip)")
+    ap.add_argument("--predicted", help="write backend -> {T: ms} here for `auto` backend selection ('' to skip; "
+                    f"default: {PREDICTED_COST_PATH.relative_to(ROOT)} when every backend is analysed, else skip)")
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--commit", help="the commit the analysed tree is (for a tree exported with `git archive`)")
     args = ap.parse_args(argv)
-    report = build_report(backends=tuple(args.backends.split(",")), commit=args.commit)
+    backends = tuple(args.backends.split(","))
+    report = build_report(backends=backends, commit=args.commit)
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.md:
         Path(args.md).write_text(markdown(report))
-    if args.predicted:
-        write_predicted_cost(report, Path(args.predicted))
+    predicted = args.predicted
+    if predicted is None:  # a partial run must not drop the other backend from the file `auto` reads
+        predicted = str(PREDICTED_COST_PATH) if set(backends) == {"triton", "cuda"} else ""
+    if predicted:
+        write_predicted_cost(report, Path(predicted))
     for b, d in report["predicted_fwd_bwd_ms"].items():
         print(f"{b}: " + ", ".join(f"T {T}: {ms:.2f} ms" for T, ms in d.items()) + f"  ({LABEL.split(':')[0]})")
     if report["cuda_unmodelled_kernels"]:
