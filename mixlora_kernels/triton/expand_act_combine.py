@@ -5,10 +5,11 @@ outputs are allocated contiguous.
 
 Row layout of the token-major programs: BLOCK_T tokens x KP = next_pow2(K) slot rows per token, row = t_local * KP + k
 (rows with k >= K are padding), ROWS = BLOCK_T * KP = 64 or 128 rows so the dots are 64-row wgmma tiles on sm_90.
-G / U / grad_hbar rows are loaded once per token per tile (the KP repeats hit L1), and the K slots of a token are summed
-by a reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics. The rows of a block belong to mixed experts;
-every rank-R product is one dot over the expert fold (see `_common`): z of a row placed in its expert's block of an
-E * R-wide row against the (E * R, BLOCK_I) slab of all experts' B, so a tile costs one MMA per projection whatever E.
+G / U / grad_hbar rows are loaded once per token per tile and repeated for its KP slot rows in registers, and the K
+slots of a token are summed by a reshape to (BLOCK_T, KP, BLOCK_I) inside the program: no atomics. The rows of a block
+belong to mixed experts; every rank-R product is one dot over the expert fold (see `_common`): z of a row placed in
+its expert's block of an E * R-wide row against the (E * R, BLOCK_I) slab of all experts' B, so a tile costs one MMA
+per projection whatever E. The launchers lay each LoRA weight out as that slab once per call (`_slab_weights`).
 
 I is split over the second grid axis when the row blocks alone do not fill the GPU; the rank-R reductions over I
 (zd forward; dzg, dzu, dweights backward) are then written per split and summed by the launcher in a fixed order
@@ -40,9 +41,10 @@ from mixlora_kernels.triton._common import (FP32_DOT, act_fwd, act_grad, check_s
 # dropout 64 x 32 (255, unspilled; predicted 1.30 against 1.47 ms at T 16384); weight role: 64 columns x 16 sorted
 # slots per step, one stage, 137-140 registers (capped at 168 by `maxnreg`) so that three 4-warp programs share an SM
 # (predicted 0.67 / 0.93 ms without / with dropout at T 16384, against 0.76 / 1.06 at 32 slots and two stages, which
-# need the cap and spill under it with dropout, and 1.09 / 1.40 uncapped). A fold in several chunks (E * R > 128, e.g. R 32 or 64 at E 8) or fp32 operands
-# (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared memory (two stages of four R-64 chunks need
-# 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260 words in the backward).
+# need the cap and spill under it with dropout, and 1.09 / 1.40 uncapped). A fold in several chunks (E * R > 128,
+# e.g. R 32 or 64 at E 8) or fp32 operands (tf32x3 triples the MMAs) take `_WIDE`, one stage so they fit shared
+# memory (two stages of four R-64 chunks need 640 KB); those still spill (R 32: ~60 words, R 64 and fp32: ~200-260
+# words in the backward).
 _FWD = dict(ROWS=128, BLOCK_I=64, num_warps=8, num_stages=2)
 _BWD = {False: dict(ROWS=64, BLOCK_I=16, num_warps=4, num_stages=2),  # keyed by LoRA dropout > 0
         True: dict(ROWS=64, BLOCK_I=32, num_warps=4, num_stages=2)}
