@@ -188,7 +188,9 @@ def _expand_act_combine_fwd_kernel(
                  mask=ok[:, None] & (rd < Rd)[None, :])
 
 
-@triton.jit
+# TILES is not specialised: at TILES == 1 (small T, one I tile per split) triton 3.6 compiles the 32-column dropout
+# configuration with spills.
+@triton.jit(do_not_specialize=["TILES"])
 def _expand_act_combine_bwd_kernel(
         ghbar_ptr, gzd_ptr, g_ptr, u_ptr, zg_ptr, bg_ptr, zu_ptr, bu_ptr, w_ptr, experts_ptr, ad_ptr,
         dg_ptr, du_ptr, dzg_ptr, dzu_ptr, dw_ptr,
