@@ -57,15 +57,15 @@ _TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T: tl.constexpr, KP: tl.constexpr):
-    """The BLOCK_T * KP slot rows of token block `pid` (KP = K padded to a power of two): token t (int64), validity,
-    slot id t * K + k, expert id (-1 where invalid) and fp32 routing weight (0 where invalid)."""
+    """The BLOCK_T * KP slot rows of token block `pid` (KP = K padded to a power of two): validity, slot id t * K + k
+    (int64), expert id (-1 where invalid) and fp32 routing weight (0 where invalid)."""
     row = tl.arange(0, BLOCK_T * KP)
     t = pid.to(tl.int64) * BLOCK_T + row // KP
     k = row % KP
     ok = (t < T) & (k < K)
     e_row = tl.load(experts_ptr + t * s_et + k * s_ek, mask=ok, other=-1)
     w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=ok, other=0.0).to(tl.float32)
-    return t, ok, t * K + k, e_row, w
+    return ok, t * K + k, e_row, w
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def _expand_act_combine_fwd_kernel(
     there is one split; else zd_ptr is a (splits, S, Rd) fp32 scratch the launcher sums)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
+    ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
     if HAS_RG:
         zg0 = mma_operand(fold_rows(zg_ptr, slot, e_row, s_zgs, s_zgr, Rg, 0, EPC_G, BLOCK_RG), DT)
     if HAS_RU:
@@ -206,7 +206,7 @@ def _expand_act_combine_bwd_kernel(
     one split; else (splits, S, .) fp32 scratch the launcher sums)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    t, ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
+    ok, slot, e_row, w = _slot_tile(pid, T, K, experts_ptr, s_et, s_ek, w_ptr, s_wt, s_wk, BLOCK_T, KP)
     if HAS_RG:
         zg0 = mma_operand(fold_rows(zg_ptr, slot, e_row, s_zgs, s_zgr, Rg, 0, EPC_G, BLOCK_RG), DT)
     if HAS_RU:
