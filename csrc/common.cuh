@@ -76,7 +76,7 @@ enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 __device__ __forceinline__ float act_forward(int act, float g) {
   switch (act) {
     case kSilu:
-      return g / (1.0f + expf(-g));
+      return __fdividef(g, 1.0f + __expf(-g));  // ex2.approx and rcp.approx: 2 + 2 instructions
     case kGelu:
       return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
     case kGeluTanh: {
@@ -93,7 +93,7 @@ __device__ __forceinline__ float act_forward(int act, float g) {
 __device__ __forceinline__ void act_forward_grad(int act, float g, float& a, float& da) {
   switch (act) {
     case kSilu: {
-      const float sig = 1.0f / (1.0f + expf(-g));
+      const float sig = __fdividef(1.0f, 1.0f + __expf(-g));
       a = g * sig;
       da = sig * (1.0f + g * (1.0f - sig));
       return;

@@ -102,4 +102,69 @@ __device__ __forceinline__ void mma_terms(SplitAcc& acc, const __nv_bfloat16* a,
   }
 }
 
+
+// Register tiles of mma.sync m16n8k16 (bf16 x bf16 -> fp32) with the PTX ISA's element layouts, g = lane / 4,
+// t = lane % 4, two bf16 per 32-bit word (the first element in the low half):
+//   A 16 x 16: a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t..), a[2] = (g, 2t + 8..), a[3] = (g + 8, 2t + 8..)
+//   B 16 x 8:  b[0] = (k 2t, 2t+1; n g), b[1] = (k 2t + 8.., n g)
+//   C 16 x 8:  c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (g + 8, 2t..)
+// so a C tile pair (n 0-7, 8-15) rounded to bf16 is the A tile of the next product over those 16 columns. The CPU
+// harness (tests/cuda_cpu/mma.h) emulates both instructions with these layouts.
+// d += A B.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef MIXLORA_CUDA_CPU
+  cuda_cpu_tc::mma_16816(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// ldmatrix .x4: r[m] = this lane's pair of the 8 x 8 bf16 matrix m (m = 0..3) in shared memory whose row i lane
+// 8 m + i addresses (16-byte aligned): (row lane / 4, columns 2t, 2t+1); TRANS: (rows 2t, 2t+1, column lane / 4).
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+#ifdef MIXLORA_CUDA_CPU
+  cuda_cpu_tc::ldsm_x4(r, row, TRANS);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
+#endif
+}
+
+// Two B tiles (n nb..nb+7 and nb+8..nb+15, k kb..kb+15) from a bf16 shared array of leading dimension ld (elements,
+// a multiple of 8): N_MAJOR, element (k, n) at s[n * ld + k] (ldmatrix); else at s[k * ld + n] (ldmatrix .trans).
+template <bool N_MAJOR>
+__device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const __nv_bfloat16* s, int ld,
+                                            int kb, int nb) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int m = lane / 8, i = lane % 8;
+  const int k = kb + (m % 2) * 8, n = nb + (m / 2) * 8;
+  uint32_t r[4];
+  ldsm_x4<!N_MAJOR>(r, N_MAJOR ? s + (n + i) * ld + k : s + (k + i) * ld + n);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// The A tile (rows 0..15, k kb..kb+15) of a row-major bf16 shared array of leading dimension ld.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int kb) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int m = lane / 8, i = lane % 8;
+  ldsm_x4<false>(a, s + ((m % 2) * 8 + i) * ld + kb + (m / 2) * 8);
+}
+
+// lo, hi rounded to bf16 in one 32-bit word (lo in the low half).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return static_cast<uint32_t>(static_cast<c10::BFloat16>(lo).x) |
+         static_cast<uint32_t>(static_cast<c10::BFloat16>(hi).x) << 16;
+}
+
 }  // namespace mixlora

@@ -352,14 +352,13 @@ eac_bwd_weight_kernel(Args<scalar_t, weight_t> p, const scalar_t* __restrict__ g
 
 constexpr int kMmaCols = 64;     // I columns per step: 128-byte rows of G, U, dH̄ and hbar
 constexpr int kMmaMaxRank = 64;  // ranks padded to 16, at most 4 fragments each
-constexpr int kMmaFwdSlots = 128;
-constexpr int kMmaBwdSlots = 64;  // the backward keeps twice the per-slot state
+constexpr int kMmaBwdSlots = 64;  // slot rows per backward token tile
 constexpr size_t kMmaMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block (cudaFuncSetAttribute)
 
 using MmaArgs = Args<c10::BFloat16, c10::BFloat16>;
 
-// Byte offsets of the shared arrays of one block, computed once on the host and passed to the kernel. Every array
-// starts on a 128-byte boundary (wmma needs 32).
+// Byte offsets of the shared arrays of one backward block (eac_bwd_mma_kernel), computed once on the host and
+// passed to the kernel. Every array starts on a 128-byte boundary (wmma needs 32).
 struct MmaLayout {
   int BT, TS, NP, E, Rgp, Rup, Rdp, Lz;  // tokens, slot rows, positions, experts, padded ranks, z row length
   int pos_slot, pos_tok, frag_expert, slot_pos, cursor, wslot, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, comb, acc,
@@ -368,10 +367,9 @@ struct MmaLayout {
   size_t bytes;
 };
 
-__host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd,
-                                                     bool backward) {
+__host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
   MmaLayout L{};
-  const int slots = backward ? kMmaBwdSlots : kMmaFwdSlots;
+  const int slots = kMmaBwdSlots;
   L.BT = K <= slots ? static_cast<int>(slots / K) : 0;
   L.TS = static_cast<int>(L.BT * K);
   L.E = static_cast<int>(E < 65536 ? E : 65536);
@@ -379,7 +377,7 @@ __host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64
   L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
   L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
   L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
-  L.Lz = L.Rgp + L.Rup + (backward ? L.Rdp : 0);
+  L.Lz = L.Rgp + L.Rup + L.Rdp;
   size_t at = 0;
   auto take = [&at](size_t bytes) {
     const int off = static_cast<int>(at);
@@ -400,13 +398,13 @@ __host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64
   L.sAd = take(static_cast<size_t>(L.E) * kMmaCols * L.Rdp * 2);
   L.sG = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
   L.sU = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
-  L.sGH = take(backward ? static_cast<size_t>(L.BT) * kMmaCols * 2 : 0);
-  L.comb = take(static_cast<size_t>(L.TS) * kMmaCols * 4 * (backward ? 2 : 1));
-  L.acc = take(static_cast<size_t>(L.NP) * (backward ? L.Rgp + L.Rup : L.Rdp) * 4);
-  L.dwacc = take(backward ? L.NP * sizeof(float) : 0);
-  L.stage = take(static_cast<size_t>(kWarps) * 256 * 4 * (backward ? 3 : 2));
-  L.ahi = take(static_cast<size_t>(kWarps) * 256 * 2 * (backward ? 2 : 1));
-  L.alo = take(static_cast<size_t>(kWarps) * 256 * 2 * (backward ? 2 : 1));
+  L.sGH = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
+  L.comb = take(static_cast<size_t>(L.TS) * kMmaCols * 4 * 2);
+  L.acc = take(static_cast<size_t>(L.NP) * (L.Rgp + L.Rup) * 4);
+  L.dwacc = take(L.NP * sizeof(float));
+  L.stage = take(static_cast<size_t>(kWarps) * 256 * 4 * 3);
+  L.ahi = take(static_cast<size_t>(kWarps) * 256 * 2 * 2);
+  L.alo = take(static_cast<size_t>(kWarps) * 256 * 2 * 2);
   L.bytes = at;
   return L;
 }
@@ -437,6 +435,22 @@ void dispatch_rank_frags(int64_t Rg, int64_t Ru, int64_t Rd, F&& f) {
   }
 }
 
+// Calls f(std::integral_constant<int, act>{}): kernels with the activation as a compile-time constant, so that
+// act_forward / act_forward_grad fold to the one activation's code.
+template <typename F>
+void dispatch_activation(int act, F&& f) {
+  switch (act) {
+    case kSilu:
+      return f(std::integral_constant<int, kSilu>{});
+    case kGelu:
+      return f(std::integral_constant<int, kGelu>{});
+    case kGeluTanh:
+      return f(std::integral_constant<int, kGeluTanh>{});
+    default:
+      return f(std::integral_constant<int, kRelu>{});
+  }
+}
+
 inline unsigned int split_sum_blocks(int64_t n) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks < 1024 ? blocks : 1024);
@@ -446,12 +460,6 @@ inline unsigned int split_sum_blocks(int64_t n) {
 __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
   hi = __float2bfloat16_rn(v);
   lo = __float2bfloat16_rn(v - __bfloat162float(hi));
-}
-
-// lo, hi rounded to bf16 in one 32-bit word (lo in the low half: the first of two consecutive elements).
-__device__ __forceinline__ unsigned bf16_pair(float lo, float hi) {
-  return static_cast<unsigned>(static_cast<c10::BFloat16>(lo).x) |
-         static_cast<unsigned>(static_cast<c10::BFloat16>(hi).x) << 16;
 }
 
 // dst[t0 + tl][i0 + c] (bf16 rows of I) = the sum over k = 0..K-1, in k order, of the slot rows
@@ -479,10 +487,10 @@ __device__ __forceinline__ void combine_slot_rows(const float* comb, int K, int 
     const int64_t n = I - i0 - c;
     if (n >= 8 && I % 8 == 0) {
       uint4 u;
-      u.x = bf16_pair(sum[0], sum[1]);
-      u.y = bf16_pair(sum[2], sum[3]);
-      u.z = bf16_pair(sum[4], sum[5]);
-      u.w = bf16_pair(sum[6], sum[7]);
+      u.x = pack_bf16(sum[0], sum[1]);
+      u.y = pack_bf16(sum[2], sum[3]);
+      u.z = pack_bf16(sum[4], sum[5]);
+      u.w = pack_bf16(sum[6], sum[7]);
       *reinterpret_cast<uint4*>(out) = u;
     } else {
 #pragma unroll
@@ -603,10 +611,10 @@ inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh
          ok(p.Ad, {p.Ad_stride0, p.Ad_stride1});
 }
 
-// The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row length Rp (zero-padded), 8 ranks
-// per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * Rp.
+// The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
+// zero-padded, ld a multiple of 8), 8 ranks per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * ld.
 __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFloat16* B, int64_t s0, int64_t s1,
-                                            int R, int Rp, int e0, int ne, int i0, int I, bool vec) {
+                                            int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
   const int per_e = kMmaCols * (Rp / 8);
   for (int idx = threadIdx.x; idx < ne * per_e; idx += blockDim.x) {
     const int e = idx / per_e;
@@ -616,13 +624,14 @@ __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFlo
     const int n = i0 + c < I ? clamp8(R - r) : 0;
     // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
     const int off = static_cast<int>((e0 + e) * s0 + (i0 + c) * s1 + r);
-    copy8(dst + idx * 8, B + (n > 0 ? off : 0), n, vec);
+    copy8(dst + (e * kMmaCols + c) * ld + r, B + (n > 0 ? off : 0), n, vec);
   }
 }
 
-// The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (zero-padded to Rp ranks).
+// The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (Rp ranks, zero-padded) with row
+// stride ld (a multiple of 8).
 __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFloat16* Ad, int64_t s0, int64_t s1,
-                                             int R, int Rp, int e0, int ne, int i0, int I, bool vec) {
+                                             int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
   for (int idx = threadIdx.x; idx < ne * Rp * (kMmaCols / 8); idx += blockDim.x) {
     const int er = idx / (kMmaCols / 8);
     const int c = (idx - er * (kMmaCols / 8)) * 8;
@@ -630,7 +639,19 @@ __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFl
     const int r = er - e * Rp;
     const int n = r < R ? clamp8(I - i0 - c) : 0;
     const int off = static_cast<int>((e0 + e) * s0 + r * s1 + i0 + c);
-    copy8(dst + idx * 8, Ad + (n > 0 ? off : 0), n, vec);
+    copy8(dst + er * ld + c, Ad + (n > 0 ? off : 0), n, vec);
+  }
+}
+
+// Columns [i0, i0 + 64) of the rows 0 .. rows - 1 of a (T, I) bf16 tensor (src: its first row of the tile, row
+// stride `stride`) into dst with row stride ld, zeros beyond I and for the tile's rows rows .. BT - 1.
+__device__ __forceinline__ void load_rows(unsigned short* dst, const c10::BFloat16* src, int64_t stride, int rows,
+                                          int BT, int ld, int i0, int I, bool vec) {
+  for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
+    const int tl = idx / (kMmaCols / 8);
+    const int c = (idx - tl * (kMmaCols / 8)) * 8;
+    const int cnt = tl < rows ? clamp8(I - i0 - c) : 0;
+    copy8(dst + tl * ld + c, src + (cnt > 0 ? tl * stride + i0 + c : 0), cnt, vec);
   }
 }
 
@@ -641,23 +662,16 @@ __device__ inline void mma_load_step(const MmaArgs& p, const MmaLayout& L, unsig
                                      const int* row_offsets, int nrows) {
   const int I = static_cast<int>(p.I);
   const bool vec = L.vec != 0;
-  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp, 0,
-              L.E, i0, I, vec);
-  load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup, 0,
-              L.E, i0, I, vec);
+  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
+              L.Rgp, 0, L.E, i0, I, vec);
+  load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
+              L.Rup, 0, L.E, i0, I, vec);
   load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
-               0, L.E, i0, I, vec);
-  const int bt = static_cast<int>(t1 - t0);
+               kMmaCols, 0, L.E, i0, I, vec);
   for (int n = 0; n < nrows; ++n) {
-    if (rows[n] == nullptr) {
-      continue;
-    }
-    unsigned short* dst = smem_at<unsigned short>(sm, row_offsets[n]);
-    for (int idx = threadIdx.x; idx < L.BT * (kMmaCols / 8); idx += blockDim.x) {
-      const int tl = idx / (kMmaCols / 8);
-      const int c = (idx - tl * (kMmaCols / 8)) * 8;
-      const int cnt = tl < bt ? clamp8(I - i0 - c) : 0;
-      copy8(dst + idx * 8, rows[n] + (cnt > 0 ? (t0 + tl) * strides[n] + i0 + c : 0), cnt, vec);
+    if (rows[n] != nullptr) {
+      load_rows(smem_at<unsigned short>(sm, row_offsets[n]), rows[n] + t0 * strides[n], strides[n],
+                static_cast<int>(t1 - t0), L.BT, kMmaCols, i0, I, vec);
     }
   }
 }
@@ -700,116 +714,296 @@ __device__ __forceinline__ void mma_gu(const MmaLayout& L, unsigned char* sm, in
   wmma::store_matrix_sync(stage_u, acc, 16, wmma::mem_row_major);
 }
 
+// Forward on register tiles (mma_16816: accumulators stay in registers, in the layout tensor_core.cuh states). A
+// block owns BT = 128 / KP whole tokens as 128 slot rows in token order, row = token * KP + k with KP = K rounded up
+// to a power of two (rows k >= K are padding: zero z, zero weight), 16 rows per warp, and walks its I split in steps
+// of 64 columns. Rows of a warp belong to mixed experts; the products run over the experts present in the warp
+// (`experts_of_warp`), each with the A rows of other experts zeroed, against that expert's slab in shared memory:
+//   g, u = G, U + s z B_e^T  (the warp's z tiles stay in registers across the steps)
+//   h = act(g) u;  hbar_t = sum_k w_j h_j (the KP rows of a token are lanes 4 apart: a shuffle tree)
+//   zd_j += drop(h_j) Ad_e^T (accumulated in registers across the block's steps)
+// fp32 operands (z, h) are rounded to bf16 for the tensor cores, as a bf16 LoRA rounds its own.
+constexpr int kFwdWarps = 8;
+constexpr int kFwdRows = 16 * kFwdWarps;
+constexpr int kSlabPad = 8;  // bf16 per shared row beyond its data: row strides of 16 bytes mod 128, no bank conflicts
+
+// Byte offsets of the forward's shared arrays (128-byte aligned) and the row strides of its slabs.
+struct FwdLayout {
+  int KP, BT, E, Rgp, Rup, Rdp;
+  int ldg, ldu, ldz;  // row strides (bf16) of the Bg / Bu slabs ([e][c][r]) and of the staged z rows
+  int sBg, sBu, sAd, sG, sU, sZ, sEx;
+  int vec;  // mma_rows_aligned (set by the launch)
+  size_t bytes;
+};
+
+__host__ __device__ inline int pow2_at_least(int64_t v) {
+  int p = 1;
+  while (p < v) {
+    p *= 2;
+  }
+  return p;
+}
+
+__host__ __device__ inline FwdLayout make_fwd_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
+  FwdLayout L{};
+  L.KP = pow2_at_least(K < 1024 ? K : 1024);
+  L.BT = L.KP <= 8 ? kFwdRows / L.KP : 0;
+  L.E = static_cast<int>(E < 65536 ? E : 65536);
+  L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
+  L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
+  L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
+  L.ldg = L.Rgp + kSlabPad;
+  L.ldu = L.Rup + kSlabPad;
+  L.ldz = L.Rgp + L.Rup + kSlabPad;
+  size_t at = 0;
+  auto take = [&at](size_t bytes) {
+    const int off = static_cast<int>(at);
+    at += (bytes + 127) / 128 * 128;
+    return off;
+  };
+  L.sBg = take(static_cast<size_t>(L.E) * kMmaCols * L.ldg * 2);
+  L.sBu = take(static_cast<size_t>(L.E) * kMmaCols * L.ldu * 2);
+  L.sAd = take(static_cast<size_t>(L.E) * L.Rdp * (kMmaCols + kSlabPad) * 2);
+  L.sG = take(static_cast<size_t>(L.BT) * (kMmaCols + kSlabPad) * 2);
+  L.sU = take(static_cast<size_t>(L.BT) * (kMmaCols + kSlabPad) * 2);
+  L.sZ = take(static_cast<size_t>(kFwdRows) * L.ldz * 2);
+  L.sEx = take(static_cast<size_t>(kFwdWarps) * 16 * sizeof(int));
+  L.bytes = at;
+  return L;
+}
+
+// a with the rows whose expert is not e zeroed (rows g: a[0], a[2]; rows g + 8: a[1], a[3]).
+__device__ __forceinline__ void rows_of_expert(uint32_t (&out)[4], const uint32_t (&a)[4], int e_lo, int e_hi,
+                                               int e) {
+  out[0] = e_lo == e ? a[0] : 0u;
+  out[2] = e_lo == e ? a[2] : 0u;
+  out[1] = e_hi == e ? a[1] : 0u;
+  out[3] = e_hi == e ? a[3] : 0u;
+}
+
+// The distinct experts of the warp's rows (e_lo, e_hi: this lane's rows g and g + 8, -1 for none) in increasing
+// order into list (at most 16); returns their count. Warp-uniform.
+__device__ __forceinline__ int experts_of_warp(int e_lo, int e_hi, int E, int* list) {
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    if (__any_sync(0xffffffffu, e_lo == e || e_hi == e)) {
+      if (threadIdx.x % 32 == 0) {
+        list[n] = e;
+      }
+      ++n;
+    }
+  }
+  __syncwarp();
+  return n;
+}
+
+// acc[2 nt + h] += A (16 rows x 16 k, tile a) x B (16 k x 16 columns of n tile pair nt): B from slab s (N_MAJOR:
+// [n][k], else [k][n]) at k offset kb, over `pairs` pairs of 8-column tiles.
+template <bool N_MAJOR, int NT>
+__device__ __forceinline__ void mma_row_tile(float (&acc)[NT][4], const uint32_t (&a)[4], const __nv_bfloat16* s,
+                                             int ld, int kb, int pairs) {
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    if (np < pairs) {
+      uint32_t b0[2], b1[2];
+      load_b_pair<N_MAJOR>(b0, b1, s, ld, kb, np * 16);
+      mma_16816(acc[2 * np], a, b0);
+      mma_16816(acc[2 * np + 1], a, b1);
+    }
+  }
+}
+
+// Element c (0 or 1) of a pair of bf16 in one 32-bit word, as fp32.
+__device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
+  return static_cast<float>(
+      c10::BFloat16(static_cast<uint16_t>(c ? w >> 16 : w & 0xffffu), c10::BFloat16::from_bits()));
+}
+
+// hbar[t][i], hbar[t][i + 1] (t = t0 + row / KP, i even) = the sums of v over the KP rows of the token: rows
+// row .. of one token are KP consecutive rows of a 8-row half of the warp's tile, i.e. lanes 4, 8, 16 apart (KP <= 8).
+// Stored by the lane of the token's first row, as one 32-bit word when both columns exist and I is even.
+__device__ __forceinline__ void store_token_sum(c10::BFloat16* __restrict__ hbar, float (&v)[2], int row, int KP,
+                                                int64_t t0, int64_t T, int64_t I, int64_t i) {
+#pragma unroll
+  for (int m = 4; m < 32; m *= 2) {
+    if (m < 4 * KP) {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], m);
+      v[1] += __shfl_xor_sync(0xffffffffu, v[1], m);
+    }
+  }
+  const int64_t t = t0 + row / KP;
+  if (row % KP != 0 || t >= T || i >= I) {
+    return;
+  }
+  c10::BFloat16* out = hbar + t * I + i;
+  if (i + 1 < I && I % 2 == 0) {
+    *reinterpret_cast<unsigned*>(out) = pack_bf16(v[0], v[1]);
+  } else {
+    out[0] = static_cast<c10::BFloat16>(v[0]);
+    if (i + 1 < I) {
+      out[1] = static_cast<c10::BFloat16>(v[1]);
+    }
+  }
+}
+
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
-// zd (sum over its columns) by slot into zd_part[split] (S, Rd).
-// NF: the padded ranks' 16-wide fragments, at most (1, 2 or 4: one instantiation each, so that R 16 runs no code
-// for larger ranks).
-template <int NF>
-__global__ void __launch_bounds__(kBlock)
-eac_fwd_mma_kernel(MmaArgs p, MmaLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
+// zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
+// (1, 2 or 4) and ACT the activation (common.cuh): one instantiation each.
+template <int NF, int ACT>
+__global__ void __launch_bounds__(kFwdWarps * 32)
+eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
-  const int64_t t1 = t0 + L.BT < p.T ? t0 + L.BT : p.T;
-  const int K = static_cast<int>(p.K);
-  const int I = static_cast<int>(p.I);
-  const int64_t S = p.T * p.K;
-  const int ns = mma_tile_setup(p, L, sm, t0, t1, nullptr, 0);
-  const int* pos_slot = smem_at<int>(sm, L.pos_slot);
-  const int* pos_tok = smem_at<int>(sm, L.pos_tok);
-  const int* frag_expert = smem_at<int>(sm, L.frag_expert);
-  const int* slot_pos = smem_at<int>(sm, L.slot_pos);
-  const float* wslot = smem_at<float>(sm, L.wslot);
-  const c10::BFloat16* sG = smem_at<c10::BFloat16>(sm, L.sG);
-  const c10::BFloat16* sU = smem_at<c10::BFloat16>(sm, L.sU);
-  float* comb = smem_at<float>(sm, L.comb);
-  float* zacc = smem_at<float>(sm, L.acc);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  float* stage_g = smem_at<float>(sm, L.stage) + warp * 512;
-  float* stage_u = stage_g + 256;
-  __nv_bfloat16* ahi = smem_at<__nv_bfloat16>(sm, L.ahi) + warp * 256;
-  __nv_bfloat16* alo = smem_at<__nv_bfloat16>(sm, L.alo) + warp * 256;
-  for (int idx = threadIdx.x; idx < L.NP * L.Rdp; idx += blockDim.x) {
-    zacc[idx] = 0.0f;
-  }
-  const int nfrag = frag_expert[L.NP / 16];
+  const int g = lane / 4;
+  const int tq = lane % 4;
+  const int I = static_cast<int>(p.I);
+  const int K = static_cast<int>(p.K);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
+  const int64_t S = p.T * p.K;
   const bool gated = p.U != nullptr;
+  __nv_bfloat16* sZ = smem_at<__nv_bfloat16>(sm, L.sZ);
+  // This lane's two rows: warp * 16 + g and + 8 (slot ids fit 32 bits: api.cpp checks T * K < 2^31).
+  int slot[2];
+  int ex[2];
+  float w[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp * 16 + g + 8 * h;
+    const int64_t t = t0 + row / L.KP;
+    const int k = row % L.KP;
+    const bool ok = t < p.T && k < K;
+    slot[h] = ok ? static_cast<int>(t * K + k) : -1;
+    ex[h] = ok ? static_cast<int>(p.experts[slot[h]]) : -1;
+    CUDA_KERNEL_ASSERT((!ok || (ex[h] >= 0 && ex[h] < p.E)) && "expand_act_combine: expert id out of range [0, E)");
+    w[h] = ok ? p.weights[slot[h]] : 0.0f;
+  }
+  // [zg | zu] of the block's rows as bf16, then each warp's z tiles into registers.
+  const int Rz = L.Rgp + L.Rup;
+  for (int idx = threadIdx.x; idx < kFwdRows * Rz; idx += blockDim.x) {
+    const int row = idx / Rz;
+    const int r = idx - row * Rz;
+    const int64_t t = t0 + row / L.KP;
+    const int k = row % L.KP;
+    float v = 0.0f;
+    if (t < p.T && k < K) {
+      const int64_t j = t * K + k;
+      v = r < L.Rgp ? (r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f)
+                    : (r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f);
+    }
+    sZ[row * L.ldz + r] = __float2bfloat16_rn(v);
+  }
+  __syncthreads();
+  uint32_t zg_a[NF][4], zu_a[NF][4];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    if (f < L.Rgp / 16) load_a(zg_a[f], sZ + warp * 16 * L.ldz, L.ldz, f * 16);
+    if (f < L.Rup / 16) load_a(zu_a[f], sZ + warp * 16 * L.ldz, L.ldz, L.Rgp + f * 16);
+  }
+  int* experts = smem_at<int>(sm, L.sEx) + warp * 16;
+  const int nex = experts_of_warp(ex[0], ex[1], L.E, experts);
+
+  float zd[2 * NF][4] = {};
   const int steps = (I + kMmaCols - 1) / kMmaCols;
   const int split = static_cast<int>(blockIdx.x);
   const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
   const int step_end = (split + 1) * per_split < steps ? (split + 1) * per_split : steps;
-  const c10::BFloat16* rows[2] = {p.G, p.U};
-  const int64_t strides[2] = {p.G_stride, p.U_stride};
-  const int row_offsets[2] = {L.sG, L.sU};
-  const int nrd = L.Rdp / 16;
+  const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);  // the tile's tokens
+  const int ldc = kMmaCols + kSlabPad;
   for (int step = split * per_split; step < step_end; ++step) {
     const int i0 = step * kMmaCols;
-    const int ncf = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // column fragments
-    __syncthreads();  // the previous step's slabs and tiles are consumed
-    mma_load_step(p, L, sm, t0, t1, i0, rows, strides, row_offsets, 2);
-    __syncthreads();
-    for (int f = warp; f < nfrag; f += kWarps) {
-      const int e = frag_expert[f];
-      CFrag zd_acc[NF];
-#pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nrd) wmma::load_matrix_sync(zd_acc[rn], zacc + f * 16 * L.Rdp + rn * 16, L.Rdp, wmma::mem_row_major);
-      }
-      for (int n = 0; n < ncf; ++n) {
-        mma_gu<NF>(L, sm, f, e, n, stage_g, stage_u);
-        __syncwarp();
-        for (int q = 0; q < 8; ++q) {
-          const int idx = lane + 32 * q;
-          const int row = idx / 16;
-          const int c = n * 16 + idx % 16;
-          const int pos = f * 16 + row;
-          const int s = pos_slot[pos];
-          float hm = 0.0f;
-          if (s >= 0 && i0 + c < I) {
-            const int tl = pos_tok[pos];
-            const float g = static_cast<float>(sG[tl * kMmaCols + c]) + p.scale * stage_g[idx];
-            const float u = gated ? static_cast<float>(sU[tl * kMmaCols + c]) + p.scale * stage_u[idx] : 1.0f;
-            const float h = act_forward(p.act, g) * u;
-            comb[s * kMmaCols + c] = wslot[s] * h;
-            hm = h * dropout_mult(p.drop, t0 * K + s, p.I, i0 + c);
-          }
-          split_bf16(hm, ahi[idx], alo[idx]);
-        }
-        __syncwarp();
-        // zd += drop(h) (16 x 16 columns) x Ad_e^T (16 columns x rank): slab [e][r][c], column-major with ld 64.
-        const __nv_bfloat16* ad = smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16;
-#pragma unroll
-        for (int rn = 0; rn < NF; ++rn) {
-          if (rn < nrd) mma_split<BCol, 1>(zd_acc[rn], ahi, alo, 16, ad + rn * 16 * kMmaCols, kMmaCols, 0, 1);
-        }
-        __syncwarp();
-      }
-#pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nrd) wmma::store_matrix_sync(zacc + f * 16 * L.Rdp + rn * 16, zd_acc[rn], L.Rdp, wmma::mem_row_major);
-      }
+    __syncthreads();  // the previous step's slabs are consumed
+    const bool vec = L.vec != 0;
+    load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
+                L.ldg, 0, L.E, i0, I, vec);
+    if (gated) {
+      load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru),
+                  L.Rup, L.ldu, 0, L.E, i0, I, vec);
+    }
+    load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd),
+                 L.Rdp, ldc, 0, L.E, i0, I, vec);
+    load_rows(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, ldc, i0, I, vec);
+    if (gated) {
+      load_rows(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, ldc, i0, I, vec);
     }
     __syncthreads();
-    // hbar_t = sum_k w_j h_j in k order, from the tile's slot rows.
-    for (int idx = threadIdx.x; idx < L.BT * kMmaCols; idx += blockDim.x) {
-      const int tl = idx / kMmaCols;
-      const int c = idx - tl * kMmaCols;
-      if (t0 + tl < t1 && i0 + c < I) {
-        float sum = 0.0f;
-        for (int k = 0; k < K; ++k) {
-          sum += comb[(tl * K + k) * kMmaCols + c];
+    const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg);
+    const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu);
+    float gacc[8][4] = {};
+    float uacc[8][4] = {};
+    for (int q = 0; q < nex; ++q) {
+      const int e = experts[q];
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        uint32_t a[4];
+        if (f < L.Rgp / 16) {
+          rows_of_expert(a, zg_a[f], ex[0], ex[1], e);
+          mma_row_tile<true>(gacc, a, sBg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
         }
-        hbar[(t0 + tl) * p.I + i0 + c] = static_cast<c10::BFloat16>(sum);
+        if (gated && f < L.Rup / 16) {
+          rows_of_expert(a, zu_a[f], ex[0], ex[1], e);
+          mma_row_tile<true>(uacc, a, sBu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
+        }
+      }
+    }
+    // Elementwise, per element of this lane's accumulators: row warp * 16 + g + 8 h, column 8 nt + 2 tq + c.
+    const unsigned* sG = smem_at<unsigned>(sm, L.sG);
+    const unsigned* sU = smem_at<unsigned>(sm, L.sU);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + g + 8 * h;
+        const int word = ((row / L.KP) * ldc + nt * 8 + 2 * tq) / 2;
+        const unsigned gw = sG[word];
+        const unsigned uw = gated ? sU[word] : 0u;
+        float hw[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+          const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+          const float hv = act_forward(ACT, gv) * uv;
+          hw[c] = w[h] * hv;
+          const int i = i0 + nt * 8 + 2 * tq + c;
+          gacc[nt][2 * h + c] = slot[h] >= 0 ? hv * dropout_mult(p.drop, slot[h], p.I, i) : 0.0f;
+        }
+        store_token_sum(hbar, hw, row, L.KP, t0, p.T, p.I, i0 + nt * 8 + 2 * tq);
+      }
+    }
+    // zd += drop(h) Ad_e^T: drop(h) as A tiles of 16 columns, per expert of the warp.
+    uint32_t ha[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      ha[kk][0] = pack_bf16(gacc[2 * kk][0], gacc[2 * kk][1]);
+      ha[kk][1] = pack_bf16(gacc[2 * kk][2], gacc[2 * kk][3]);
+      ha[kk][2] = pack_bf16(gacc[2 * kk + 1][0], gacc[2 * kk + 1][1]);
+      ha[kk][3] = pack_bf16(gacc[2 * kk + 1][2], gacc[2 * kk + 1][3]);
+    }
+    const __nv_bfloat16* sAd = smem_at<__nv_bfloat16>(sm, L.sAd);
+    for (int q = 0; q < nex; ++q) {
+      const int e = experts[q];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        rows_of_expert(a, ha[kk], ex[0], ex[1], e);
+        mma_row_tile<true>(zd, a, sAd + e * L.Rdp * ldc, ldc, kk * 16, L.Rdp / 16);
       }
     }
   }
-  __syncthreads();
-  const int Rd = static_cast<int>(p.Rd);
-  float* out = zd_part + (static_cast<int64_t>(blockIdx.x) * S + t0 * p.K) * p.Rd;
-  for (int idx = threadIdx.x; idx < ns * Rd; idx += blockDim.x) {
-    const int s = idx / Rd;
-    const int r = idx - s * Rd;
-    out[idx] = zacc[slot_pos[s] * L.Rdp + r];
+  // This split's zd partial sums of the lane's rows: ranks 8 nt + 2 tq + c.
+  float* out = zd_part + static_cast<int64_t>(blockIdx.x) * S * p.Rd;
+#pragma unroll
+  for (int nt = 0; nt < 2 * NF; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = nt * 8 + 2 * tq + c;
+        if (slot[h] >= 0 && r < p.Rd) {
+          out[static_cast<int64_t>(slot[h]) * p.Rd + r] = zd[nt][2 * h + c];
+        }
+      }
+    }
   }
 }
 
@@ -1029,14 +1223,14 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
 }
 
 // The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit a tile,
-// and each kernel's shared memory fits sm_90's 227 KiB (E 8, R 16: ~171 KiB forward, ~195 KiB backward, ~80 KiB
-// weight gradients).
+// and each kernel's shared memory fits sm_90's 227 KiB (E 8, R 16: ~97 KiB forward, ~195 KiB backward, ~80 KiB
+// weight gradients); the forward's shuffle tree takes K <= 8.
 __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
   if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > kMmaBwdSlots || E > 4096) {
     return false;
   }
-  return make_mma_layout(K, E, Rg, Ru, Rd, false).bytes <= kMmaMaxSmem &&
-         make_mma_layout(K, E, Rg, Ru, Rd, true).bytes <= kMmaMaxSmem &&
+  return make_fwd_layout(K, E, Rg, Ru, Rd).BT > 0 && make_fwd_layout(K, E, Rg, Ru, Rd).bytes <= kMmaMaxSmem &&
+         make_mma_layout(K, E, Rg, Ru, Rd).bytes <= kMmaMaxSmem &&
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
 }
 
@@ -1094,9 +1288,9 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   const int nout = 4 * (nrg + nru + nrd);
   const bool gated = p.U != nullptr;
   const bool vec = L.vec != 0;
-  load_b_slab(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, e, 1, i0, I, vec);
-  load_b_slab(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, e, 1, i0, I, vec);
-  load_ad_slab(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, e, 1, i0, I, vec);
+  load_b_slab(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I, vec);
+  load_b_slab(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I, vec);
+  load_ad_slab(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I, vec);
   constexpr int kOut = wg_max_out(NF);
   CFrag acc[kOut];
 #pragma unroll

@@ -46,6 +46,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #define __shared__ thread_local
+#define MIXLORA_CUDA_CPU 1  // csrc/tensor_core.cuh: the register-tile instructions come from mma.h
 
 struct uint3 {
   unsigned int x, y, z;
@@ -67,6 +68,14 @@ struct alignas(16) uint4 {
 constexpr int warpSize = 32;
 
 using std::isnan;
+
+// The fast-math intrinsics (the GPU's approximate ex2 / rcp; exact here).
+inline float __expf(float x) {
+  return std::exp(x);
+}
+inline float __fdividef(float a, float b) {
+  return a / b;
+}
 
 namespace cuda_cpu {
 

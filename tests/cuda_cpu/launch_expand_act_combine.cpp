@@ -95,17 +95,19 @@ int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, cons
     }
     if (use_mma(dtype, ints)) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      MmaLayout L = make_mma_layout(K, E, ints[14], ints[15], Rd, false);
+      FwdLayout L = make_fwd_layout(K, E, ints[14], ints[15], Rd);
       L.vec = mma_rows_aligned(args, nullptr, 0);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
       std::vector<float> part(splits > 1 ? static_cast<size_t>(splits) * T * K * Rd : 0);
       float* out = splits > 1 ? part.data() : zd;
       dispatch_rank_frags(ints[14], ints[15], Rd, [&](auto nf) {
-        const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value>;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-        CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L, static_cast<c10::BFloat16*>(hbar),
-                        out);
+        dispatch_activation(act, [&](auto act_c) {
+          const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kFwdWarps * 32, L.bytes, args, L,
+                          static_cast<c10::BFloat16*>(hbar), out);
+        });
       });
       if (splits > 1 && Rd > 0) {
         CUDA_CPU_LAUNCH(eac_split_sum_kernel, split_sum_blocks(T * K * Rd), kBlock, 0,
@@ -141,7 +143,7 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
     const bool mma = use_mma(dtype, ints);
     if (T > 0 && mma) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      MmaLayout L = make_mma_layout(K, E, Rg, Ru, ints[16], true);
+      MmaLayout L = make_mma_layout(K, E, Rg, Ru, ints[16]);
       L.vec = mma_rows_aligned(args, grad_hbar, gh_stride);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
