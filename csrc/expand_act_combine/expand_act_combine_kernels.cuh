@@ -465,8 +465,7 @@ __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bflo
 // dst[t0 + tl][i0 + c] (bf16 rows of I) = the sum over k = 0..K-1, in k order, of the slot rows
 // comb[(tl * K + k) * kMmaCols + c], for the tile's tokens t0 + tl < t1 and columns i0 + c < I. A thread sums 8
 // consecutive columns (two 16-byte shared loads per slot) and stores them with one 16-byte store when I % 8 == 0
-// (dst's rows 16-byte aligned: api.cpp allocates it contiguous) and all 8 exist. Backward only: in the forward
-// kernel (64 registers) ptxas spills with it, so hbar keeps a one-column loop there.
+// (dst's rows 16-byte aligned: api.cpp allocates it contiguous) and all 8 exist (the backward's dG, dU).
 __device__ __forceinline__ void combine_slot_rows(const float* comb, int K, int BT, int64_t t0, int64_t t1, int i0,
                                                   int64_t I, c10::BFloat16* __restrict__ dst) {
   for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
@@ -503,8 +502,8 @@ __device__ __forceinline__ void combine_slot_rows(const float* comb, int K, int 
   }
 }
 
-// Tile set-up shared by both directions: the expert regrouping of the tile's slots, their routing weights, and
-// the hi/lo bf16 split of their rank vectors [zg | zu | dzd] by position (fp32 operands as two bf16 terms, so that
+// Tile set-up of eac_bwd_mma_kernel: the expert regrouping of the tile's slots, their routing weights, and the
+// hi/lo bf16 split of their rank vectors [zg | zu | dzd] by position (fp32 operands as two bf16 terms, so that
 // products with the bf16 weights keep ~16 bits: the tolerance of the fp32 rank vectors). Returns the slot count.
 __device__ inline int mma_tile_setup(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
                                      int64_t t1, const float* gzd, int64_t gzd_stride) {
