@@ -1117,8 +1117,8 @@ def _fwd(s: Shape) -> dict:
     steps = -(-s.I // 64)
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
     rp = _round16(s.R)
-    return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=2 * rp, nex=min(s.E, 16), BT=bt, ne=s.E, Rp=rp,
-                grid_x=splits, tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
+    return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=2 * rp, nex=min(s.E, 16), BT=bt,
+                ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 
 def mma_path(s: Shape) -> bool:
@@ -1243,7 +1243,7 @@ CUDA_LAUNCHES = [
                "eac_bwd_mma_kernel", lambda s: (_mma(s)["grid_x"], _mma(s)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
                + _mma(s)["grid_x"] * s.S * (2 * s.R + 1) * 4,
-               dyn_smem=_mma_layout_bytes, params=lambda s: _mma(s),
+               dyn_smem=_mma_layout_bytes, params=_mma,
                instance=lambda s: f"<{_rank_frags(s)}>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_split_sum_kernel", lambda s: (_split_sum_blocks(s.S * (2 * s.R + 1)),),

@@ -796,16 +796,16 @@ __device__ __forceinline__ int experts_of_warp(int e_lo, int e_hi, int E, int* l
   return n;
 }
 
-// acc[2 nt + h] += A (16 rows x 16 k, tile a) x B (16 k x 16 columns of n tile pair nt): B from slab s (N_MAJOR:
-// [n][k], else [k][n]) at k offset kb, over `pairs` pairs of 8-column tiles.
-template <bool N_MAJOR, int NT>
+// acc[2 np + h] += A (16 rows x 16 k, tile a) x B (16 k x 16 columns of n tile pair np), B from slab s holding
+// element (k, n) at s[n * ld + k], k from kb, over `pairs` pairs of 8-column tiles.
+template <int NT>
 __device__ __forceinline__ void mma_row_tile(float (&acc)[NT][4], const uint32_t (&a)[4], const __nv_bfloat16* s,
                                              int ld, int kb, int pairs) {
 #pragma unroll
   for (int np = 0; np < NT / 2; ++np) {
     if (np < pairs) {
       uint32_t b0[2], b1[2];
-      load_b_pair<N_MAJOR>(b0, b1, s, ld, kb, np * 16);
+      load_b_pair(b0, b1, s, ld, kb, np * 16);
       mma_16816(acc[2 * np], a, b0);
       mma_16816(acc[2 * np + 1], a, b1);
     }
@@ -937,11 +937,11 @@ eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, flo
         uint32_t a[4];
         if (f < L.Rgp / 16) {
           rows_of_expert(a, zg_a[f], ex[0], ex[1], e);
-          mma_row_tile<true>(gacc, a, sBg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
+          mma_row_tile(gacc, a, sBg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
         }
         if (gated && f < L.Rup / 16) {
           rows_of_expert(a, zu_a[f], ex[0], ex[1], e);
-          mma_row_tile<true>(uacc, a, sBu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
+          mma_row_tile(uacc, a, sBu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
         }
       }
     }
@@ -985,7 +985,7 @@ eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, flo
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];
         rows_of_expert(a, ha[kk], ex[0], ex[1], e);
-        mma_row_tile<true>(zd, a, sAd + e * L.Rdp * ldc, ldc, kk * 16, L.Rdp / 16);
+        mma_row_tile(zd, a, sAd + e * L.Rdp * ldc, ldc, kk * 16, L.Rdp / 16);
       }
     }
   }
