@@ -922,7 +922,7 @@ def ptxas_info(log: str) -> dict[str, dict[str, int]]:
 
 
 def _c_eval(expr: str, env: dict, threads: int):
-    """A C expression of loop bounds in Python: casts dropped, p.X -> X, L.X -> L_X (the MmaLayout fields),
+    """A C expression of loop bounds in Python: casts dropped, p.X -> X, L.X -> L_X (the layout structs' fields),
     thread / block index 0 (thread 0's trip count stands for all), blockDim.x the block size, gridDim.x the
     launch's `grid_x`, one level of `c ? a : b`."""
     e = re.sub(r"static_cast<[^>]*>", "", expr)
@@ -1070,55 +1070,43 @@ def _rank_frags(s: Shape) -> int:
     return 1 if s.R <= 16 else 2 if s.R <= 32 else 4
 
 
-def _mma_layout_bytes(s: Shape) -> int:
-    """make_mma_layout(K, E, R, R, R).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory of
-    eac_bwd_mma_kernel, every array rounded up to 128 bytes."""
-    bt = 64 // s.K if s.K <= 64 else 0
-    ts, e = bt * s.K, min(s.E, 65536)
-    np_ = _round16(ts + 15 * min(e, ts))
-    rp = _round16(min(s.R, 4096))
-    lz = 3 * rp
-    warps = 8
-    sizes = [np_ * 4, np_ * 4, (np_ // 16 + 1) * 4, ts * 4, e * 4, ts * 4, np_ * lz * 2, np_ * lz * 2,
-             e * 64 * rp * 2, e * 64 * rp * 2, e * 64 * rp * 2, bt * 64 * 2, bt * 64 * 2, bt * 64 * 2,
-             ts * 64 * 4 * 2, np_ * 2 * rp * 4, np_ * 4, warps * 256 * 4 * 3, warps * 256 * 2 * 2,
-             warps * 256 * 2 * 2]
-    return sum(-(-b // 128) * 128 for b in sizes)
-
-
 def _wg_layout_bytes(s: Shape) -> int:
     """make_wg_layout(R, R, R).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory of
     eac_bwd_weight_mma_kernel (kWgSlots = 64 slots per chunk, kMmaCols = 64 columns, 8 warps)."""
     rp = _round16(min(s.R, 4096))
     lz = 3 * rp
-    sizes = [64 * 4, 64 * 4, 64 * lz * 2, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2,
-             64 * 64 * 2, 64 * 64 * 2, 8 * 768 * 4, 3 * 64 * 64 * 2, 3 * 64 * 64 * 2]
+    sizes = [64 * 4, 64 * 4, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2, 64 * 64 * 2,
+             64 * 64 * 2, 8 * 768 * 4, 3 * 64 * 64 * 2]
     return sum(-(-b // 128) * 128 for b in sizes)
 
 
-def _fwd_layout_bytes(s: Shape) -> int:
-    """make_fwd_layout(K, E, R, R, R).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory of
-    eac_fwd_mma_kernel (128 slot rows, 64 columns, slab rows padded by 8 bf16), every array rounded up to 128 bytes."""
+def _tile_layout_bytes(s: Shape, backward: bool) -> int:
+    """make_tile_layout(K, E, R, R, R, backward).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory
+    of eac_fwd_mma_kernel / eac_bwd_mma_kernel (128 slot rows, 64 columns, slab rows padded by 8 bf16; backward: dzd
+    in the rank rows and the dH-bar rows), every array rounded up to 128 bytes."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp if kp <= 8 else 0
     rp = _round16(min(s.R, 4096))
-    sizes = [s.E * 64 * (rp + 8) * 2, s.E * 64 * (rp + 8) * 2, s.E * rp * 72 * 2, bt * 72 * 2, bt * 72 * 2,
-             128 * (2 * rp + 8) * 2, 8 * 16 * 4]
+    rows = [bt * 72 * 2] * (3 if backward else 2)
+    sizes = [s.E * 64 * (rp + 8) * 2, s.E * 64 * (rp + 8) * 2, s.E * rp * 72 * 2, *rows,
+             128 * ((3 if backward else 2) * rp + 8) * 2, 8 * 16 * 4]
     return sum(-(-b // 128) * 128 for b in sizes)
 
 
-def _fwd(s: Shape) -> dict:
-    """Launch values of eac_fwd_mma_kernel: FwdLayout (KP = K rounded up to a power of two, BT = 128 / KP tokens per
-    tile), the I splits (mma_splits), and the experts present per warp (nex: every expert at balanced routing when
-    a warp's 16 rows hold at least E slots)."""
+def _tile(s: Shape, backward: bool) -> dict:
+    """Launch values of eac_fwd_mma_kernel / eac_bwd_mma_kernel: TileLayout (KP = K rounded up to a power of two,
+    BT = 128 / KP tokens per tile), the I splits (mma_splits) and a split's steps [first, last), the backward's
+    16-column chunks per step (nch), and the experts present per warp (nex: every expert at balanced routing when a
+    warp's 16 rows hold at least E slots)."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp
     tiles = -(-s.T // bt)
     steps = -(-s.I // 64)
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
     rp = _round16(s.R)
-    return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=2 * rp, nex=min(s.E, 16), BT=bt,
-                ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
+    return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=(3 if backward else 2) * rp,
+                nex=min(s.E, 16), BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
+                last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 
 def mma_path(s: Shape) -> bool:
@@ -1126,26 +1114,8 @@ def mma_path(s: Shape) -> bool:
     expand_act_combine runs its tensor-core kernels (CUDA_LAUNCHES) rather than the SIMT ones
     (CUDA_NOT_IN_PIPELINE)."""
     limit = 227 * 1024
-    return (s.R <= 64 and s.K <= 8 and s.E <= 4096 and _fwd_layout_bytes(s) <= limit
-            and _mma_layout_bytes(s) <= limit and _wg_layout_bytes(s) <= limit)
-
-
-def _mma(s: Shape) -> dict:
-    """Launch values of eac_bwd_mma_kernel, from make_mma_layout / mma_splits in
-    csrc/expand_act_combine/expand_act_combine_kernels.cuh: tokens per tile BT, slot rows TS, positions NP (each
-    expert's group padded to 16), padded ranks, I splits (gridDim.x), the fragments per tile at balanced routing
-    (TS / E slots per expert, padded to 16 rows), and the slab loaders' ne (every expert) and Rp."""
-    slots = 64
-    bt = slots // s.K
-    ts = bt * s.K
-    tiles = -(-s.T // bt)
-    steps = -(-s.I // 64)
-    splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
-    rp = _round16(s.R)
-    return dict(L_BT=bt, L_TS=ts, L_E=s.E, L_NP=_round16(ts + 15 * min(s.E, ts)), L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
-                L_Lz=3 * rp, ns=ts, nfrag=s.E * -(-(ts // s.E) // 16), grid_x=splits,
-                tiles=tiles, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R, H=s.H, N=32, num_experts=s.E,
-                ne=s.E, Rp=rp)
+    return (s.R <= 64 and s.K <= 8 and s.E <= 4096 and _tile_layout_bytes(s, False) <= limit
+            and _tile_layout_bytes(s, True) <= limit and _wg_layout_bytes(s) <= limit)
 
 
 def _wg(s: Shape) -> dict:
@@ -1207,18 +1177,19 @@ CUDA_LAUNCHES = [
                params=lambda s: _slot_rank(s, 2 * s.R, math.ceil(2 * s.R / 64)),
                instance="<c10::BFloat16, c10::BFloat16>"),
     # expand_act_combine on tensor cores (bf16 G/U and weights, ranks <= 64): grid (I splits, token tiles of
-    # BT = 128 / K tokens forward, 64 / K backward), the split partial sums added by eac_split_sum_kernel (forward:
+    # BT = 128 / KP tokens), the split partial sums added by eac_split_sum_kernel (forward:
     # only when there are splits; backward: always).
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_fwd_mma_kernel",
-               lambda s: (_fwd(s)["grid_x"], _fwd(s)["tiles"]),
+               lambda s: (_tile(s, False)["grid_x"], _tile(s, False)["tiles"]),
                lambda s: 3 * s.T * s.I * 2 + s.S * 2 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
-               + _fwd(s)["grid_x"] * s.S * s.R * 4,
-               dyn_smem=_fwd_layout_bytes, params=_fwd, instance=lambda s: f"<{_rank_frags(s)}, 0>"),
+               + _tile(s, False)["grid_x"] * s.S * s.R * 4,
+               dyn_smem=lambda s: _tile_layout_bytes(s, False), params=lambda s: _tile(s, False),
+               instance=lambda s: f"<{_rank_frags(s)}, 0>"),
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_split_sum_kernel",
-               lambda s: (_split_sum_blocks(s.S * s.R),), lambda s: (_fwd(s)["grid_x"] + 1) * s.S * s.R * 4,
-               params=lambda s: dict(splits=_fwd(s)["grid_x"], rows=s.S, cols=s.R,
+               lambda s: (_split_sum_blocks(s.S * s.R),), lambda s: (_tile(s, False)["grid_x"] + 1) * s.S * s.R * 4,
+               params=lambda s: dict(splits=_tile(s, False)["grid_x"], rows=s.S, cols=s.R,
                                      grid_x=_split_sum_blocks(s.S * s.R)),
-               when=lambda s: _fwd(s)["grid_x"] > 1 and s.R > 0),
+               when=lambda s: _tile(s, False)["grid_x"] > 1 and s.R > 0),
     # lora_expand_combine: token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)); reads zd, the routing, B (bf16),
     # writes y (T, H) fp32.
     CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu", "token_fold_mma_kernel",
@@ -1240,15 +1211,15 @@ CUDA_LAUNCHES = [
                dyn_smem=lambda s: _lora_tile_smem(3 + 3, 3 * 64), params=lambda s: _weight_grad(s, s.R),
                instance="<float>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
-               "eac_bwd_mma_kernel", lambda s: (_mma(s)["grid_x"], _mma(s)["tiles"]),
+               "eac_bwd_mma_kernel", lambda s: (_tile(s, True)["grid_x"], _tile(s, True)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
-               + _mma(s)["grid_x"] * s.S * (2 * s.R + 1) * 4,
-               dyn_smem=_mma_layout_bytes, params=_mma,
-               instance=lambda s: f"<{_rank_frags(s)}>"),
+               + _tile(s, True)["grid_x"] * s.S * (2 * s.R + 1) * 4,
+               dyn_smem=lambda s: _tile_layout_bytes(s, True), params=lambda s: _tile(s, True),
+               instance=lambda s: f"<{_rank_frags(s)}, 0>"),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_split_sum_kernel", lambda s: (_split_sum_blocks(s.S * (2 * s.R + 1)),),
-               lambda s: (_mma(s)["grid_x"] + 1) * s.S * (2 * s.R + 1) * 4,
-               params=lambda s: dict(splits=_mma(s)["grid_x"], rows=s.S, cols=2 * s.R + 1,
+               lambda s: (_tile(s, True)["grid_x"] + 1) * s.S * (2 * s.R + 1) * 4,
+               params=lambda s: dict(splits=_tile(s, True)["grid_x"], rows=s.S, cols=2 * s.R + 1,
                                      grid_x=_split_sum_blocks(s.S * (2 * s.R + 1)))),
     # Weight gradients on tensor cores: grid (ceil(I / 64) column tiles, E experts), 256 threads, WgLayout's shared
     # memory. A block stages its expert's 64-column slabs of Bg, Bu, Ad (bf16) once, then walks the expert's sorted

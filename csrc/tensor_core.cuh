@@ -123,26 +123,37 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// ldmatrix .x4: r[m] = this lane's pair (row lane / 4, columns 2t, 2t+1) of the 8 x 8 bf16 matrix m (m = 0..3) in
-// shared memory whose row i lane 8 m + i addresses (16-byte aligned).
+// ldmatrix .x4: r[m] = this lane's pair of the 8 x 8 bf16 matrix m (m = 0..3) in shared memory whose row i lane
+// 8 m + i addresses (16-byte aligned): (row lane / 4, columns 2t, 2t+1); TRANS: (rows 2t, 2t+1, column lane / 4).
+template <bool TRANS>
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
 #ifdef MIXLORA_CUDA_CPU
-  cuda_cpu_tc::ldsm_x4(r, row);
+  cuda_cpu_tc::ldsm_x4(r, row, TRANS);
 #else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
 #endif
 }
 
-// Two B tiles (n nb..nb+7 and nb+8..nb+15, k kb..kb+15) from a bf16 shared array holding element (k, n) at
-// s[n * ld + k] (ld a multiple of 8).
+// Two B tiles (n nb..nb+7 and nb+8..nb+15, k kb..kb+15) from a bf16 shared array of leading dimension ld (a multiple
+// of 8) holding element (k, n) at s[n * ld + k], or with K_MAJOR at s[k * ld + n] (ldmatrix .trans).
+template <bool K_MAJOR>
 __device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const __nv_bfloat16* s, int ld,
                                             int kb, int nb) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int m = lane / 8, i = lane % 8;
   uint32_t r[4];
-  ldsm_x4(r, s + (nb + (m / 2) * 8 + i) * ld + kb + (m % 2) * 8);
+  if (K_MAJOR) {
+    ldsm_x4<true>(r, s + (kb + (m % 2) * 8 + i) * ld + nb + (m / 2) * 8);
+  } else {
+    ldsm_x4<false>(r, s + (nb + (m / 2) * 8 + i) * ld + kb + (m % 2) * 8);
+  }
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
@@ -150,7 +161,7 @@ __device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2]
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int kb) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int m = lane / 8, i = lane % 8;
-  ldsm_x4(a, s + ((m % 2) * 8 + i) * ld + kb + (m / 2) * 8);
+  ldsm_x4<false>(a, s + ((m % 2) * 8 + i) * ld + kb + (m / 2) * 8);
 }
 
 // lo, hi rounded to bf16 in one 32-bit word (lo in the low half).

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from mixlora_kernels.selftest import tolerance_violation
 
-__all__ = ["assert_outputs", "assert_tolerance", "bf16_split", "mma_operands", "reference", "rounded_to",
+__all__ = ["assert_outputs", "assert_tolerance", "mma_operands", "reference", "rounded_to",
            "stable_sort_slots", "tied_experts", "xfail_at_end"]
 
 
@@ -110,20 +110,13 @@ def rounded_to(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda t: t.to(dtype).to(t.dtype)
 
 
-def bf16_split(t: torch.Tensor) -> torch.Tensor:
-    """hi + lo with hi = bf16(t), lo = bf16(t − hi): the CUDA tensor-core kernels' fp32 operand as two bf16 terms
-    (csrc/expand_act_combine: split_bf16), exact in fp32."""
-    hi = t.to(torch.bfloat16).to(t.dtype)
-    return hi + (t - hi).to(torch.bfloat16).to(t.dtype)
-
-
 _MATMULS = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm,
             torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
 
 
 class mma_operands(TorchFunctionMode):  # noqa: N801  (used as a context manager, like torch.no_grad)
-    """Within this context every fp32 matmul operand is first passed through `rnd` (`rounded_to(dtype)`,
-    `bf16_split`; None: none): run a `reference(name)` inside it for the ref_same of a kernel with such operands."""
+    """Within this context every fp32 matmul operand is first passed through `rnd` (`rounded_to(dtype)`;
+    None: none): run a `reference(name)` inside it for the ref_same of a kernel with such operands."""
 
     def __init__(self, rnd: Callable[[torch.Tensor], torch.Tensor] | None):
         super().__init__()

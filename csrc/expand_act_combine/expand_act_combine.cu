@@ -10,17 +10,16 @@
 //   grid (I splits, token tiles); a block walks its I split in steps of 64 columns, staging per step the 64-column
 //   slab of every expert's Bg, Bu, Ad (bf16) and the tile's G, U (dH̄) rows in shared memory (~60 KiB from L2 per
 //   block-step at E 8, R 16).
-//   forward (eac_fwd_mma_kernel, register tiles of mma.sync m16n8k16): 128 slot rows in token order (K padded to a
-//     power of two KP), 16 per warp. Per step each warp computes g, u = G, U + s z B_e^T over the experts present
-//     in its rows (A rows of other experts zeroed; z tiles kept in registers), h = act(g) u in the accumulators'
-//     registers, hbar_t = sum_k w_j h_j by a shuffle tree over a token's KP rows, and zd += drop(h) Ad_e^T with the
-//     accumulators reused as A tiles. fp32 operands (z, h) are rounded to bf16, as a bf16 LoRA rounds them.
-//   backward (eac_bwd_mma_kernel, wmma): BT whole tokens (BT*K = 64 slot rows). Once per block the tile's slots are
-//     regrouped by expert (a stable counting sort), each expert's group padded to 16 rows, so every 16-row wmma
-//     fragment is one expert's; their fp32 rank vectors [zg | zu | dzd] are split into bf16 hi + lo (two MMAs per
-//     product) in shared memory. Per fragment and 16 columns: g, u and Ad_e^T dzd (wmma), then h, dh, dg, du once
-//     per element; dg, du to tiles combined into dG_t, dU_t; dzg += dg Bg_e, dzu += du Bu_e (wmma); dw += <dH̄, h>
-//     by a fixed half-warp butterfly.
+//   Both token kernels work on register tiles of mma.sync m16n8k16: 128 slot rows in token order (K padded to a
+//   power of two KP), 16 per warp; each product runs over the experts present in the warp's rows (A rows of other
+//   experts zeroed) against that expert's slab; the KP rows of a token are summed by a shuffle tree. fp32 operands
+//   (the rank vectors, h, dg, du) are rounded to bf16, as a bf16 LoRA rounds them.
+//   forward (eac_fwd_mma_kernel): per step g, u = G, U + s z B_e^T (z tiles kept in registers), h = act(g) u in the
+//     accumulators' registers, hbar_t = sum_k w_j h_j, and zd += drop(h) Ad_e^T with the accumulators reused as A
+//     tiles.
+//   backward (eac_bwd_mma_kernel): per step and 16 columns g, u and b = dzd Ad_e, then dh = w dH̄ + drop(b),
+//     dg, du, dw += <dH̄, h> once per element; dG_t, dU_t by the shuffle tree; dzg += dg Bg_e, dzu += du Bu_e with
+//     dg, du as A tiles (the slabs read k-major by ldmatrix .trans), accumulated in registers across the steps.
 //   The per-slot rank outputs are sums over I: each block writes its split's partial sums by slot, and
 //   eac_split_sum_kernel adds the splits in order (deterministic; no atomics). Splits only when the token tiles are
 //   fewer than two waves of 132 SMs.
@@ -141,7 +140,7 @@ void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Ten
   }
   if (use_mma(in)) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
-    FwdLayout L = make_fwd_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd);
+    TileLayout L = make_tile_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
     L.vec = mma_rows_aligned(args, nullptr, 0);
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
@@ -151,7 +150,7 @@ void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Ten
         const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(L.bytes)));
-        kernel<<<dim3(splits, tiles), kFwdWarps * 32, L.bytes, stream>>>(
+        kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
             args, L, hbar.mutable_data_ptr<c10::BFloat16>(), part.mutable_data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -188,21 +187,23 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   const bool mma = use_mma(in);
   if (T > 0 && mma) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
-    MmaLayout L = make_mma_layout(K, E, Rg, Ru, in.Ad.size(1));
+    TileLayout L = make_tile_layout(K, E, Rg, Ru, in.Ad.size(1), true);
     L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
     const int64_t W = Rg + Ru + 1;
     at::Tensor part = at::empty({splits, T * K, W}, dzg.options());
     dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
-      const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(L.bytes)));
-      kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
-          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
-          grad_zd.stride(0), dG.mutable_data_ptr<c10::BFloat16>(),
-          in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr, part.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_activation(in.activation, [&](auto act_c) {
+        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(L.bytes)));
+        kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+            args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+            grad_zd.stride(0), dG.mutable_data_ptr<c10::BFloat16>(),
+            in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr, part.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
     eac_split_sum_kernel<<<split_sum_blocks(T * K * W), kBlock, 0, stream>>>(
         part.const_data_ptr<float>(), splits, T * K, static_cast<int>(W), static_cast<int>(Rg),

@@ -345,71 +345,12 @@ eac_bwd_weight_kernel(Args<scalar_t, weight_t> p, const scalar_t* __restrict__ g
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// Tensor-core path (bf16 G/U and bf16 weights; expand_act_combine.cu describes the design). A block owns a tile of
-// BT whole tokens (TS = BT*K slot rows) and a range of I columns, walked in steps of kMmaCols. Inside the tile the
-// slots are regrouped by expert, each expert's group padded to a multiple of 16 rows ("positions"), so every
-// 16-row wmma fragment belongs to one expert and multiplies that expert's slab in shared memory directly.
-
+// Tensor-core path (bf16 G/U and bf16 weights; expand_act_combine.cu describes the design).
 constexpr int kMmaCols = 64;     // I columns per step: 128-byte rows of G, U, dH̄ and hbar
 constexpr int kMmaMaxRank = 64;  // ranks padded to 16, at most 4 fragments each
-constexpr int kMmaBwdSlots = 64;  // slot rows per backward token tile
 constexpr size_t kMmaMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block (cudaFuncSetAttribute)
 
 using MmaArgs = Args<c10::BFloat16, c10::BFloat16>;
-
-// Byte offsets of the shared arrays of one backward block (eac_bwd_mma_kernel), computed once on the host and
-// passed to the kernel. Every array starts on a 128-byte boundary (wmma needs 32).
-struct MmaLayout {
-  int BT, TS, NP, E, Rgp, Rup, Rdp, Lz;  // tokens, slot rows, positions, experts, padded ranks, z row length
-  int pos_slot, pos_tok, frag_expert, slot_pos, cursor, wslot, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, comb, acc,
-      dwacc, stage, ahi, alo;
-  int vec;  // mma_rows_aligned (set by the launch)
-  size_t bytes;
-};
-
-__host__ __device__ inline MmaLayout make_mma_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
-  MmaLayout L{};
-  const int slots = kMmaBwdSlots;
-  L.BT = K <= slots ? static_cast<int>(slots / K) : 0;
-  L.TS = static_cast<int>(L.BT * K);
-  L.E = static_cast<int>(E < 65536 ? E : 65536);
-  L.NP = round16(L.TS + 15 * (L.E < L.TS ? L.E : L.TS));
-  L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
-  L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
-  L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
-  L.Lz = L.Rgp + L.Rup + L.Rdp;
-  size_t at = 0;
-  auto take = [&at](size_t bytes) {
-    const int off = static_cast<int>(at);
-    at += (bytes + 127) / 128 * 128;
-    return off;
-  };
-  const size_t nfrag = L.NP / 16;
-  L.pos_slot = take(L.NP * sizeof(int));
-  L.pos_tok = take(L.NP * sizeof(int));
-  L.frag_expert = take((nfrag + 1) * sizeof(int));  // [nfrag] holds the fragment count
-  L.slot_pos = take(L.TS * sizeof(int));
-  L.cursor = take(L.E * sizeof(int));
-  L.wslot = take(L.TS * sizeof(float));
-  L.zhi = take(static_cast<size_t>(L.NP) * L.Lz * 2);
-  L.zlo = take(static_cast<size_t>(L.NP) * L.Lz * 2);
-  L.sBg = take(static_cast<size_t>(L.E) * kMmaCols * L.Rgp * 2);
-  L.sBu = take(static_cast<size_t>(L.E) * kMmaCols * L.Rup * 2);
-  L.sAd = take(static_cast<size_t>(L.E) * kMmaCols * L.Rdp * 2);
-  L.sG = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
-  L.sU = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
-  L.sGH = take(static_cast<size_t>(L.BT) * kMmaCols * 2);
-  L.comb = take(static_cast<size_t>(L.TS) * kMmaCols * 4 * 2);
-  L.acc = take(static_cast<size_t>(L.NP) * (L.Rgp + L.Rup) * 4);
-  L.dwacc = take(L.NP * sizeof(float));
-  L.stage = take(static_cast<size_t>(kWarps) * 256 * 4 * 3);
-  L.ahi = take(static_cast<size_t>(kWarps) * 256 * 2 * 2);
-  L.alo = take(static_cast<size_t>(kWarps) * 256 * 2 * 2);
-  L.bytes = at;
-  return L;
-}
-
-
 
 // Splits of the I steps over gridDim.x: with fewer token tiles than two waves of an H200 (2 x 132 SMs, one
 // ~200 KiB block each), the columns are split too, at most one split per 64-column step and 16 in all (the
@@ -456,124 +397,6 @@ inline unsigned int split_sum_blocks(int64_t n) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks < 1024 ? blocks : 1024);
 }
 
-
-__device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
-  hi = __float2bfloat16_rn(v);
-  lo = __float2bfloat16_rn(v - __bfloat162float(hi));
-}
-
-// dst[t0 + tl][i0 + c] (bf16 rows of I) = the sum over k = 0..K-1, in k order, of the slot rows
-// comb[(tl * K + k) * kMmaCols + c], for the tile's tokens t0 + tl < t1 and columns i0 + c < I. A thread sums 8
-// consecutive columns (two 16-byte shared loads per slot) and stores them with one 16-byte store when I % 8 == 0
-// (dst's rows 16-byte aligned: api.cpp allocates it contiguous) and all 8 exist (the backward's dG, dU).
-__device__ __forceinline__ void combine_slot_rows(const float* comb, int K, int BT, int64_t t0, int64_t t1, int i0,
-                                                  int64_t I, c10::BFloat16* __restrict__ dst) {
-  for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
-    const int tl = idx / (kMmaCols / 8);
-    const int c = idx % (kMmaCols / 8) * 8;
-    if (t0 + tl >= t1 || i0 + c >= I) {
-      continue;
-    }
-    float sum[8] = {};
-    for (int k = 0; k < K; ++k) {
-      const float4* src = reinterpret_cast<const float4*>(comb + (tl * K + k) * kMmaCols + c);
-      const float4 a = src[0];
-      const float4 b = src[1];
-      sum[0] += a.x, sum[1] += a.y, sum[2] += a.z, sum[3] += a.w;
-      sum[4] += b.x, sum[5] += b.y, sum[6] += b.z, sum[7] += b.w;
-    }
-    c10::BFloat16* out = dst + (t0 + tl) * I + i0 + c;
-    const int64_t n = I - i0 - c;
-    if (n >= 8 && I % 8 == 0) {
-      uint4 u;
-      u.x = pack_bf16(sum[0], sum[1]);
-      u.y = pack_bf16(sum[2], sum[3]);
-      u.z = pack_bf16(sum[4], sum[5]);
-      u.w = pack_bf16(sum[6], sum[7]);
-      *reinterpret_cast<uint4*>(out) = u;
-    } else {
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        if (q < n) {
-          out[q] = static_cast<c10::BFloat16>(sum[q]);
-        }
-      }
-    }
-  }
-}
-
-// Tile set-up of eac_bwd_mma_kernel: the expert regrouping of the tile's slots, their routing weights, and the
-// hi/lo bf16 split of their rank vectors [zg | zu | dzd] by position (fp32 operands as two bf16 terms, so that
-// products with the bf16 weights keep ~16 bits: the tolerance of the fp32 rank vectors). Returns the slot count.
-__device__ inline int mma_tile_setup(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
-                                     int64_t t1, const float* gzd, int64_t gzd_stride) {
-  int* pos_slot = smem_at<int>(sm, L.pos_slot);
-  int* pos_tok = smem_at<int>(sm, L.pos_tok);
-  int* frag_expert = smem_at<int>(sm, L.frag_expert);
-  int* slot_pos = smem_at<int>(sm, L.slot_pos);
-  int* cursor = smem_at<int>(sm, L.cursor);
-  float* wslot = smem_at<float>(sm, L.wslot);
-  const int K = static_cast<int>(p.K);
-  const int64_t j0 = t0 * p.K;
-  const int ns = static_cast<int>((t1 - t0) * p.K);
-  for (int q = threadIdx.x; q < L.NP; q += blockDim.x) {
-    pos_slot[q] = -1;
-    pos_tok[q] = 0;
-  }
-  for (int s = threadIdx.x; s < ns; s += blockDim.x) {
-    wslot[s] = p.weights[j0 + s];
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    // A counting sort of <= 128 slots by one thread: O(TS + E), once per block, stable (token order per expert).
-    for (int e = 0; e < L.E; ++e) {
-      cursor[e] = 0;
-    }
-    for (int s = 0; s < ns; ++s) {
-      const int64_t e = p.experts[j0 + s];
-      CUDA_KERNEL_ASSERT(e >= 0 && e < p.E && "expand_act_combine: expert id out of range [0, E)");
-      ++cursor[e];
-    }
-    int at = 0;
-    for (int e = 0; e < L.E; ++e) {
-      const int n = cursor[e];
-      cursor[e] = at;
-      for (int f = at / 16; f < (at + round16(n)) / 16; ++f) {
-        frag_expert[f] = e;
-      }
-      at += round16(n);
-    }
-    frag_expert[L.NP / 16] = at / 16;
-    for (int s = 0; s < ns; ++s) {
-      const int q = cursor[p.experts[j0 + s]]++;
-      pos_slot[q] = s;
-      pos_tok[q] = s / K;
-      slot_pos[s] = q;
-    }
-  }
-  __syncthreads();
-  __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi);
-  __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo);
-  const int Rgu = L.Rgp + L.Rup;
-  for (int idx = threadIdx.x; idx < L.NP * L.Lz; idx += blockDim.x) {
-    const int q = idx / L.Lz;
-    const int r = idx - q * L.Lz;
-    const int s = pos_slot[q];
-    float v = 0.0f;
-    if (s >= 0) {
-      const int64_t j = j0 + s;
-      if (r < L.Rgp) {
-        v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
-      } else if (r < Rgu) {
-        v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
-      } else {
-        v = r - Rgu < p.Rd ? gzd[j * gzd_stride + r - Rgu] : 0.0f;
-      }
-    }
-    split_bf16(v, zhi[idx], zlo[idx]);
-  }
-  return ns;
-}
 
 // dst[0..8) = src[0..n) and zeros after (n <= 8): one 16-byte load when `vec` (16-byte aligned rows) and n == 8.
 __device__ __forceinline__ void copy8(unsigned short* dst, const c10::BFloat16* src, int n, bool vec) {
@@ -654,83 +477,41 @@ __device__ __forceinline__ void load_rows(unsigned short* dst, const c10::BFloat
   }
 }
 
-// The slabs of columns [i0, i0 + 64) of every expert's Bg, Bu ([e][c][r]) and Ad ([e][r][c]) as bf16 (the weights'
-// own bits), zero-padded; and the tile's rows of the (T, I) inputs `rows` (G, U and, backward, dH̄).
-__device__ inline void mma_load_step(const MmaArgs& p, const MmaLayout& L, unsigned char* sm, int64_t t0,
-                                     int64_t t1, int i0, const c10::BFloat16* const* rows, const int64_t* strides,
-                                     const int* row_offsets, int nrows) {
-  const int I = static_cast<int>(p.I);
-  const bool vec = L.vec != 0;
-  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
-              L.Rgp, 0, L.E, i0, I, vec);
-  load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
-              L.Rup, 0, L.E, i0, I, vec);
-  load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
-               kMmaCols, 0, L.E, i0, I, vec);
-  for (int n = 0; n < nrows; ++n) {
-    if (rows[n] != nullptr) {
-      load_rows(smem_at<unsigned short>(sm, row_offsets[n]), rows[n] + t0 * strides[n], strides[n],
-                static_cast<int>(t1 - t0), L.BT, kMmaCols, i0, I, vec);
-    }
-  }
-}
-
-// acc (+)= [hi | lo](16 x 16k, row-major, ld lda) x B for k = 0..nk-1 fragments (nk <= NF); B fragment kk at
-// b + kk * bstep.
-template <typename BFragT, int NF>
-__device__ __forceinline__ void mma_split(CFrag& acc, const __nv_bfloat16* ahi, const __nv_bfloat16* alo, int lda,
-                                          const __nv_bfloat16* b, int ldb, int bstep, int nk) {
-  AFrag a;
-  BFragT bf;
+// acc += the sum over kk < nk (<= NK) of the A fragment at a + kk * astep (ld lda) times the B fragment at
+// b + kk * bstep (ld ldb).
+template <typename AT, typename BT, int NK>
+__device__ __forceinline__ void mma_k(CFrag& acc, const __nv_bfloat16* a, int lda, int astep, const __nv_bfloat16* b,
+                                      int ldb, int bstep, int nk) {
+  AT af;
+  BT bf;
 #pragma unroll
-  for (int kk = 0; kk < NF; ++kk) {
+  for (int kk = 0; kk < NK; ++kk) {
     if (kk >= nk) {
       break;
     }
+    wmma::load_matrix_sync(af, a + kk * astep, lda);
     wmma::load_matrix_sync(bf, b + kk * bstep, ldb);
-    wmma::load_matrix_sync(a, ahi + kk * 16, lda);
-    wmma::mma_sync(acc, a, bf, acc);
-    wmma::load_matrix_sync(a, alo + kk * 16, lda);
-    wmma::mma_sync(acc, a, bf, acc);
+    wmma::mma_sync(acc, af, bf, acc);
   }
 }
 
-// g and u of a position fragment f at column fragment n (16 x 16 each), stored row-major to stage_g / stage_u.
-template <int NF>
-__device__ __forceinline__ void mma_gu(const MmaLayout& L, unsigned char* sm, int f, int e, int n, float* stage_g,
-                                       float* stage_u) {
-  const __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi) + f * 16 * L.Lz;
-  const __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo) + f * 16 * L.Lz;
-  CFrag acc;
-  wmma::fill_fragment(acc, 0.0f);
-  // B = Bg_e^T (rank x 16 columns): slab [e][c][r] read column-major with ld Rgp.
-  mma_split<BCol, NF>(acc, zhi, zlo, L.Lz, smem_at<__nv_bfloat16>(sm, L.sBg) + (e * kMmaCols + n * 16) * L.Rgp, L.Rgp,
-                  16, L.Rgp / 16);
-  wmma::store_matrix_sync(stage_g, acc, 16, wmma::mem_row_major);
-  wmma::fill_fragment(acc, 0.0f);
-  mma_split<BCol, NF>(acc, zhi + L.Rgp, zlo + L.Rgp, L.Lz,
-                  smem_at<__nv_bfloat16>(sm, L.sBu) + (e * kMmaCols + n * 16) * L.Rup, L.Rup, 16, L.Rup / 16);
-  wmma::store_matrix_sync(stage_u, acc, 16, wmma::mem_row_major);
-}
-
-// Forward on register tiles (mma_16816: accumulators stay in registers, in the layout tensor_core.cuh states). A
-// block owns BT = 128 / KP whole tokens as 128 slot rows in token order, row = token * KP + k with KP = K rounded up
-// to a power of two (rows k >= K are padding: zero z, zero weight), 16 rows per warp, and walks its I split in steps
-// of 64 columns. Rows of a warp belong to mixed experts; the products run over the experts present in the warp
-// (`experts_of_warp`), each with the A rows of other experts zeroed, against that expert's slab in shared memory:
-//   g, u = G, U + s z B_e^T  (the warp's z tiles stay in registers across the steps)
-//   h = act(g) u;  hbar_t = sum_k w_j h_j (the KP rows of a token are lanes 4 apart: a shuffle tree)
-//   zd_j += drop(h_j) Ad_e^T (accumulated in registers across the block's steps)
-// fp32 operands (z, h) are rounded to bf16 for the tensor cores, as a bf16 LoRA rounds its own.
-constexpr int kFwdWarps = 8;
-constexpr int kFwdRows = 16 * kFwdWarps;
+// Token kernels on register tiles (mma_16816: accumulators stay in registers, in the layout tensor_core.cuh states).
+// A block owns BT = 128 / KP whole tokens as 128 slot rows in token order, row = token * KP + k with KP = K rounded
+// up to a power of two (rows k >= K are padding: zero rank vectors, zero weight), 16 rows per warp, and walks its I
+// split in steps of 64 columns, staging per step the 64-column slabs of every expert's Bg, Bu ([e][c][r]) and Ad
+// ([e][r][c]) and the tile's rows of G, U (and dH̄). Rows of a warp belong to mixed experts; every product runs over
+// the experts present in the warp (`experts_of_warp`), each with the A rows of other experts zeroed, against that
+// expert's slab. The KP rows of a token are lanes 4 apart, so per-token sums are a shuffle tree. fp32 operands (the
+// rank vectors, h, dg, du) are rounded to bf16 for the tensor cores, as a bf16 LoRA rounds its own.
+constexpr int kTileRows = 16 * kWarps;
 constexpr int kSlabPad = 8;  // bf16 per shared row beyond its data: row strides of 16 bytes mod 128, no bank conflicts
+constexpr int kLdc = kMmaCols + kSlabPad;  // row stride (bf16) of the Ad slab and the staged G, U, dH̄ rows
 
-// Byte offsets of the forward's shared arrays (128-byte aligned) and the row strides of its slabs.
-struct FwdLayout {
+// Byte offsets of the token kernels' shared arrays (128-byte aligned) and the row strides of their slabs.
+struct TileLayout {
   int KP, BT, E, Rgp, Rup, Rdp;
-  int ldg, ldu, ldz;  // row strides (bf16) of the Bg / Bu slabs ([e][c][r]) and of the staged z rows
-  int sBg, sBu, sAd, sG, sU, sZ, sEx;
+  int ldg, ldu, ldz;  // row strides (bf16) of the Bg / Bu slabs and of the staged rank rows [zg | zu (| dzd)]
+  int sBg, sBu, sAd, sG, sU, sGH, sZ, sEx;  // sGH: the backward's only
   int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
@@ -743,49 +524,154 @@ __host__ __device__ inline int pow2_at_least(int64_t v) {
   return p;
 }
 
-__host__ __device__ inline FwdLayout make_fwd_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
-  FwdLayout L{};
+// backward: the rank rows also hold dzd, and the tile's dH̄ rows are staged too.
+__host__ __device__ inline TileLayout make_tile_layout(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd,
+                                                       bool backward) {
+  TileLayout L{};
   L.KP = pow2_at_least(K < 1024 ? K : 1024);
-  L.BT = L.KP <= 8 ? kFwdRows / L.KP : 0;
+  L.BT = L.KP <= 8 ? kTileRows / L.KP : 0;
   L.E = static_cast<int>(E < 65536 ? E : 65536);
   L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
   L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
   L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
   L.ldg = L.Rgp + kSlabPad;
   L.ldu = L.Rup + kSlabPad;
-  L.ldz = L.Rgp + L.Rup + kSlabPad;
+  L.ldz = L.Rgp + L.Rup + (backward ? L.Rdp : 0) + kSlabPad;
   size_t at = 0;
   auto take = [&at](size_t bytes) {
     const int off = static_cast<int>(at);
     at += (bytes + 127) / 128 * 128;
     return off;
   };
+  const size_t rows = static_cast<size_t>(L.BT) * kLdc * 2;
   L.sBg = take(static_cast<size_t>(L.E) * kMmaCols * L.ldg * 2);
   L.sBu = take(static_cast<size_t>(L.E) * kMmaCols * L.ldu * 2);
-  L.sAd = take(static_cast<size_t>(L.E) * L.Rdp * (kMmaCols + kSlabPad) * 2);
-  L.sG = take(static_cast<size_t>(L.BT) * (kMmaCols + kSlabPad) * 2);
-  L.sU = take(static_cast<size_t>(L.BT) * (kMmaCols + kSlabPad) * 2);
-  L.sZ = take(static_cast<size_t>(kFwdRows) * L.ldz * 2);
-  L.sEx = take(static_cast<size_t>(kFwdWarps) * 16 * sizeof(int));
+  L.sAd = take(static_cast<size_t>(L.E) * L.Rdp * kLdc * 2);
+  L.sG = take(rows);
+  L.sU = take(rows);
+  L.sGH = backward ? take(rows) : 0;
+  L.sZ = take(static_cast<size_t>(kTileRows) * L.ldz * 2);
+  L.sEx = take(static_cast<size_t>(kWarps) * 16 * sizeof(int));
   L.bytes = at;
   return L;
 }
 
-// a with the rows whose expert is not e zeroed (rows g: a[0], a[2]; rows g + 8: a[1], a[3]).
-__device__ __forceinline__ void rows_of_expert(uint32_t (&out)[4], const uint32_t (&a)[4], int e_lo, int e_hi,
-                                               int e) {
-  out[0] = e_lo == e ? a[0] : 0u;
-  out[2] = e_lo == e ? a[2] : 0u;
-  out[1] = e_hi == e ? a[1] : 0u;
-  out[3] = e_hi == e ? a[3] : 0u;
+// This lane's two rows of its block, warp * 16 + g and + 8: slot ids (-1 for a padding row or a token beyond T; they
+// fit 32 bits: api.cpp checks T * K < 2^31), experts (-1 for none) and routing weights (0 for none).
+struct LaneRows {
+  int slot[2];
+  int ex[2];
+  float w[2];
+};
+
+__device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int64_t t0) {
+  LaneRows lr;
+  const int K = static_cast<int>(p.K);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = static_cast<int>(threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4) + 8 * h;
+    const int64_t t = t0 + row / L.KP;
+    const int k = row % L.KP;
+    const bool ok = t < p.T && k < K;
+    lr.slot[h] = ok ? static_cast<int>(t * K + k) : -1;
+    lr.ex[h] = ok ? static_cast<int>(p.experts[lr.slot[h]]) : -1;
+    CUDA_KERNEL_ASSERT((!ok || (lr.ex[h] >= 0 && lr.ex[h] < p.E)) && "expand_act_combine: expert id out of range [0, E)");
+    lr.w[h] = ok ? p.weights[lr.slot[h]] : 0.0f;
+  }
+  return lr;
 }
 
-// The distinct experts of the warp's rows (e_lo, e_hi: this lane's rows g and g + 8, -1 for none) in increasing
-// order into list (at most 16); returns their count. Warp-uniform.
-__device__ __forceinline__ int experts_of_warp(int e_lo, int e_hi, int E, int* list) {
+// The block's rank rows [zg | zu] (forward) or [zg | zu | dzd] (backward: grad_zd given) as bf16 rows of sZ, each
+// part zero-padded to its padded rank, zero rows for padding.
+__device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __nv_bfloat16* sZ, int64_t t0,
+                                       const float* grad_zd, int64_t gzd_stride) {
+  const int K = static_cast<int>(p.K);
+  const int Rgu = L.Rgp + L.Rup;
+  const int Rz = L.ldz - kSlabPad;
+  for (int idx = threadIdx.x; idx < kTileRows * Rz; idx += blockDim.x) {
+    const int row = idx / Rz;
+    const int r = idx - row * Rz;
+    const int64_t t = t0 + row / L.KP;
+    const int k = row % L.KP;
+    float v = 0.0f;
+    if (t < p.T && k < K) {
+      const int64_t j = t * K + k;
+      if (r < L.Rgp) {
+        v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
+      } else if (r < Rgu) {
+        v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
+      } else {
+        v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
+      }
+    }
+    sZ[row * L.ldz + r] = __float2bfloat16_rn(v);
+  }
+}
+
+// The warp's A tiles of its 16 rank rows: nf 16-wide tiles from column c0 of sZ.
+template <int NF>
+__device__ __forceinline__ void load_rank_tiles(uint32_t (&a)[NF][4], const __nv_bfloat16* sZ, const TileLayout& L,
+                                                int c0, int nf) {
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    if (f < nf) load_a(a[f], sZ + threadIdx.x / 32 * 16 * L.ldz, L.ldz, c0 + f * 16);
+  }
+}
+
+// Step i0 of the block: the slabs of every expert and the rows of its t1 tokens of G, U and (backward) dH̄.
+__device__ inline void load_tile_step(const MmaArgs& p, const TileLayout& L, unsigned char* sm, int64_t t0, int t1,
+                                      int i0, const c10::BFloat16* grad_hbar, int64_t gh_stride) {
+  const int I = static_cast<int>(p.I);
+  const bool vec = L.vec != 0;
+  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
+              L.ldg, 0, L.E, i0, I, vec);
+  if (p.U != nullptr) {
+    load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
+                L.ldu, 0, L.E, i0, I, vec);
+    load_rows(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, kLdc, i0, I, vec);
+  }
+  load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
+               kLdc, 0, L.E, i0, I, vec);
+  load_rows(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, kLdc, i0, I, vec);
+  if (grad_hbar != nullptr) {
+    load_rows(smem_at<unsigned short>(sm, L.sGH), grad_hbar + t0 * gh_stride, gh_stride, t1, L.BT, kLdc, i0, I, vec);
+  }
+}
+
+// The shared arrays a token-kernel block reads: the slabs, and the G, U, dH̄ rows as words of two bf16.
+struct TileSmem {
+  const __nv_bfloat16 *Bg, *Bu, *Ad;
+  const unsigned *G, *U, *GH;
+};
+
+__device__ __forceinline__ TileSmem tile_smem(unsigned char* sm, const TileLayout& L) {
+  return {smem_at<__nv_bfloat16>(sm, L.sBg), smem_at<__nv_bfloat16>(sm, L.sBu), smem_at<__nv_bfloat16>(sm, L.sAd),
+          smem_at<unsigned>(sm, L.sG),       smem_at<unsigned>(sm, L.sU),       smem_at<unsigned>(sm, L.sGH)};
+}
+
+// The I steps [first, last) of this block's split (blockIdx.x of gridDim.x).
+__device__ __forceinline__ void split_steps(int64_t I, int& first, int& last) {
+  const int steps = static_cast<int>((I + kMmaCols - 1) / kMmaCols);
+  const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+  first = static_cast<int>(blockIdx.x) * per_split;
+  last = first + per_split < steps ? first + per_split : steps;
+}
+
+// a with the rows whose expert is not e zeroed (rows g: a[0], a[2]; rows g + 8: a[1], a[3]).
+__device__ __forceinline__ void rows_of_expert(uint32_t (&out)[4], const uint32_t (&a)[4], const LaneRows& lr,
+                                               int e) {
+  out[0] = lr.ex[0] == e ? a[0] : 0u;
+  out[2] = lr.ex[0] == e ? a[2] : 0u;
+  out[1] = lr.ex[1] == e ? a[1] : 0u;
+  out[3] = lr.ex[1] == e ? a[3] : 0u;
+}
+
+// The distinct experts of the warp's rows in increasing order into list (at most 16); returns their count.
+// Warp-uniform.
+__device__ __forceinline__ int experts_of_warp(const LaneRows& lr, int E, int* list) {
   int n = 0;
   for (int e = 0; e < E; ++e) {
-    if (__any_sync(0xffffffffu, e_lo == e || e_hi == e)) {
+    if (__any_sync(0xffffffffu, lr.ex[0] == e || lr.ex[1] == e)) {
       if (threadIdx.x % 32 == 0) {
         list[n] = e;
       }
@@ -797,19 +683,27 @@ __device__ __forceinline__ int experts_of_warp(int e_lo, int e_hi, int E, int* l
 }
 
 // acc[2 np + h] += A (16 rows x 16 k, tile a) x B (16 k x 16 columns of n tile pair np), B from slab s holding
-// element (k, n) at s[n * ld + k], k from kb, over `pairs` pairs of 8-column tiles.
-template <int NT>
+// element (k, n) at s[n * ld + k], or with K_MAJOR at s[k * ld + n], k from kb, over `pairs` pairs of 8-column tiles.
+template <bool K_MAJOR, int NT>
 __device__ __forceinline__ void mma_row_tile(float (&acc)[NT][4], const uint32_t (&a)[4], const __nv_bfloat16* s,
                                              int ld, int kb, int pairs) {
 #pragma unroll
   for (int np = 0; np < NT / 2; ++np) {
     if (np < pairs) {
       uint32_t b0[2], b1[2];
-      load_b_pair(b0, b1, s, ld, kb, np * 16);
+      load_b_pair<K_MAJOR>(b0, b1, s, ld, kb, np * 16);
       mma_16816(acc[2 * np], a, b0);
       mma_16816(acc[2 * np + 1], a, b1);
     }
   }
+}
+
+// The A tile (16 rows x 16 k) of two C tiles over k 0-7 (c0) and 8-15 (c1), rounded to bf16.
+__device__ __forceinline__ void pack_a_tile(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack_bf16(c0[0], c0[1]);
+  a[1] = pack_bf16(c0[2], c0[3]);
+  a[2] = pack_bf16(c1[0], c1[1]);
+  a[3] = pack_bf16(c1[2], c1[3]);
 }
 
 // Element c (0 or 1) of a pair of bf16 in one 32-bit word, as fp32.
@@ -818,10 +712,10 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
       c10::BFloat16(static_cast<uint16_t>(c ? w >> 16 : w & 0xffffu), c10::BFloat16::from_bits()));
 }
 
-// hbar[t][i], hbar[t][i + 1] (t = t0 + row / KP, i even) = the sums of v over the KP rows of the token: rows
+// out[t][i], out[t][i + 1] (t = t0 + row / KP, i even) = the sums of v over the KP rows of the token: rows
 // row .. of one token are KP consecutive rows of a 8-row half of the warp's tile, i.e. lanes 4, 8, 16 apart (KP <= 8).
 // Stored by the lane of the token's first row, as one 32-bit word when both columns exist and I is even.
-__device__ __forceinline__ void store_token_sum(c10::BFloat16* __restrict__ hbar, float (&v)[2], int row, int KP,
+__device__ __forceinline__ void store_token_sum(c10::BFloat16* __restrict__ out, float (&v)[2], int row, int KP,
                                                 int64_t t0, int64_t T, int64_t I, int64_t i) {
 #pragma unroll
   for (int m = 4; m < 32; m *= 2) {
@@ -834,100 +728,53 @@ __device__ __forceinline__ void store_token_sum(c10::BFloat16* __restrict__ hbar
   if (row % KP != 0 || t >= T || i >= I) {
     return;
   }
-  c10::BFloat16* out = hbar + t * I + i;
+  c10::BFloat16* dst = out + t * I + i;
   if (i + 1 < I && I % 2 == 0) {
-    *reinterpret_cast<unsigned*>(out) = pack_bf16(v[0], v[1]);
+    *reinterpret_cast<unsigned*>(dst) = pack_bf16(v[0], v[1]);
   } else {
-    out[0] = static_cast<c10::BFloat16>(v[0]);
+    dst[0] = static_cast<c10::BFloat16>(v[0]);
     if (i + 1 < I) {
-      out[1] = static_cast<c10::BFloat16>(v[1]);
+      dst[1] = static_cast<c10::BFloat16>(v[1]);
     }
   }
 }
 
+// Forward. Per step, each warp over its 16 rows:
+//   g, u = G, U + s z B_e^T  (the warp's z tiles stay in registers across the steps)
+//   h = act(g) u;  hbar_t = sum_k w_j h_j
+//   zd_j += drop(h_j) Ad_e^T (the accumulators reused as A tiles; zd accumulated in registers across the steps)
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
 // (1, 2 or 4) and ACT the activation (common.cuh): one instantiation each.
 template <int NF, int ACT>
-__global__ void __launch_bounds__(kFwdWarps * 32)
-eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
+__global__ void __launch_bounds__(kBlock)
+eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
   const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int g = lane / 4;
-  const int tq = lane % 4;
-  const int I = static_cast<int>(p.I);
-  const int K = static_cast<int>(p.K);
+  const int g = threadIdx.x % 32 / 4;
+  const int tq = threadIdx.x % 4;
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
-  const int64_t S = p.T * p.K;
+  const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);  // the tile's tokens
   const bool gated = p.U != nullptr;
+  const LaneRows lr = lane_rows(p, L, t0);
   __nv_bfloat16* sZ = smem_at<__nv_bfloat16>(sm, L.sZ);
-  // This lane's two rows: warp * 16 + g and + 8 (slot ids fit 32 bits: api.cpp checks T * K < 2^31).
-  int slot[2];
-  int ex[2];
-  float w[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp * 16 + g + 8 * h;
-    const int64_t t = t0 + row / L.KP;
-    const int k = row % L.KP;
-    const bool ok = t < p.T && k < K;
-    slot[h] = ok ? static_cast<int>(t * K + k) : -1;
-    ex[h] = ok ? static_cast<int>(p.experts[slot[h]]) : -1;
-    CUDA_KERNEL_ASSERT((!ok || (ex[h] >= 0 && ex[h] < p.E)) && "expand_act_combine: expert id out of range [0, E)");
-    w[h] = ok ? p.weights[slot[h]] : 0.0f;
-  }
-  // [zg | zu] of the block's rows as bf16, then each warp's z tiles into registers.
-  const int Rz = L.Rgp + L.Rup;
-  for (int idx = threadIdx.x; idx < kFwdRows * Rz; idx += blockDim.x) {
-    const int row = idx / Rz;
-    const int r = idx - row * Rz;
-    const int64_t t = t0 + row / L.KP;
-    const int k = row % L.KP;
-    float v = 0.0f;
-    if (t < p.T && k < K) {
-      const int64_t j = t * K + k;
-      v = r < L.Rgp ? (r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f)
-                    : (r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f);
-    }
-    sZ[row * L.ldz + r] = __float2bfloat16_rn(v);
-  }
+  stage_rank_rows(p, L, sZ, t0, nullptr, 0);
   __syncthreads();
   uint32_t zg_a[NF][4], zu_a[NF][4];
-#pragma unroll
-  for (int f = 0; f < NF; ++f) {
-    if (f < L.Rgp / 16) load_a(zg_a[f], sZ + warp * 16 * L.ldz, L.ldz, f * 16);
-    if (f < L.Rup / 16) load_a(zu_a[f], sZ + warp * 16 * L.ldz, L.ldz, L.Rgp + f * 16);
-  }
+  load_rank_tiles(zg_a, sZ, L, 0, L.Rgp / 16);
+  load_rank_tiles(zu_a, sZ, L, L.Rgp, L.Rup / 16);
   int* experts = smem_at<int>(sm, L.sEx) + warp * 16;
-  const int nex = experts_of_warp(ex[0], ex[1], L.E, experts);
+  const int nex = experts_of_warp(lr, L.E, experts);
+  const TileSmem sh = tile_smem(sm, L);
 
   float zd[2 * NF][4] = {};
-  const int steps = (I + kMmaCols - 1) / kMmaCols;
-  const int split = static_cast<int>(blockIdx.x);
-  const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  const int step_end = (split + 1) * per_split < steps ? (split + 1) * per_split : steps;
-  const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);  // the tile's tokens
-  const int ldc = kMmaCols + kSlabPad;
-  for (int step = split * per_split; step < step_end; ++step) {
+  int first, last;
+  split_steps(p.I, first, last);
+  for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
     __syncthreads();  // the previous step's slabs are consumed
-    const bool vec = L.vec != 0;
-    load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
-                L.ldg, 0, L.E, i0, I, vec);
-    if (gated) {
-      load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru),
-                  L.Rup, L.ldu, 0, L.E, i0, I, vec);
-    }
-    load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd),
-                 L.Rdp, ldc, 0, L.E, i0, I, vec);
-    load_rows(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, ldc, i0, I, vec);
-    if (gated) {
-      load_rows(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, ldc, i0, I, vec);
-    }
+    load_tile_step(p, L, sm, t0, t1, i0, nullptr, 0);
     __syncthreads();
-    const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg);
-    const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu);
     float gacc[8][4] = {};
     float uacc[8][4] = {};
     for (int q = 0; q < nex; ++q) {
@@ -936,35 +783,33 @@ eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, flo
       for (int f = 0; f < NF; ++f) {
         uint32_t a[4];
         if (f < L.Rgp / 16) {
-          rows_of_expert(a, zg_a[f], ex[0], ex[1], e);
-          mma_row_tile(gacc, a, sBg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
+          rows_of_expert(a, zg_a[f], lr, e);
+          mma_row_tile<false>(gacc, a, sh.Bg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
         }
         if (gated && f < L.Rup / 16) {
-          rows_of_expert(a, zu_a[f], ex[0], ex[1], e);
-          mma_row_tile(uacc, a, sBu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
+          rows_of_expert(a, zu_a[f], lr, e);
+          mma_row_tile<false>(uacc, a, sh.Bu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
         }
       }
     }
     // Elementwise, per element of this lane's accumulators: row warp * 16 + g + 8 h, column 8 nt + 2 tq + c.
-    const unsigned* sG = smem_at<unsigned>(sm, L.sG);
-    const unsigned* sU = smem_at<unsigned>(sm, L.sU);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = warp * 16 + g + 8 * h;
-        const int word = ((row / L.KP) * ldc + nt * 8 + 2 * tq) / 2;
-        const unsigned gw = sG[word];
-        const unsigned uw = gated ? sU[word] : 0u;
+        const int word = ((row / L.KP) * kLdc + nt * 8 + 2 * tq) / 2;
+        const unsigned gw = sh.G[word];
+        const unsigned uw = gated ? sh.U[word] : 0u;
         float hw[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
           const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
           const float hv = act_forward(ACT, gv) * uv;
-          hw[c] = w[h] * hv;
+          hw[c] = lr.w[h] * hv;
           const int i = i0 + nt * 8 + 2 * tq + c;
-          gacc[nt][2 * h + c] = slot[h] >= 0 ? hv * dropout_mult(p.drop, slot[h], p.I, i) : 0.0f;
+          gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * dropout_mult(p.drop, lr.slot[h], p.I, i) : 0.0f;
         }
         store_token_sum(hbar, hw, row, L.KP, t0, p.T, p.I, i0 + nt * 8 + 2 * tq);
       }
@@ -973,24 +818,20 @@ eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, flo
     uint32_t ha[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      ha[kk][0] = pack_bf16(gacc[2 * kk][0], gacc[2 * kk][1]);
-      ha[kk][1] = pack_bf16(gacc[2 * kk][2], gacc[2 * kk][3]);
-      ha[kk][2] = pack_bf16(gacc[2 * kk + 1][0], gacc[2 * kk + 1][1]);
-      ha[kk][3] = pack_bf16(gacc[2 * kk + 1][2], gacc[2 * kk + 1][3]);
+      pack_a_tile(ha[kk], gacc[2 * kk], gacc[2 * kk + 1]);
     }
-    const __nv_bfloat16* sAd = smem_at<__nv_bfloat16>(sm, L.sAd);
     for (int q = 0; q < nex; ++q) {
       const int e = experts[q];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];
-        rows_of_expert(a, ha[kk], ex[0], ex[1], e);
-        mma_row_tile(zd, a, sAd + e * L.Rdp * ldc, ldc, kk * 16, L.Rdp / 16);
+        rows_of_expert(a, ha[kk], lr, e);
+        mma_row_tile<false>(zd, a, sh.Ad + e * L.Rdp * kLdc, kLdc, kk * 16, L.Rdp / 16);
       }
     }
   }
   // This split's zd partial sums of the lane's rows: ranks 8 nt + 2 tq + c.
-  float* out = zd_part + static_cast<int64_t>(blockIdx.x) * S * p.Rd;
+  float* out = zd_part + static_cast<int64_t>(blockIdx.x) * p.T * p.K * p.Rd;
 #pragma unroll
   for (int nt = 0; nt < 2 * NF; ++nt) {
 #pragma unroll
@@ -998,185 +839,165 @@ eac_fwd_mma_kernel(MmaArgs p, FwdLayout L, c10::BFloat16* __restrict__ hbar, flo
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int r = nt * 8 + 2 * tq + c;
-        if (slot[h] >= 0 && r < p.Rd) {
-          out[static_cast<int64_t>(slot[h]) * p.Rd + r] = zd[nt][2 * h + c];
+        if (lr.slot[h] >= 0 && r < p.Rd) {
+          out[static_cast<int64_t>(lr.slot[h]) * p.Rd + r] = zd[nt][2 * h + c];
         }
       }
     }
   }
 }
 
+// Backward. Per step and 16-column chunk, each warp over its 16 rows:
+//   g, u = G, U + s z B_e^T;  b = dzd Ad_e (the Ad slab read k-major: ldmatrix .trans)
+//   dh = w dH̄ + drop(b);  dg = dh act'(g) u;  du = dh act(g);  dw += dH̄ act(g) u
+//   dG_t, dU_t = sum_k dg_j, du_j
+//   dzg += dg Bg_e, dzu += du Bu_e (dg, du as A tiles, the B slabs read k-major; accumulated in registers)
 // Grid (splits of the I steps, token tiles). Writes dG, dU for the tile's tokens and columns, and the block's
 // partial [dzg/s | dzu/s | dw] (sums over its columns) by slot into part[split] (S, Rg + Ru + 1).
-template <int NF>
+template <int NF, int ACT>
 __global__ void __launch_bounds__(kBlock)
-eac_bwd_mma_kernel(MmaArgs p, MmaLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
+eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
                    c10::BFloat16* __restrict__ dU, float* __restrict__ part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
-  const int64_t t1 = t0 + L.BT < p.T ? t0 + L.BT : p.T;
-  const int K = static_cast<int>(p.K);
-  const int I = static_cast<int>(p.I);
-  const int64_t S = p.T * p.K;
-  const int ns = mma_tile_setup(p, L, sm, t0, t1, grad_zd, gzd_stride);
-  const int* pos_slot = smem_at<int>(sm, L.pos_slot);
-  const int* pos_tok = smem_at<int>(sm, L.pos_tok);
-  const int* frag_expert = smem_at<int>(sm, L.frag_expert);
-  const int* slot_pos = smem_at<int>(sm, L.slot_pos);
-  const float* wslot = smem_at<float>(sm, L.wslot);
-  const c10::BFloat16* sG = smem_at<c10::BFloat16>(sm, L.sG);
-  const c10::BFloat16* sU = smem_at<c10::BFloat16>(sm, L.sU);
-  const c10::BFloat16* sGH = smem_at<c10::BFloat16>(sm, L.sGH);
-  float* comb_g = smem_at<float>(sm, L.comb);
-  float* comb_u = comb_g + L.TS * kMmaCols;
-  float* dzacc = smem_at<float>(sm, L.acc);
-  float* dwacc = smem_at<float>(sm, L.dwacc);
   const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  float* stage_g = smem_at<float>(sm, L.stage) + warp * 768;
-  float* stage_u = stage_g + 256;
-  float* stage_b = stage_g + 512;
-  __nv_bfloat16* ghi = smem_at<__nv_bfloat16>(sm, L.ahi) + warp * 512;
-  __nv_bfloat16* glo = smem_at<__nv_bfloat16>(sm, L.alo) + warp * 512;
-  __nv_bfloat16* uhi = ghi + 256;
-  __nv_bfloat16* ulo = glo + 256;
-  const int Rgu = L.Rgp + L.Rup;
-  for (int idx = threadIdx.x; idx < L.NP * Rgu; idx += blockDim.x) {
-    dzacc[idx] = 0.0f;
-  }
-  for (int idx = threadIdx.x; idx < L.NP; idx += blockDim.x) {
-    dwacc[idx] = 0.0f;
-  }
-  const int nfrag = frag_expert[L.NP / 16];
+  const int g = threadIdx.x % 32 / 4;
+  const int tq = threadIdx.x % 4;
+  const int I = static_cast<int>(p.I);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
+  const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);
   const bool gated = p.U != nullptr;
-  const int steps = (I + kMmaCols - 1) / kMmaCols;
-  const int split = static_cast<int>(blockIdx.x);
-  const int per_split = (steps + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-  const int step_end = (split + 1) * per_split < steps ? (split + 1) * per_split : steps;
-  const c10::BFloat16* rows[3] = {p.G, p.U, grad_hbar};
-  const int64_t strides[3] = {p.G_stride, p.U_stride, gh_stride};
-  const int row_offsets[3] = {L.sG, L.sU, L.sGH};
-  const int nrg = L.Rgp / 16;
-  const int nru = L.Rup / 16;
-  for (int step = split * per_split; step < step_end; ++step) {
+  const LaneRows lr = lane_rows(p, L, t0);
+  __nv_bfloat16* sZ = smem_at<__nv_bfloat16>(sm, L.sZ);
+  stage_rank_rows(p, L, sZ, t0, grad_zd, gzd_stride);
+  __syncthreads();
+  uint32_t zg_a[NF][4], zu_a[NF][4], zd_a[NF][4];
+  load_rank_tiles(zg_a, sZ, L, 0, L.Rgp / 16);
+  load_rank_tiles(zu_a, sZ, L, L.Rgp, L.Rup / 16);
+  load_rank_tiles(zd_a, sZ, L, L.Rgp + L.Rup, L.Rdp / 16);
+  int* experts = smem_at<int>(sm, L.sEx) + warp * 16;
+  const int nex = experts_of_warp(lr, L.E, experts);
+  const TileSmem sh = tile_smem(sm, L);
+
+  float dzg[2 * NF][4] = {};
+  float dzu[2 * NF][4] = {};
+  float dw[2] = {};
+  int first, last;
+  split_steps(p.I, first, last);
+  for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
-    const int ncf = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // column fragments
+    __syncthreads();  // the previous step's slabs are consumed
+    load_tile_step(p, L, sm, t0, t1, i0, grad_hbar, gh_stride);
     __syncthreads();
-    mma_load_step(p, L, sm, t0, t1, i0, rows, strides, row_offsets, 3);
-    __syncthreads();
-    for (int f = warp; f < nfrag; f += kWarps) {
-      const int e = frag_expert[f];
-      CFrag dzg_acc[NF];
-      CFrag dzu_acc[NF];
+    const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
+    for (int ch = 0; ch < nch; ++ch) {
+      float gacc[2][4] = {};
+      float uacc[2][4] = {};
+      float bacc[2][4] = {};
+      for (int q = 0; q < nex; ++q) {
+        const int e = experts[q];
 #pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nrg) wmma::load_matrix_sync(dzg_acc[rn], dzacc + f * 16 * Rgu + rn * 16, Rgu, wmma::mem_row_major);
-      }
-#pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nru) wmma::load_matrix_sync(dzu_acc[rn], dzacc + f * 16 * Rgu + L.Rgp + rn * 16, Rgu, wmma::mem_row_major);
-      }
-      float dw_rows[8] = {};
-      const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg) + e * kMmaCols * L.Rgp;
-      const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu) + e * kMmaCols * L.Rup;
-      for (int n = 0; n < ncf; ++n) {
-        mma_gu<NF>(L, sm, f, e, n, stage_g, stage_u);
-        {
-          // Ad_e^T dzd_j at these 16 columns: A = dzd (16 x rank), B = slab [e][r][c] row-major with ld 64.
-          CFrag acc;
-          wmma::fill_fragment(acc, 0.0f);
-          const int zoff = f * 16 * L.Lz + Rgu;
-          mma_split<BRow, NF>(acc, smem_at<__nv_bfloat16>(sm, L.zhi) + zoff, smem_at<__nv_bfloat16>(sm, L.zlo) + zoff,
-                          L.Lz, smem_at<__nv_bfloat16>(sm, L.sAd) + e * L.Rdp * kMmaCols + n * 16, kMmaCols,
-                          16 * kMmaCols, L.Rdp / 16);
-          wmma::store_matrix_sync(stage_b, acc, 16, wmma::mem_row_major);
+        for (int f = 0; f < NF; ++f) {
+          uint32_t a[4];
+          if (f < L.Rgp / 16) {
+            rows_of_expert(a, zg_a[f], lr, e);
+            mma_row_tile<false>(gacc, a, sh.Bg + (e * kMmaCols + ch * 16) * L.ldg, L.ldg, f * 16, 1);
+          }
+          if (gated && f < L.Rup / 16) {
+            rows_of_expert(a, zu_a[f], lr, e);
+            mma_row_tile<false>(uacc, a, sh.Bu + (e * kMmaCols + ch * 16) * L.ldu, L.ldu, f * 16, 1);
+          }
+          if (f < L.Rdp / 16) {
+            rows_of_expert(a, zd_a[f], lr, e);
+            mma_row_tile<true>(bacc, a, sh.Ad + e * L.Rdp * kLdc + ch * 16, kLdc, f * 16, 1);
+          }
         }
-        __syncwarp();
+      }
+      // Elementwise: row warp * 16 + g + 8 h, column i0 + col + c. Padding rows have zero rank vectors and weight,
+      // so dh, dg, du vanish there; columns beyond I read zero dH̄ and zero-padded slabs.
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          const int idx = lane + 32 * q;
-          const int row = idx / 16;
-          const int c = n * 16 + idx % 16;
-          const int pos = f * 16 + row;
-          const int s = pos_slot[pos];
-          float dg = 0.0f, du = 0.0f, dwp = 0.0f;
-          if (s >= 0 && i0 + c < I) {
-            const int tl = pos_tok[pos];
-            const float g = static_cast<float>(sG[tl * kMmaCols + c]) + p.scale * stage_g[idx];
-            const float u = gated ? static_cast<float>(sU[tl * kMmaCols + c]) + p.scale * stage_u[idx] : 1.0f;
-            const float gh = static_cast<float>(sGH[tl * kMmaCols + c]);
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp * 16 + g + 8 * h;
+          const int col = ch * 16 + nt * 8 + 2 * tq;
+          const int word = ((row / L.KP) * kLdc + col) / 2;
+          const unsigned gw = sh.G[word];
+          const unsigned uw = gated ? sh.U[word] : 0u;
+          const unsigned hw = sh.GH[word];
+          float dgv[2], duv[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+            const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+            const float gh = bf16_bits_to_float(hw, c);
             float a, da;
-            act_forward_grad(p.act, g, a, da);
-            const float mask = dropout_mult(p.drop, t0 * K + s, p.I, i0 + c);
-            const float dh = wslot[s] * gh + stage_b[idx] * mask;
-            dg = dh * da * u;
-            du = dh * a;
-            dwp = gh * (a * u);
-            comb_g[s * kMmaCols + c] = dg;
-            comb_u[s * kMmaCols + c] = du;
+            act_forward_grad(ACT, gv, a, da);
+            const float dh = lr.w[h] * gh + bacc[nt][2 * h + c] * dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c);
+            dgv[c] = dh * da * uv;
+            duv[c] = dh * a;
+            dw[h] += gh * (a * uv);
+            gacc[nt][2 * h + c] = dgv[c];
+            uacc[nt][2 * h + c] = duv[c];
           }
-          split_bf16(dg, ghi[idx], glo[idx]);
-          split_bf16(du, uhi[idx], ulo[idx]);
-          // Row 2q + lane / 16: its 16 values sit in lanes of one half-warp; a fixed butterfly sums them.
-#pragma unroll
-          for (int off = 8; off > 0; off >>= 1) {
-            dwp += __shfl_xor_sync(0xffffffffu, dwp, off);
+          store_token_sum(dG, dgv, row, L.KP, t0, p.T, p.I, i0 + col);
+          if (gated) {
+            store_token_sum(dU, duv, row, L.KP, t0, p.T, p.I, i0 + col);
           }
-          dw_rows[q] += dwp;
-        }
-        __syncwarp();
-        // dzg += dg (16 x 16 columns) x Bg_e (16 columns x rank): slab [e][c][r] row-major with ld Rgp.
-#pragma unroll
-        for (int rn = 0; rn < NF; ++rn) {
-          if (rn < nrg) mma_split<BRow, 1>(dzg_acc[rn], ghi, glo, 16, sBg + n * 16 * L.Rgp + rn * 16, L.Rgp, 0, 1);
-        }
-#pragma unroll
-        for (int rn = 0; rn < NF; ++rn) {
-          if (rn < nru) mma_split<BRow, 1>(dzu_acc[rn], uhi, ulo, 16, sBu + n * 16 * L.Rup + rn * 16, L.Rup, 0, 1);
-        }
-        __syncwarp();
-      }
-#pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nrg) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + rn * 16, dzg_acc[rn], Rgu, wmma::mem_row_major);
-      }
-#pragma unroll
-      for (int rn = 0; rn < NF; ++rn) {
-        if (rn < nru) wmma::store_matrix_sync(dzacc + f * 16 * Rgu + L.Rgp + rn * 16, dzu_acc[rn], Rgu, wmma::mem_row_major);
-      }
-      if (lane % 16 == 0) {
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          dwacc[f * 16 + 2 * q + lane / 16] += dw_rows[q];
         }
       }
-    }
-    __syncthreads();
-    // dG_t, dU_t = sums over the token's K slots, in k order.
-    combine_slot_rows(comb_g, K, L.BT, t0, t1, i0, p.I, dG);
-    if (gated) {
-      combine_slot_rows(comb_u, K, L.BT, t0, t1, i0, p.I, dU);
+      uint32_t dga[4], dua[4];
+      pack_a_tile(dga, gacc[0], gacc[1]);
+      pack_a_tile(dua, uacc[0], uacc[1]);
+      for (int q = 0; q < nex; ++q) {
+        const int e = experts[q];
+        uint32_t a[4];
+        rows_of_expert(a, dga, lr, e);
+        mma_row_tile<true>(dzg, a, sh.Bg + (e * kMmaCols + ch * 16) * L.ldg, L.ldg, 0, L.Rgp / 16);
+        if (gated) {
+          rows_of_expert(a, dua, lr, e);
+          mma_row_tile<true>(dzu, a, sh.Bu + (e * kMmaCols + ch * 16) * L.ldu, L.ldu, 0, L.Rup / 16);
+        }
+      }
     }
   }
-  __syncthreads();
+  // This split's partial sums of the lane's rows: dzg, dzu at ranks 8 nt + 2 tq + c; dw summed over the row's 4 lanes.
   const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru);
   const int W = Rg + Ru + 1;
-  float* out = part + (static_cast<int64_t>(blockIdx.x) * S + t0 * p.K) * W;
-  for (int idx = threadIdx.x; idx < ns * W; idx += blockDim.x) {
-    const int s = idx / W;
-    const int c = idx - s * W;
-    const int q = slot_pos[s];
-    out[idx] = c < Rg ? dzacc[q * Rgu + c] : c < Rg + Ru ? dzacc[q * Rgu + L.Rgp + c - Rg] : dwacc[q];
+  float* out = part + static_cast<int64_t>(blockIdx.x) * p.T * p.K * W;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    dw[h] += __shfl_xor_sync(0xffffffffu, dw[h], 1);
+    dw[h] += __shfl_xor_sync(0xffffffffu, dw[h], 2);
+    if (lr.slot[h] < 0) {
+      continue;
+    }
+    float* row = out + static_cast<int64_t>(lr.slot[h]) * W;
+#pragma unroll
+    for (int nt = 0; nt < 2 * NF; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = nt * 8 + 2 * tq + c;
+        if (r < Rg) {
+          row[r] = dzg[nt][2 * h + c];
+        }
+        if (r < Ru) {
+          row[Rg + r] = gated ? dzu[nt][2 * h + c] : 0.0f;
+        }
+      }
+    }
+    if (tq == 0) {
+      row[Rg + Ru] = dw[h];
+    }
   }
 }
 
 // Weight gradients on tensor cores (same eligibility as the kernels above). Grid (64-column tiles of I, experts): a
 // block walks its expert's slots in sorted order, 64 at a time; per chunk it recomputes dg, du and drop(h) for the
-// 64 slots x 64 columns (wmma for the rank-R products, as eac_bwd_mma_kernel) into bf16 hi/lo tiles, then adds
+// 64 slots x 64 columns (wmma for the rank-R products) into bf16 tiles, then adds
 //   dBg_e += dg^T zg, dBu_e += du^T zu (64 columns x rank), dAd_e += dzd^T drop(h) (rank x 64 columns)
-// with three MMAs per product (hi hi + hi lo + lo hi: both operands are fp32 values). Each warp keeps its output
-// fragments in registers across the chunks; fixed slot order, no atomics.
+// with its fp32 operands rounded to bf16 (as the token kernels round theirs). Each warp keeps its output fragments in
+// registers across the chunks; fixed slot order, no atomics.
 constexpr int kWgSlots = 64;
 // Output fragments per warp: 4 x (Rgp + Rup + Rdp) / 16 <= 12 NF over 8 warps.
 __host__ __device__ constexpr int wg_max_out(int NF) {
@@ -1187,7 +1008,7 @@ using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma:
 
 struct WgLayout {
   int Rgp, Rup, Rdp, Lz;
-  int slot, tok, zhi, zlo, sBg, sBu, sAd, sG, sU, sGH, stage, phi, plo;
+  int slot, tok, z, sBg, sBu, sAd, sG, sU, sGH, stage, prod;
   int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
@@ -1206,8 +1027,7 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
   };
   L.slot = take(kWgSlots * sizeof(int));
   L.tok = take(kWgSlots * sizeof(int));
-  L.zhi = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
-  L.zlo = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
+  L.z = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
   L.sBg = take(static_cast<size_t>(kMmaCols) * L.Rgp * 2);
   L.sBu = take(static_cast<size_t>(kMmaCols) * L.Rup * 2);
   L.sAd = take(static_cast<size_t>(kMmaCols) * L.Rdp * 2);
@@ -1215,45 +1035,21 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
   L.sU = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
   L.sGH = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
   L.stage = take(static_cast<size_t>(kWarps) * 768 * 4);
-  L.phi = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
-  L.plo = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
+  L.prod = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
   L.bytes = at;
   return L;
 }
 
-// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit a tile,
-// and each kernel's shared memory fits sm_90's 227 KiB (E 8, R 16: ~97 KiB forward, ~195 KiB backward, ~80 KiB
-// weight gradients); the forward's shuffle tree takes K <= 8.
+// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit the
+// token kernels' shuffle tree (K <= 8) and each kernel's shared memory fits sm_90's 227 KiB (E 8, K 2, R 16:
+// ~95 KiB forward, ~108 KiB backward, ~85 KiB weight gradients).
 __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
-  if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > kMmaBwdSlots || E > 4096) {
+  if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > 8 || E > 4096) {
     return false;
   }
-  return make_fwd_layout(K, E, Rg, Ru, Rd).BT > 0 && make_fwd_layout(K, E, Rg, Ru, Rd).bytes <= kMmaMaxSmem &&
-         make_mma_layout(K, E, Rg, Ru, Rd).bytes <= kMmaMaxSmem &&
+  return make_tile_layout(K, E, Rg, Ru, Rd, false).bytes <= kMmaMaxSmem &&
+         make_tile_layout(K, E, Rg, Ru, Rd, true).bytes <= kMmaMaxSmem &&
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
-}
-
-// acc += [ahi | alo] x [bhi | blo] without the lo x lo term, over `nk` 16-deep steps (A fragment kk at a + kk *
-// astep, B at b + kk * bstep).
-template <typename AT, typename BT>
-__device__ __forceinline__ void mma_split3(CFrag& acc, const __nv_bfloat16* ahi, const __nv_bfloat16* alo, int lda,
-                                           int astep, const __nv_bfloat16* bhi, const __nv_bfloat16* blo, int ldb,
-                                           int bstep, int nk) {
-  AT a, a2;
-  BT b;
-#pragma unroll
-  for (int kk = 0; kk < kWgSlots / 16; ++kk) {
-    if (kk >= nk) {
-      break;
-    }
-    wmma::load_matrix_sync(a, ahi + kk * astep, lda);
-    wmma::load_matrix_sync(b, bhi + kk * bstep, ldb);
-    wmma::mma_sync(acc, a, b, acc);
-    wmma::load_matrix_sync(a2, alo + kk * astep, lda);
-    wmma::mma_sync(acc, a2, b, acc);
-    wmma::load_matrix_sync(b, blo + kk * bstep, ldb);
-    wmma::mma_sync(acc, a, b, acc);
-  }
 }
 
 template <int NF>
@@ -1264,16 +1060,14 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   unsigned char* sm = dynamic_smem<unsigned char>();
   int* slot = smem_at<int>(sm, L.slot);
   int* tok = smem_at<int>(sm, L.tok);
-  __nv_bfloat16* zhi = smem_at<__nv_bfloat16>(sm, L.zhi);
-  __nv_bfloat16* zlo = smem_at<__nv_bfloat16>(sm, L.zlo);
+  __nv_bfloat16* z = smem_at<__nv_bfloat16>(sm, L.z);
   unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
   unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
   unsigned short* sAd = smem_at<unsigned short>(sm, L.sAd);
   unsigned short* sG = smem_at<unsigned short>(sm, L.sG);
   unsigned short* sU = smem_at<unsigned short>(sm, L.sU);
   unsigned short* sGH = smem_at<unsigned short>(sm, L.sGH);
-  __nv_bfloat16* phi = smem_at<__nv_bfloat16>(sm, L.phi);
-  __nv_bfloat16* plo = smem_at<__nv_bfloat16>(sm, L.plo);
+  __nv_bfloat16* prod = smem_at<__nv_bfloat16>(sm, L.prod);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* stage = smem_at<float>(sm, L.stage) + warp * 768;
@@ -1326,7 +1120,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           v = r - Rgu < Rd ? grad_zd[s * gzd_stride + r - Rgu] : 0.0f;
         }
       }
-      split_bf16(v, zhi[idx], zlo[idx]);
+      z[idx] = __float2bfloat16_rn(v);
     }
     for (int idx = threadIdx.x; idx < kWgSlots * (kMmaCols / 8); idx += blockDim.x) {
       const int q = idx / (kMmaCols / 8);
@@ -1344,16 +1138,16 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       const int n = fr % (kMmaCols / 16);
       CFrag c;
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BCol, NF>(c, zhi + f * 16 * L.Lz, zlo + f * 16 * L.Lz, L.Lz,
-                      reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp, L.Rgp, 16, nrg);
+      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz, L.Lz, 16, reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp,
+                             L.Rgp, 16, nrg);
       wmma::store_matrix_sync(stage, c, 16, wmma::mem_row_major);
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BCol, NF>(c, zhi + f * 16 * L.Lz + L.Rgp, zlo + f * 16 * L.Lz + L.Rgp, L.Lz,
-                      reinterpret_cast<const __nv_bfloat16*>(sBu) + n * 16 * L.Rup, L.Rup, 16, nru);
+      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz + L.Rgp, L.Lz, 16,
+                             reinterpret_cast<const __nv_bfloat16*>(sBu) + n * 16 * L.Rup, L.Rup, 16, nru);
       wmma::store_matrix_sync(stage + 256, c, 16, wmma::mem_row_major);
       wmma::fill_fragment(c, 0.0f);
-      mma_split<BRow, NF>(c, zhi + f * 16 * L.Lz + Rgu, zlo + f * 16 * L.Lz + Rgu, L.Lz,
-                      reinterpret_cast<const __nv_bfloat16*>(sAd) + n * 16, kMmaCols, 16 * kMmaCols, nrd);
+      mma_k<AFrag, BRow, NF>(c, z + f * 16 * L.Lz + Rgu, L.Lz, 16, reinterpret_cast<const __nv_bfloat16*>(sAd) + n * 16,
+                             kMmaCols, 16 * kMmaCols, nrd);
       wmma::store_matrix_sync(stage + 512, c, 16, wmma::mem_row_major);
       __syncwarp();
 #pragma unroll
@@ -1377,9 +1171,9 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           hin = a * u * mask;
         }
         const int o = sl * kMmaCols + col;
-        split_bf16(dg, phi[o], plo[o]);
-        split_bf16(du, phi[kWgSlots * kMmaCols + o], plo[kWgSlots * kMmaCols + o]);
-        split_bf16(hin, phi[2 * kWgSlots * kMmaCols + o], plo[2 * kWgSlots * kMmaCols + o]);
+        prod[o] = __float2bfloat16_rn(dg);
+        prod[kWgSlots * kMmaCols + o] = __float2bfloat16_rn(du);
+        prod[2 * kWgSlots * kMmaCols + o] = __float2bfloat16_rn(hin);
       }
       __syncwarp();
     }
@@ -1396,16 +1190,16 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
         const int poff = (up ? kWgSlots * kMmaCols : 0) + mi * 16;
         const int zoff = (up ? L.Rgp : 0) + rn * 16;
         // A = dg^T (16 columns x 16 slots): tile [slot][col] read column-major; B = z (16 slots x 16 ranks).
-        mma_split3<AColFrag, BRow>(acc[k], phi + poff, plo + poff, kMmaCols, 16 * kMmaCols, zhi + zoff, zlo + zoff,
-                                   L.Lz, 16 * L.Lz, kWgSlots / 16);
+        mma_k<AColFrag, BRow, kWgSlots / 16>(acc[k], prod + poff, kMmaCols, 16 * kMmaCols, z + zoff, L.Lz, 16 * L.Lz,
+                                             kWgSlots / 16);
       } else if (o < nout) {
         const int oo = o - 4 * (nrg + nru);
         const int rm = oo / 4, ni = oo % 4;
         const int zoff = Rgu + rm * 16;
         const int poff = 2 * kWgSlots * kMmaCols + ni * 16;
         // A = dzd^T (16 ranks x 16 slots): z rows read column-major; B = drop(h) (16 slots x 16 columns).
-        mma_split3<AColFrag, BRow>(acc[k], zhi + zoff, zlo + zoff, L.Lz, 16 * L.Lz, phi + poff, plo + poff, kMmaCols,
-                                   16 * kMmaCols, kWgSlots / 16);
+        mma_k<AColFrag, BRow, kWgSlots / 16>(acc[k], z + zoff, L.Lz, 16 * L.Lz, prod + poff, kMmaCols, 16 * kMmaCols,
+                                             kWgSlots / 16);
       }
     }
   }

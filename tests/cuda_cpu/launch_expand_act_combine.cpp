@@ -95,7 +95,7 @@ int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, cons
     }
     if (use_mma(dtype, ints)) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      FwdLayout L = make_fwd_layout(K, E, ints[14], ints[15], Rd);
+      TileLayout L = make_tile_layout(K, E, ints[14], ints[15], Rd, false);
       L.vec = mma_rows_aligned(args, nullptr, 0);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
@@ -105,7 +105,7 @@ int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, cons
         dispatch_activation(act, [&](auto act_c) {
           const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kFwdWarps * 32, L.bytes, args, L,
+          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
                           static_cast<c10::BFloat16*>(hbar), out);
         });
       });
@@ -143,18 +143,20 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
     const bool mma = use_mma(dtype, ints);
     if (T > 0 && mma) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      MmaLayout L = make_mma_layout(K, E, Rg, Ru, ints[16]);
+      TileLayout L = make_tile_layout(K, E, Rg, Ru, ints[16], true);
       L.vec = mma_rows_aligned(args, grad_hbar, gh_stride);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
       const int W = static_cast<int>(Rg + Ru + 1);
       std::vector<float> part(static_cast<size_t>(splits) * T * K * W);
       dispatch_rank_frags(Rg, Ru, ints[16], [&](auto nf) {
-        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value>;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-        CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
-                        static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
-                        static_cast<c10::BFloat16*>(dG), static_cast<c10::BFloat16*>(dU), part.data());
+        dispatch_activation(act, [&](auto act_c) {
+          const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
+                          static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
+                          static_cast<c10::BFloat16*>(dG), static_cast<c10::BFloat16*>(dU), part.data());
+        });
       });
       CUDA_CPU_LAUNCH(eac_split_sum_kernel, split_sum_blocks(T * K * W), kBlock, 0,
                       static_cast<const float*>(part.data()), splits, T * K, W, static_cast<int>(Rg),

@@ -99,7 +99,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 }  // namespace wmma
 }  // namespace nvcuda
 
-// The register-tile instructions of csrc/tensor_core.cuh (mma_16816, ldsm_x4) with the element
+// The register-tile instructions of csrc/tensor_core.cuh (mma_16816, ldsm_x4 and its .trans) with the element
 // layouts of the PTX ISA (mma.sync m16n8k16 .bf16, ldmatrix .m8n8 .x4 .b16). Warp-collective: each lane posts its
 // operands to the warp's slot of a block-shared exchange, a __syncwarp, each lane computes its own result from all
 // lanes' posts, and a second __syncwarp keeps the slot until every lane has read it.
@@ -157,9 +157,9 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   for (int q = 0; q < 4; ++q) d[q] = out[q];
 }
 
-// r[m] = this lane's pair (row lane / 4, columns 2 (lane % 4) and + 1) of 8 x 8 matrix m (m = 0..3), whose row i
-// lane 8 m + i addresses (16 aligned bytes).
-inline void ldsm_x4(uint32_t (&r)[4], const void* row) {
+// r[m] = this lane's pair of 8 x 8 matrix m (m = 0..3), whose row i lane 8 m + i addresses (16 aligned bytes):
+// (row lane / 4, columns 2 (lane % 4) and + 1), or with `trans` (rows 2 (lane % 4) and + 1, column lane / 4).
+inline void ldsm_x4(uint32_t (&r)[4], const void* row, bool trans) {
   Post* posts = warp_posts();
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
@@ -170,8 +170,9 @@ inline void ldsm_x4(uint32_t (&r)[4], const void* row) {
   const int g = lane / 4, t = lane % 4;
   uint32_t out[4];
   for (int m = 0; m < 4; ++m) {
-    const unsigned short* src = posts[8 * m + g].row;
-    out[m] = src[2 * t] | static_cast<uint32_t>(src[2 * t + 1]) << 16;
+    const uint32_t lo = trans ? posts[8 * m + 2 * t].row[g] : posts[8 * m + g].row[2 * t];
+    const uint32_t hi = trans ? posts[8 * m + 2 * t + 1].row[g] : posts[8 * m + g].row[2 * t + 1];
+    out[m] = lo | hi << 16;
   }
   __syncwarp();
   for (int m = 0; m < 4; ++m) r[m] = out[m];
