@@ -1229,7 +1229,7 @@ CUDA_LAUNCHES = [
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_weight_mma_kernel", lambda s: (math.ceil(s.I / 64), s.E),
                lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * (2 + 4) + s.S * (8 + 4),
-               dyn_smem=_wg_layout_bytes, params=_wg, instance=lambda s: f"<{_rank_frags(s)}>"),
+               dyn_smem=_wg_layout_bytes, params=_wg, instance=lambda s: f"<{_rank_frags(s)}, 0>"),
     # lora_shrink_backward: token_fold_mma_kernel (dx: reads grad_z, experts, A; writes dx bf16), grid
     # (ceil(H/64), ceil(T/64)), one pass per slot k with dropout; weight_grad_mma_kernel (dA), grid
     # (ceil(H/64), E, ceil(2R/64)): reads x rows by slot, grad_z, writes dA fp32.

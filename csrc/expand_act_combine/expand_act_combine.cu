@@ -216,14 +216,16 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
     WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
     L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
     dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
-      const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value>;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(L.bytes)));
-      kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(
-          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
-          grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
-          dAd.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_activation(in.activation, [&](auto act_c) {
+        const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(L.bytes)));
+        kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(
+            args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+            grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
+            dAd.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   if (mma) {

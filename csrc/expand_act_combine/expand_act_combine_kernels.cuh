@@ -1052,7 +1052,7 @@ __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
 }
 
-template <int NF>
+template <int NF, int ACT>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
@@ -1106,21 +1106,24 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       tok[threadIdx.x] = s >= 0 ? s / K : 0;
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kWgSlots * L.Lz; idx += blockDim.x) {
-      const int q = idx / L.Lz;
-      const int r = idx - q * L.Lz;
-      const int s = slot[q];
-      float v = 0.0f;
-      if (s >= 0) {
+    {
+      // The chunk's rank rows [zg | zu | dzd] as bf16, zero-padded: 4 threads per slot row.
+      static_assert(kBlock == 4 * kWgSlots, "eac_bwd_weight_mma_kernel stages a slot row per 4 threads");
+      const int s = slot[threadIdx.x / 4];
+      __nv_bfloat16* row = z + threadIdx.x / 4 * L.Lz;
+#pragma unroll
+      for (int j = 0; j < 4 * NF; ++j) {  // ranks r = threadIdx.x % 4 + 4 j of each part, below its padded rank
+        const int r = threadIdx.x % 4 + 4 * j;
         if (r < L.Rgp) {
-          v = r < Rg ? p.zg[s * p.zg_stride + r] : 0.0f;
-        } else if (r < Rgu) {
-          v = r - L.Rgp < Ru ? p.zu[s * p.zu_stride + r - L.Rgp] : 0.0f;
-        } else {
-          v = r - Rgu < Rd ? grad_zd[s * gzd_stride + r - Rgu] : 0.0f;
+          row[r] = __float2bfloat16_rn(s >= 0 && r < Rg ? p.zg[s * p.zg_stride + r] : 0.0f);
+        }
+        if (r < L.Rup) {
+          row[L.Rgp + r] = __float2bfloat16_rn(s >= 0 && r < Ru ? p.zu[s * p.zu_stride + r] : 0.0f);
+        }
+        if (r < L.Rdp) {
+          row[Rgu + r] = __float2bfloat16_rn(s >= 0 && r < Rd ? grad_zd[s * gzd_stride + r] : 0.0f);
         }
       }
-      z[idx] = __float2bfloat16_rn(v);
     }
     for (int idx = threadIdx.x; idx < kWgSlots * (kMmaCols / 8); idx += blockDim.x) {
       const int q = idx / (kMmaCols / 8);
@@ -1163,7 +1166,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           const float u = gated ? __bfloat162float(__ushort_as_bfloat16(sU[o])) + p.scale * stage[256 + idx] : 1.0f;
           const float gh = __bfloat162float(__ushort_as_bfloat16(sGH[o]));
           float a, da;
-          act_forward_grad(p.act, g, a, da);
+          act_forward_grad(ACT, g, a, da);
           const float mask = dropout_mult(p.drop, s, p.I, i0 + col);
           const float dh = p.weights[s] * gh + stage[512 + idx] * mask;
           dg = dh * da * u;

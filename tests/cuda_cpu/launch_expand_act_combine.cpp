@@ -168,11 +168,13 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
       WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
       L.vec = mma_rows_aligned(args, grad_hbar, gh_stride);
       dispatch_rank_frags(Rg, Ru, ints[16], [&](auto nf) {
-        const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value>;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-        CUDA_CPU_LAUNCH(kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, args, L,
-                        static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu,
-                        dAd);
+        dispatch_activation(act, [&](auto act_c) {
+          const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+          CUDA_CPU_LAUNCH(kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, args,
+                          L, static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu,
+                          dAd);
+        });
       });
     }
     if (mma) {
