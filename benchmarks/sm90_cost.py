@@ -1083,29 +1083,32 @@ def _wg_layout_bytes(s: Shape) -> int:
 def _tile_layout_bytes(s: Shape, backward: bool) -> int:
     """make_tile_layout(K, E, R, R, R, backward).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory
     of eac_fwd_mma_kernel / eac_bwd_mma_kernel (128 slot rows, 64 columns, slab rows padded by 8 bf16; backward: dzd
-    in the rank rows and the dH-bar rows), every array rounded up to 128 bytes."""
+    in the rank rows and the dH-bar rows; the rank rows' space reused for the chunk's fp32 slot rows; the sort's keys
+    and permutation), every array rounded up to 128 bytes."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp if kp <= 8 else 0
     rp = _round16(min(s.R, 4096))
     rows = [bt * 72 * 2] * (3 if backward else 2)
-    sizes = [s.E * 64 * (rp + 8) * 2, s.E * 64 * (rp + 8) * 2, s.E * rp * 72 * 2, *rows,
-             128 * ((3 if backward else 2) * rp + 8) * 2, 8 * 16 * 4]
+    z_or_comb = max(128 * ((3 if backward else 2) * rp + 8) * 2, (2 if backward else 1) * 128 * 16 * 4)
+    sizes = [s.E * 64 * (rp + 8) * 2, s.E * 64 * (rp + 8) * 2, s.E * rp * 72 * 2, *rows, z_or_comb, 8 * 16 * 4,
+             2 * 128 * 4]
     return sum(-(-b // 128) * 128 for b in sizes)
 
 
 def _tile(s: Shape, backward: bool) -> dict:
     """Launch values of eac_fwd_mma_kernel / eac_bwd_mma_kernel: TileLayout (KP = K rounded up to a power of two,
     BT = 128 / KP tokens per tile), the I splits (mma_splits) and a split's steps [first, last), the backward's
-    16-column chunks per step (nch), and the experts present per warp (nex: every expert at balanced routing when a
-    warp's 16 rows hold at least E slots)."""
+    16-column chunks per step (nch), and the experts present per warp (nex; the rows are sorted by expert): one plus
+    the expected expert boundaries among a warp's 15 gaps when the block's 128 rows hold min(E, 128) experts."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp
     tiles = -(-s.T // bt)
     steps = -(-s.I // 64)
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
     rp = _round16(s.R)
+    nex = 1 + 15 * (min(s.E, 128) - 1) / 127
     return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=(3 if backward else 2) * rp,
-                nex=min(s.E, 16), BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
+                nex=nex, BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
                 last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 

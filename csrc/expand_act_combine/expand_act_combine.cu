@@ -10,16 +10,17 @@
 //   grid (I splits, token tiles); a block walks its I split in steps of 64 columns, staging per step the 64-column
 //   slab of every expert's Bg, Bu, Ad (bf16) and the tile's G, U (dH̄) rows in shared memory (~60 KiB from L2 per
 //   block-step at E 8, R 16).
-//   Both token kernels work on register tiles of mma.sync m16n8k16: 128 slot rows in token order (K padded to a
-//   power of two KP), 16 per warp; each product runs over the experts present in the warp's rows (A rows of other
-//   experts zeroed) against that expert's slab; the KP rows of a token are summed by a shuffle tree. fp32 operands
-//   (the rank vectors, h, dg, du) are rounded to bf16, as a bf16 LoRA rounds them.
-//   forward (eac_fwd_mma_kernel): per step g, u = G, U + s z B_e^T (z tiles kept in registers), h = act(g) u in the
-//     accumulators' registers, hbar_t = sum_k w_j h_j, and zd += drop(h) Ad_e^T with the accumulators reused as A
-//     tiles.
-//   backward (eac_bwd_mma_kernel): per step and 16 columns g, u and b = dzd Ad_e, then dh = w dH̄ + drop(b),
-//     dg, du, dw += <dH̄, h> once per element; dG_t, dU_t by the shuffle tree; dzg += dg Bg_e, dzu += du Bu_e with
-//     dg, du as A tiles (the slabs read k-major by ldmatrix .trans), accumulated in registers across the steps.
+//   Both token kernels work on register tiles of mma.sync m16n8k16: 128 slot rows (K padded to a power of two KP)
+//   sorted by expert, 16 per warp, so a warp's rows span one or two experts; each product runs over the experts
+//   present in the warp's rows (A rows of other experts zeroed) against that expert's slab; per 16-column chunk the
+//   per-token sums go through fp32 slot rows in shared memory, summed in k order. fp32 operands (the rank vectors,
+//   h, dg, du) are rounded to bf16, as a bf16 LoRA rounds them.
+//   forward (eac_fwd_mma_kernel): g, u = G, U + s z B_e^T (z tiles kept in registers), h = act(g) u in the
+//     accumulators' registers, hbar_t = sum_k w_j h_j, and zd += drop(h) Ad_e^T with the accumulators reused as an A
+//     tile.
+//   backward (eac_bwd_mma_kernel): g, u and b = dzd Ad_e, then dh = w dH̄ + drop(b), dg, du, dw += <dH̄, h> once
+//     per element; dG_t, dU_t; dzg += dg Bg_e, dzu += du Bu_e with dg, du as A tiles (the slabs read k-major by
+//     ldmatrix .trans), accumulated in registers across the steps.
 //   The per-slot rank outputs are sums over I: each block writes its split's partial sums by slot, and
 //   eac_split_sum_kernel adds the splits in order (deterministic; no atomics). Splits only when the token tiles are
 //   fewer than two waves of 132 SMs.

@@ -496,13 +496,15 @@ __device__ __forceinline__ void mma_k(CFrag& acc, const __nv_bfloat16* a, int ld
 }
 
 // Token kernels on register tiles (mma_16816: accumulators stay in registers, in the layout tensor_core.cuh states).
-// A block owns BT = 128 / KP whole tokens as 128 slot rows in token order, row = token * KP + k with KP = K rounded
-// up to a power of two (rows k >= K are padding: zero rank vectors, zero weight), 16 rows per warp, and walks its I
-// split in steps of 64 columns, staging per step the 64-column slabs of every expert's Bg, Bu ([e][c][r]) and Ad
-// ([e][r][c]) and the tile's rows of G, U (and dH̄). Rows of a warp belong to mixed experts; every product runs over
-// the experts present in the warp (`experts_of_warp`), each with the A rows of other experts zeroed, against that
-// expert's slab. The KP rows of a token are lanes 4 apart, so per-token sums are a shuffle tree. fp32 operands (the
-// rank vectors, h, dg, du) are rounded to bf16 for the tensor cores, as a bf16 LoRA rounds its own.
+// A block owns BT = 128 / KP whole tokens as 128 slot rows, row = token * KP + k with KP = K rounded up to a power of
+// two (rows k >= K are padding: zero rank vectors, zero weight). The rows are sorted by expert (`sort_rows_by_expert`)
+// and dealt 16 per warp, so that a warp's rows span one or two experts; every product runs over the experts present
+// in the warp (`experts_of_warp`), each with the A rows of other experts zeroed, against that expert's slab. The
+// block walks its I split in steps of 64 columns, staging per step the 64-column slabs of every expert's Bg, Bu
+// ([e][c][r]) and Ad ([e][r][c]) and the tile's rows of G, U (and dH̄), and each step in chunks of 16 columns: the
+// per-token sums (hbar; dG, dU) go through fp32 slot rows in shared memory, summed in k order after a barrier
+// (`store_chunk_sums`). fp32 operands (the rank vectors, h, dg, du) are rounded to bf16 for the tensor cores, as a
+// bf16 LoRA rounds its own.
 constexpr int kTileRows = 16 * kWarps;
 constexpr int kSlabPad = 8;  // bf16 per shared row beyond its data: row strides of 16 bytes mod 128, no bank conflicts
 constexpr int kLdc = kMmaCols + kSlabPad;  // row stride (bf16) of the Ad slab and the staged G, U, dH̄ rows
@@ -511,7 +513,8 @@ constexpr int kLdc = kMmaCols + kSlabPad;  // row stride (bf16) of the Ad slab a
 struct TileLayout {
   int KP, BT, E, Rgp, Rup, Rdp;
   int ldg, ldu, ldz;  // row strides (bf16) of the Bg / Bu slabs and of the staged rank rows [zg | zu (| dzd)]
-  int sBg, sBu, sAd, sG, sU, sGH, sZ, sEx;  // sGH: the backward's only
+  int sBg, sBu, sAd, sG, sU, sGH, sZ, sEx, sPerm;  // sGH: the backward's only
+  int sComb;  // the per-chunk slot rows of w h (forward) or dg, du (fp32, 16 columns), over sZ once it is consumed
   int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
@@ -550,29 +553,63 @@ __host__ __device__ inline TileLayout make_tile_layout(int64_t K, int64_t E, int
   L.sG = take(rows);
   L.sU = take(rows);
   L.sGH = backward ? take(rows) : 0;
-  L.sZ = take(static_cast<size_t>(kTileRows) * L.ldz * 2);
+  const size_t z_bytes = static_cast<size_t>(kTileRows) * L.ldz * 2;
+  const size_t comb_bytes = static_cast<size_t>(backward ? 2 : 1) * kTileRows * 16 * sizeof(float);
+  L.sZ = take(z_bytes > comb_bytes ? z_bytes : comb_bytes);
+  L.sComb = L.sZ;
   L.sEx = take(static_cast<size_t>(kWarps) * 16 * sizeof(int));
+  L.sPerm = take(static_cast<size_t>(2) * kTileRows * sizeof(int));
   L.bytes = at;
   return L;
 }
 
-// This lane's two rows of its block, warp * 16 + g and + 8: slot ids (-1 for a padding row or a token beyond T; they
-// fit 32 bits: api.cpp checks T * K < 2^31), experts (-1 for none) and routing weights (0 for none).
+// perm[pos] = the block's row (token order: row = token * KP + k) at position pos, the rows sorted by expert
+// (stably; padding rows last), so that a warp's 16 positions span few experts. A thread per row counts the rows
+// before it in that order (fixed order, no atomics).
+__device__ inline const int* sort_rows_by_expert(const MmaArgs& p, const TileLayout& L, unsigned char* sm,
+                                                 int64_t t0) {
+  int* key = smem_at<int>(sm, L.sPerm);
+  int* perm = key + kTileRows;
+  const int K = static_cast<int>(p.K);
+  for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) {
+    const int64_t t = t0 + r / L.KP;
+    const int k = r % L.KP;
+    key[r] = t < p.T && k < K ? static_cast<int>(p.experts[t * K + k]) : L.E;  // ids checked by lane_rows
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) {
+    const int kr = key[r];
+    int pos = 0;
+    for (int q = 0; q < kTileRows; ++q) {
+      pos += key[q] < kr || (key[q] == kr && q < r);
+    }
+    perm[pos] = r;
+  }
+  __syncthreads();
+  return perm;
+}
+
+// This lane's two positions of its block, warp * 16 + g and + 8, holding rows perm[pos] (perm nullptr: row = pos):
+// the rows, slot ids (-1 for a padding row or a token beyond T; they fit 32 bits: api.cpp checks T * K < 2^31),
+// experts (-1 for none) and routing weights (0 for none).
 struct LaneRows {
+  int row[2];
   int slot[2];
   int ex[2];
   float w[2];
 };
 
-__device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int64_t t0) {
+__device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int64_t t0, const int* perm) {
   LaneRows lr;
   const int K = static_cast<int>(p.K);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int row = static_cast<int>(threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4) + 8 * h;
+    const int pos = static_cast<int>(threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4) + 8 * h;
+    const int row = perm != nullptr ? perm[pos] : pos;
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
     const bool ok = t < p.T && k < K;
+    lr.row[h] = row;
     lr.slot[h] = ok ? static_cast<int>(t * K + k) : -1;
     lr.ex[h] = ok ? static_cast<int>(p.experts[lr.slot[h]]) : -1;
     CUDA_KERNEL_ASSERT((!ok || (lr.ex[h] >= 0 && lr.ex[h] < p.E)) && "expand_act_combine: expert id out of range [0, E)");
@@ -581,16 +618,17 @@ __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int6
   return lr;
 }
 
-// The block's rank rows [zg | zu] (forward) or [zg | zu | dzd] (backward: grad_zd given) as bf16 rows of sZ, each
-// part zero-padded to its padded rank, zero rows for padding.
+// The block's rank rows [zg | zu] (forward) or [zg | zu | dzd] (backward: grad_zd given) as bf16 rows of sZ by
+// position (row perm[pos], or pos without perm), each part zero-padded to its padded rank, zero rows for padding.
 __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __nv_bfloat16* sZ, int64_t t0,
-                                       const float* grad_zd, int64_t gzd_stride) {
+                                       const int* perm, const float* grad_zd, int64_t gzd_stride) {
   const int K = static_cast<int>(p.K);
   const int Rgu = L.Rgp + L.Rup;
   const int Rz = L.ldz - kSlabPad;
   for (int idx = threadIdx.x; idx < kTileRows * Rz; idx += blockDim.x) {
-    const int row = idx / Rz;
-    const int r = idx - row * Rz;
+    const int pos = idx / Rz;
+    const int r = idx - pos * Rz;
+    const int row = perm != nullptr ? perm[pos] : pos;
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
     float v = 0.0f;
@@ -604,7 +642,7 @@ __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __
         v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
       }
     }
-    sZ[row * L.ldz + r] = __float2bfloat16_rn(v);
+    sZ[pos * L.ldz + r] = __float2bfloat16_rn(v);
   }
 }
 
@@ -712,37 +750,41 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
       c10::BFloat16(static_cast<uint16_t>(c ? w >> 16 : w & 0xffffu), c10::BFloat16::from_bits()));
 }
 
-// out[t][i], out[t][i + 1] (t = t0 + row / KP, i even) = the sums of v over the KP rows of the token: rows
-// row .. of one token are KP consecutive rows of a 8-row half of the warp's tile, i.e. lanes 4, 8, 16 apart (KP <= 8).
-// Stored by the lane of the token's first row, as one 32-bit word when both columns exist and I is even.
-__device__ __forceinline__ void store_token_sum(c10::BFloat16* __restrict__ out, float (&v)[2], int row, int KP,
-                                                int64_t t0, int64_t T, int64_t I, int64_t i) {
-#pragma unroll
-  for (int m = 4; m < 32; m *= 2) {
-    if (m < 4 * KP) {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], m);
-      v[1] += __shfl_xor_sync(0xffffffffu, v[1], m);
+// dst[t0 + tl][c0 + c] (bf16 rows of I) = the sum over k < K, in k order, of comb[(tl * KP + k) * 16 + c] for the
+// tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0).
+__device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT, int64_t t0, int t1, int64_t c0,
+                                        int64_t I, c10::BFloat16* __restrict__ dst) {
+  for (int idx = threadIdx.x; idx < BT * 4; idx += blockDim.x) {
+    const int tl = idx / 4;
+    const int c = idx % 4 * 4;
+    if (tl >= t1 || c0 + c >= I) {
+      continue;
     }
-  }
-  const int64_t t = t0 + row / KP;
-  if (row % KP != 0 || t >= T || i >= I) {
-    return;
-  }
-  c10::BFloat16* dst = out + t * I + i;
-  if (i + 1 < I && I % 2 == 0) {
-    *reinterpret_cast<unsigned*>(dst) = pack_bf16(v[0], v[1]);
-  } else {
-    dst[0] = static_cast<c10::BFloat16>(v[0]);
-    if (i + 1 < I) {
-      dst[1] = static_cast<c10::BFloat16>(v[1]);
+    float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+      const float4 v = *reinterpret_cast<const float4*>(comb + (tl * KP + k) * 16 + c);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    c10::BFloat16* out = dst + (t0 + tl) * I + c0 + c;
+    if (c0 + c + 4 <= I && I % 4 == 0) {
+      *reinterpret_cast<uint2*>(out) = {pack_bf16(sum.x, sum.y), pack_bf16(sum.z, sum.w)};
+    } else {
+      const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (c0 + c + q < I) {
+          out[q] = static_cast<c10::BFloat16>(v[q]);
+        }
+      }
     }
   }
 }
 
-// Forward. Per step, each warp over its 16 rows:
+// Forward. Per 16-column chunk, each warp over its 16 rows:
 //   g, u = G, U + s z B_e^T  (the warp's z tiles stay in registers across the steps)
 //   h = act(g) u;  hbar_t = sum_k w_j h_j
-//   zd_j += drop(h_j) Ad_e^T (the accumulators reused as A tiles; zd accumulated in registers across the steps)
+//   zd_j += drop(h_j) Ad_e^T (the accumulators reused as an A tile; zd accumulated in registers across the steps)
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
 // (1, 2 or 4) and ACT the activation (common.cuh): one instantiation each.
@@ -751,14 +793,16 @@ __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
   const int warp = threadIdx.x / 32;
-  const int g = threadIdx.x % 32 / 4;
   const int tq = threadIdx.x % 4;
+  const int I = static_cast<int>(p.I);
+  const int K = static_cast<int>(p.K);
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
   const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);  // the tile's tokens
   const bool gated = p.U != nullptr;
-  const LaneRows lr = lane_rows(p, L, t0);
+  const int* perm = sort_rows_by_expert(p, L, sm, t0);
+  const LaneRows lr = lane_rows(p, L, t0, perm);
   __nv_bfloat16* sZ = smem_at<__nv_bfloat16>(sm, L.sZ);
-  stage_rank_rows(p, L, sZ, t0, nullptr, 0);
+  stage_rank_rows(p, L, sZ, t0, perm, nullptr, 0);
   __syncthreads();
   uint32_t zg_a[NF][4], zu_a[NF][4];
   load_rank_tiles(zg_a, sZ, L, 0, L.Rgp / 16);
@@ -766,6 +810,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
   int* experts = smem_at<int>(sm, L.sEx) + warp * 16;
   const int nex = experts_of_warp(lr, L.E, experts);
   const TileSmem sh = tile_smem(sm, L);
+  float* comb = smem_at<float>(sm, L.sComb);
 
   float zd[2 * NF][4] = {};
   int first, last;
@@ -775,58 +820,59 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
     __syncthreads();  // the previous step's slabs are consumed
     load_tile_step(p, L, sm, t0, t1, i0, nullptr, 0);
     __syncthreads();
-    float gacc[8][4] = {};
-    float uacc[8][4] = {};
-    for (int q = 0; q < nex; ++q) {
-      const int e = experts[q];
+    const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
+    for (int ch = 0; ch < nch; ++ch) {
+      float gacc[2][4] = {};
+      float uacc[2][4] = {};
+      for (int q = 0; q < nex; ++q) {
+        const int e = experts[q];
 #pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        uint32_t a[4];
-        if (f < L.Rgp / 16) {
-          rows_of_expert(a, zg_a[f], lr, e);
-          mma_row_tile<false>(gacc, a, sh.Bg + e * kMmaCols * L.ldg, L.ldg, f * 16, 4);
-        }
-        if (gated && f < L.Rup / 16) {
-          rows_of_expert(a, zu_a[f], lr, e);
-          mma_row_tile<false>(uacc, a, sh.Bu + e * kMmaCols * L.ldu, L.ldu, f * 16, 4);
+        for (int f = 0; f < NF; ++f) {
+          uint32_t a[4];
+          if (f < L.Rgp / 16) {
+            rows_of_expert(a, zg_a[f], lr, e);
+            mma_row_tile<false>(gacc, a, sh.Bg + (e * kMmaCols + ch * 16) * L.ldg, L.ldg, f * 16, 1);
+          }
+          if (gated && f < L.Rup / 16) {
+            rows_of_expert(a, zu_a[f], lr, e);
+            mma_row_tile<false>(uacc, a, sh.Bu + (e * kMmaCols + ch * 16) * L.ldu, L.ldu, f * 16, 1);
+          }
         }
       }
-    }
-    // Elementwise, per element of this lane's accumulators: row warp * 16 + g + 8 h, column 8 nt + 2 tq + c.
+      // Elementwise: position warp * 16 + g + 8 h (row lr.row[h]), column i0 + col + c: w h to the chunk's slot
+      // rows in shared memory (their token sums are hbar), drop(h) into gacc.
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = warp * 16 + g + 8 * h;
-        const int word = ((row / L.KP) * kLdc + nt * 8 + 2 * tq) / 2;
-        const unsigned gw = sh.G[word];
-        const unsigned uw = gated ? sh.U[word] : 0u;
-        float hw[2];
+        for (int h = 0; h < 2; ++h) {
+          const int cc = nt * 8 + 2 * tq;  // column in the chunk
+          const int col = ch * 16 + cc;
+          const int word = ((lr.row[h] / L.KP) * kLdc + col) / 2;
+          const unsigned gw = sh.G[word];
+          const unsigned uw = gated ? sh.U[word] : 0u;
+          float hw[2];
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
-          const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
-          const float hv = act_forward(ACT, gv) * uv;
-          hw[c] = lr.w[h] * hv;
-          const int i = i0 + nt * 8 + 2 * tq + c;
-          gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * dropout_mult(p.drop, lr.slot[h], p.I, i) : 0.0f;
+          for (int c = 0; c < 2; ++c) {
+            const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+            const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+            const float hv = act_forward(ACT, gv) * uv;
+            hw[c] = lr.w[h] * hv;
+            gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 0.0f;
+          }
+          *reinterpret_cast<float2*>(comb + lr.row[h] * 16 + cc) = {hw[0], hw[1]};
         }
-        store_token_sum(hbar, hw, row, L.KP, t0, p.T, p.I, i0 + nt * 8 + 2 * tq);
       }
-    }
-    // zd += drop(h) Ad_e^T: drop(h) as A tiles of 16 columns, per expert of the warp.
-    uint32_t ha[4][4];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pack_a_tile(ha[kk], gacc[2 * kk], gacc[2 * kk + 1]);
-    }
-    for (int q = 0; q < nex; ++q) {
-      const int e = experts[q];
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
+      __syncthreads();
+      store_chunk_sums(comb, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, hbar);
+      __syncthreads();  // the sums are read before the next chunk's rows are written
+      // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
+      uint32_t ha[4];
+      pack_a_tile(ha, gacc[0], gacc[1]);
+      for (int q = 0; q < nex; ++q) {
+        const int e = experts[q];
         uint32_t a[4];
-        rows_of_expert(a, ha[kk], lr, e);
-        mma_row_tile<false>(zd, a, sh.Ad + e * L.Rdp * kLdc, kLdc, kk * 16, L.Rdp / 16);
+        rows_of_expert(a, ha, lr, e);
+        mma_row_tile<false>(zd, a, sh.Ad + e * L.Rdp * kLdc, kLdc, ch * 16, L.Rdp / 16);
       }
     }
   }
@@ -860,6 +906,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
                    c10::BFloat16* __restrict__ dU, float* __restrict__ part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
+  const int K = static_cast<int>(p.K);
   const int warp = threadIdx.x / 32;
   const int g = threadIdx.x % 32 / 4;
   const int tq = threadIdx.x % 4;
@@ -867,9 +914,10 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
   const int t1 = static_cast<int>(t0 + L.BT < p.T ? L.BT : p.T - t0);
   const bool gated = p.U != nullptr;
-  const LaneRows lr = lane_rows(p, L, t0);
+  const int* perm = sort_rows_by_expert(p, L, sm, t0);
+  const LaneRows lr = lane_rows(p, L, t0, perm);
   __nv_bfloat16* sZ = smem_at<__nv_bfloat16>(sm, L.sZ);
-  stage_rank_rows(p, L, sZ, t0, grad_zd, gzd_stride);
+  stage_rank_rows(p, L, sZ, t0, perm, grad_zd, gzd_stride);
   __syncthreads();
   uint32_t zg_a[NF][4], zu_a[NF][4], zd_a[NF][4];
   load_rank_tiles(zg_a, sZ, L, 0, L.Rgp / 16);
@@ -913,19 +961,21 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
           }
         }
       }
-      // Elementwise: row warp * 16 + g + 8 h, column i0 + col + c. Padding rows have zero rank vectors and weight,
-      // so dh, dg, du vanish there; columns beyond I read zero dH̄ and zero-padded slabs.
+      // Elementwise: position warp * 16 + g + 8 h (row lr.row[h]), column i0 + col + c. Padding rows have zero rank
+      // vectors and weight, so dh, dg, du vanish there; columns beyond I read zero dH̄ and zero-padded slabs. dg, du
+      // go to the chunk's slot rows in shared memory, whose token sums are stored after the barrier.
+      float* comb_g = smem_at<float>(sm, L.sComb);
+      float* comb_u = comb_g + kTileRows * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row = warp * 16 + g + 8 * h;
-          const int col = ch * 16 + nt * 8 + 2 * tq;
-          const int word = ((row / L.KP) * kLdc + col) / 2;
+          const int cc = nt * 8 + 2 * tq;  // column in the chunk
+          const int col = ch * 16 + cc;
+          const int word = ((lr.row[h] / L.KP) * kLdc + col) / 2;
           const unsigned gw = sh.G[word];
           const unsigned uw = gated ? sh.U[word] : 0u;
           const unsigned hw = sh.GH[word];
-          float dgv[2], duv[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
@@ -934,18 +984,20 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
             float a, da;
             act_forward_grad(ACT, gv, a, da);
             const float dh = lr.w[h] * gh + bacc[nt][2 * h + c] * dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c);
-            dgv[c] = dh * da * uv;
-            duv[c] = dh * a;
+            gacc[nt][2 * h + c] = dh * da * uv;
+            uacc[nt][2 * h + c] = dh * a;
             dw[h] += gh * (a * uv);
-            gacc[nt][2 * h + c] = dgv[c];
-            uacc[nt][2 * h + c] = duv[c];
           }
-          store_token_sum(dG, dgv, row, L.KP, t0, p.T, p.I, i0 + col);
-          if (gated) {
-            store_token_sum(dU, duv, row, L.KP, t0, p.T, p.I, i0 + col);
-          }
+          *reinterpret_cast<float2*>(comb_g + lr.row[h] * 16 + cc) = {gacc[nt][2 * h], gacc[nt][2 * h + 1]};
+          *reinterpret_cast<float2*>(comb_u + lr.row[h] * 16 + cc) = {uacc[nt][2 * h], uacc[nt][2 * h + 1]};
         }
       }
+      __syncthreads();
+      store_chunk_sums(comb_g, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dG);
+      if (gated) {
+        store_chunk_sums(comb_u, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dU);
+      }
+      __syncthreads();  // the sums are read before the next chunk's rows are written
       uint32_t dga[4], dua[4];
       pack_a_tile(dga, gacc[0], gacc[1]);
       pack_a_tile(dua, uacc[0], uacc[1]);
@@ -1040,9 +1092,9 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
   return L;
 }
 
-// The tensor-core path takes the problem when the padded ranks fit its register tiles, a token's slots fit the
-// token kernels' shuffle tree (K <= 8) and each kernel's shared memory fits sm_90's 227 KiB (E 8, K 2, R 16:
-// ~95 KiB forward, ~108 KiB backward, ~85 KiB weight gradients).
+// The tensor-core path takes the problem when the padded ranks fit its register tiles, K <= 8 (KP slot rows per
+// token in a 128-row tile) and each kernel's shared memory fits sm_90's 227 KiB (E 8, K 2, R 16: ~96 KiB forward,
+// ~110 KiB backward, ~85 KiB weight gradients).
 __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
   if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > 8 || E > 4096) {
     return false;
