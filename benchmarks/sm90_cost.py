@@ -1107,7 +1107,7 @@ def _tile(s: Shape, backward: bool) -> dict:
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
     rp = _round16(s.R)
     nex = 1 + 15 * (min(s.E, 128) - 1) / 127
-    return dict(L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=(3 if backward else 2) * rp,
+    return dict(NF=_rank_frags(s), L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=(3 if backward else 2) * rp,
                 nex=nex, BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
                 last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
@@ -1125,7 +1125,7 @@ def _wg(s: Shape) -> dict:
     """Launch values of eac_bwd_weight_mma_kernel: WgLayout's padded ranks and z row length, one expert per slab
     (ne 1), its expert's slots [start, end) at balanced routing (set by analyse_cuda)."""
     rp = _round16(s.R)
-    return dict(L_Rgp=rp, L_Rup=rp, L_Rdp=rp, L_Lz=3 * rp, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R,
+    return dict(NF=_rank_frags(s), L_Rgp=rp, L_Rup=rp, L_Rdp=rp, L_Lz=3 * rp, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R,
                 H=s.H, N=32, num_experts=s.E, ne=1, Rp=rp)
 
 

@@ -435,14 +435,17 @@ inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh
 
 // The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
 // zero-padded, ld a multiple of 8), 8 ranks per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * ld.
+template <int NF>
 __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFloat16* B, int64_t s0, int64_t s1,
                                             int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
-  const int per_e = kMmaCols * (Rp / 8);
-  for (int idx = threadIdx.x; idx < ne * per_e; idx += blockDim.x) {
-    const int e = idx / per_e;
-    const int rem = idx - e * per_e;
-    const int c = rem / (Rp / 8);
-    const int r = (rem - c * (Rp / 8)) * 8;
+  constexpr int kRowCopies = 2 * NF;  // 8-rank copies per column for ranks up to 16 NF (divisions by constants)
+  for (int idx = threadIdx.x; idx < ne * kMmaCols * kRowCopies; idx += blockDim.x) {
+    const int e = idx / (kMmaCols * kRowCopies);
+    const int c = idx / kRowCopies % kMmaCols;
+    const int r = idx % kRowCopies * 8;
+    if (r >= Rp) {
+      continue;
+    }
     const int n = i0 + c < I ? clamp8(R - r) : 0;
     // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
     const int off = static_cast<int>((e0 + e) * s0 + (i0 + c) * s1 + r);
@@ -452,16 +455,21 @@ __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFlo
 
 // The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (Rp ranks, zero-padded) with row
 // stride ld (a multiple of 8).
+template <int NF>
 __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFloat16* Ad, int64_t s0, int64_t s1,
                                              int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
-  for (int idx = threadIdx.x; idx < ne * Rp * (kMmaCols / 8); idx += blockDim.x) {
+  constexpr int kRankRows = 16 * NF;  // rank rows per expert for ranks up to 16 NF (divisions by constants)
+  for (int idx = threadIdx.x; idx < ne * kRankRows * (kMmaCols / 8); idx += blockDim.x) {
     const int er = idx / (kMmaCols / 8);
-    const int c = (idx - er * (kMmaCols / 8)) * 8;
-    const int e = er / Rp;
-    const int r = er - e * Rp;
+    const int c = idx % (kMmaCols / 8) * 8;
+    const int e = er / kRankRows;
+    const int r = er % kRankRows;
+    if (r >= Rp) {
+      continue;
+    }
     const int n = r < R ? clamp8(I - i0 - c) : 0;
     const int off = static_cast<int>((e0 + e) * s0 + r * s1 + i0 + c);
-    copy8(dst + er * ld + c, Ad + (n > 0 ? off : 0), n, vec);
+    copy8(dst + (e * Rp + r) * ld + c, Ad + (n > 0 ? off : 0), n, vec);
   }
 }
 
@@ -657,18 +665,19 @@ __device__ __forceinline__ void load_rank_tiles(uint32_t (&a)[NF][4], const __nv
 }
 
 // Step i0 of the block: the slabs of every expert and the rows of its t1 tokens of G, U and (backward) dH̄.
+template <int NF>
 __device__ inline void load_tile_step(const MmaArgs& p, const TileLayout& L, unsigned char* sm, int64_t t0, int t1,
                                       int i0, const c10::BFloat16* grad_hbar, int64_t gh_stride) {
   const int I = static_cast<int>(p.I);
   const bool vec = L.vec != 0;
-  load_b_slab(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
+  load_b_slab<NF>(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
               L.ldg, 0, L.E, i0, I, vec);
   if (p.U != nullptr) {
-    load_b_slab(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
+    load_b_slab<NF>(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
                 L.ldu, 0, L.E, i0, I, vec);
     load_rows(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, kLdc, i0, I, vec);
   }
-  load_ad_slab(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
+  load_ad_slab<NF>(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
                kLdc, 0, L.E, i0, I, vec);
   load_rows(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, kLdc, i0, I, vec);
   if (grad_hbar != nullptr) {
@@ -818,7 +827,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
   for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
     __syncthreads();  // the previous step's slabs are consumed
-    load_tile_step(p, L, sm, t0, t1, i0, nullptr, 0);
+    load_tile_step<NF>(p, L, sm, t0, t1, i0, nullptr, 0);
     __syncthreads();
     const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
     for (int ch = 0; ch < nch; ++ch) {
@@ -935,7 +944,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
     __syncthreads();  // the previous step's slabs are consumed
-    load_tile_step(p, L, sm, t0, t1, i0, grad_hbar, gh_stride);
+    load_tile_step<NF>(p, L, sm, t0, t1, i0, grad_hbar, gh_stride);
     __syncthreads();
     const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
     for (int ch = 0; ch < nch; ++ch) {
@@ -1133,9 +1142,9 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   const int nout = 4 * (nrg + nru + nrd);
   const bool gated = p.U != nullptr;
   const bool vec = L.vec != 0;
-  load_b_slab(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I, vec);
-  load_b_slab(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I, vec);
-  load_ad_slab(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I, vec);
+  load_b_slab<NF>(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I, vec);
+  load_b_slab<NF>(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I, vec);
+  load_ad_slab<NF>(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I, vec);
   constexpr int kOut = wg_max_out(NF);
   CFrag acc[kOut];
 #pragma unroll
