@@ -141,20 +141,18 @@ void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Ten
   }
   if (use_mma(in)) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
-    TileLayout L = make_tile_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
-    L.vec = mma_rows_aligned(args, nullptr, 0);
+    const TileLayout L = make_tile_layout(K, in.Bg.size(0), in.Bg.size(2), in.Bu.size(2), Rd, false);
+    const bool vec = mma_rows_aligned(args, nullptr, 0);
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
     at::Tensor part = splits > 1 ? at::empty({splits, T * K, Rd}, zd.options()) : zd;
-    dispatch_rank_frags(in.Bg.size(2), in.Bu.size(2), Rd, [&](auto nf) {
-      dispatch_activation(in.activation, [&](auto act_c) {
-        const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(L.bytes)));
-        kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
-            args, L, hbar.mutable_data_ptr<c10::BFloat16>(), part.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    dispatch_tiles(in.Bg.size(2), in.Bu.size(2), Rd, in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
+      const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+          args, L, hbar.mutable_data_ptr<c10::BFloat16>(), part.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (splits > 1 && Rd > 0) {
       eac_split_sum_kernel<<<split_sum_blocks(T * K * Rd), kBlock, 0, stream>>>(
@@ -188,23 +186,21 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   const bool mma = use_mma(in);
   if (T > 0 && mma) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
-    TileLayout L = make_tile_layout(K, E, Rg, Ru, in.Ad.size(1), true);
-    L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
+    const TileLayout L = make_tile_layout(K, E, Rg, Ru, in.Ad.size(1), true);
+    const bool vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
     const int64_t W = Rg + Ru + 1;
     at::Tensor part = at::empty({splits, T * K, W}, dzg.options());
-    dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
-      dispatch_activation(in.activation, [&](auto act_c) {
-        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(L.bytes)));
-        kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
-            args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
-            grad_zd.stride(0), dG.mutable_data_ptr<c10::BFloat16>(),
-            in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr, part.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
+      const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
+          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dG.mutable_data_ptr<c10::BFloat16>(),
+          in.U.has_value() ? dU.mutable_data_ptr<c10::BFloat16>() : nullptr, part.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     eac_split_sum_kernel<<<split_sum_blocks(T * K * W), kBlock, 0, stream>>>(
         part.const_data_ptr<float>(), splits, T * K, static_cast<int>(W), static_cast<int>(Rg),
@@ -214,19 +210,18 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   }
   if (E > 0 && I > 0 && Rall > 0 && mma) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
-    WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
-    L.vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
-    dispatch_rank_frags(Rg, Ru, in.Ad.size(1), [&](auto nf) {
-      dispatch_activation(in.activation, [&](auto act_c) {
-        const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(L.bytes)));
-        kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(
-            args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
-            grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
-            dAd.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    const WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
+    const bool vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
+    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
+      const auto kernel =
+          eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(L.bytes)));
+      kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(
+          args, L, grad_hbar.const_data_ptr<c10::BFloat16>(), grad_hbar.stride(0), grad_zd.const_data_ptr<float>(),
+          grad_zd.stride(0), dBg.mutable_data_ptr<float>(), dBu.mutable_data_ptr<float>(),
+          dAd.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   if (mma) {

@@ -392,16 +392,33 @@ void dispatch_activation(int act, F&& f) {
   }
 }
 
+// Calls f(nf, act, vec) with the compile-time constants of a tensor-core kernel instantiation
+// (dispatch_rank_frags, dispatch_activation, and whether mma_rows_aligned holds).
+template <typename F>
+void dispatch_tiles(int64_t Rg, int64_t Ru, int64_t Rd, int act, bool vec, F&& f) {
+  dispatch_rank_frags(Rg, Ru, Rd, [&](auto nf) {
+    dispatch_activation(act, [&](auto act_c) {
+      if (vec) {
+        f(nf, act_c, std::true_type{});
+      } else {
+        f(nf, act_c, std::false_type{});
+      }
+    });
+  });
+}
+
 inline unsigned int split_sum_blocks(int64_t n) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks < 1024 ? blocks : 1024);
 }
 
 
-// dst[0..8) = src[0..n) and zeros after (n <= 8): one 16-byte load when `vec` (16-byte aligned rows) and n == 8.
-__device__ __forceinline__ void copy8(unsigned short* dst, const c10::BFloat16* src, int n, bool vec) {
-  if (vec && n == 8) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+// dst[0..8) = src[0..n) and zeros after (n <= 8). VEC: 16-byte aligned rows in whole chunks of 8 (n is 0 or 8,
+// mma_rows_aligned), one 16-byte copy or zero store; else one value at a time.
+template <bool VEC>
+__device__ __forceinline__ void copy8(unsigned short* dst, const c10::BFloat16* src, int n) {
+  if (VEC) {
+    *reinterpret_cast<uint4*>(dst) = n == 8 ? *reinterpret_cast<const uint4*>(src) : uint4{0u, 0u, 0u, 0u};
     return;
   }
 #pragma unroll
@@ -415,7 +432,8 @@ __device__ __forceinline__ int clamp8(int n) {
 }
 
 // Host side: whether every bf16 row the tensor-core kernels stage (weights' rank rows, Ad's and the activations'
-// column rows) starts on 16 bytes, so that they move 8 values per load.
+// column rows) starts on 16 bytes and is whole chunks of 8 values (I and the gate / up ranks multiples of 8), so that
+// they move 8 values per load: the kernels' VEC instantiation.
 inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh_stride) {
   auto ok = [](const void* ptr, std::initializer_list<int64_t> strides) {
     if (ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
@@ -428,16 +446,16 @@ inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh
     }
     return true;
   };
-  return ok(p.G, {p.G_stride}) && ok(p.U, {p.U_stride}) && ok(grad_hbar, {gh_stride}) &&
+  return p.I % 8 == 0 && ok(p.G, {p.G_stride}) && ok(p.U, {p.U_stride}) && ok(grad_hbar, {gh_stride}) &&
          ok(p.Bg, {p.Bg_stride0, p.Bg_stride1, p.Rg}) && ok(p.Bu, {p.Bu_stride0, p.Bu_stride1, p.Ru}) &&
          ok(p.Ad, {p.Ad_stride0, p.Ad_stride1});
 }
 
 // The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
 // zero-padded, ld a multiple of 8), 8 ranks per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * ld.
-template <int NF>
+template <int NF, bool VEC>
 __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFloat16* B, int64_t s0, int64_t s1,
-                                            int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
+                                            int R, int Rp, int ld, int e0, int ne, int i0, int I) {
   constexpr int kRowCopies = 2 * NF;  // 8-rank copies per column for ranks up to 16 NF (divisions by constants)
   for (int idx = threadIdx.x; idx < ne * kMmaCols * kRowCopies; idx += blockDim.x) {
     const int e = idx / (kMmaCols * kRowCopies);
@@ -449,15 +467,15 @@ __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFlo
     const int n = i0 + c < I ? clamp8(R - r) : 0;
     // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
     const int off = static_cast<int>((e0 + e) * s0 + (i0 + c) * s1 + r);
-    copy8(dst + (e * kMmaCols + c) * ld + r, B + (n > 0 ? off : 0), n, vec);
+    copy8<VEC>(dst + (e * kMmaCols + c) * ld + r, B + (n > 0 ? off : 0), n);
   }
 }
 
 // The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (Rp ranks, zero-padded) with row
 // stride ld (a multiple of 8).
-template <int NF>
+template <int NF, bool VEC>
 __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFloat16* Ad, int64_t s0, int64_t s1,
-                                             int R, int Rp, int ld, int e0, int ne, int i0, int I, bool vec) {
+                                             int R, int Rp, int ld, int e0, int ne, int i0, int I) {
   constexpr int kRankRows = 16 * NF;  // rank rows per expert for ranks up to 16 NF (divisions by constants)
   for (int idx = threadIdx.x; idx < ne * kRankRows * (kMmaCols / 8); idx += blockDim.x) {
     const int er = idx / (kMmaCols / 8);
@@ -469,19 +487,20 @@ __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFl
     }
     const int n = r < R ? clamp8(I - i0 - c) : 0;
     const int off = static_cast<int>((e0 + e) * s0 + r * s1 + i0 + c);
-    copy8(dst + (e * Rp + r) * ld + c, Ad + (n > 0 ? off : 0), n, vec);
+    copy8<VEC>(dst + (e * Rp + r) * ld + c, Ad + (n > 0 ? off : 0), n);
   }
 }
 
 // Columns [i0, i0 + 64) of the rows 0 .. rows - 1 of a (T, I) bf16 tensor (src: its first row of the tile, row
 // stride `stride`) into dst with row stride ld, zeros beyond I and for the tile's rows rows .. BT - 1.
+template <bool VEC>
 __device__ __forceinline__ void load_rows(unsigned short* dst, const c10::BFloat16* src, int64_t stride, int rows,
-                                          int BT, int ld, int i0, int I, bool vec) {
+                                          int BT, int ld, int i0, int I) {
   for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
     const int tl = idx / (kMmaCols / 8);
     const int c = (idx - tl * (kMmaCols / 8)) * 8;
     const int cnt = tl < rows ? clamp8(I - i0 - c) : 0;
-    copy8(dst + tl * ld + c, src + (cnt > 0 ? tl * stride + i0 + c : 0), cnt, vec);
+    copy8<VEC>(dst + tl * ld + c, src + (cnt > 0 ? tl * stride + i0 + c : 0), cnt);
   }
 }
 
@@ -523,7 +542,6 @@ struct TileLayout {
   int ldg, ldu, ldz;  // row strides (bf16) of the Bg / Bu slabs and of the staged rank rows [zg | zu (| dzd)]
   int sBg, sBu, sAd, sG, sU, sGH, sZ, sEx, sPerm;  // sGH: the backward's only
   int sComb;  // the per-chunk slot rows of w h (forward) or dg, du (fp32, 16 columns), over sZ once it is consumed
-  int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
 
@@ -620,7 +638,8 @@ __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int6
     lr.row[h] = row;
     lr.slot[h] = ok ? static_cast<int>(t * K + k) : -1;
     lr.ex[h] = ok ? static_cast<int>(p.experts[lr.slot[h]]) : -1;
-    CUDA_KERNEL_ASSERT((!ok || (lr.ex[h] >= 0 && lr.ex[h] < p.E)) && "expand_act_combine: expert id out of range [0, E)");
+    CUDA_KERNEL_ASSERT((!ok || (lr.ex[h] >= 0 && lr.ex[h] < p.E)) &&
+                       "expand_act_combine: expert id out of range [0, E)");
     lr.w[h] = ok ? p.weights[lr.slot[h]] : 0.0f;
   }
   return lr;
@@ -665,23 +684,22 @@ __device__ __forceinline__ void load_rank_tiles(uint32_t (&a)[NF][4], const __nv
 }
 
 // Step i0 of the block: the slabs of every expert and the rows of its t1 tokens of G, U and (backward) dH̄.
-template <int NF>
+template <int NF, bool VEC>
 __device__ inline void load_tile_step(const MmaArgs& p, const TileLayout& L, unsigned char* sm, int64_t t0, int t1,
                                       int i0, const c10::BFloat16* grad_hbar, int64_t gh_stride) {
   const int I = static_cast<int>(p.I);
-  const bool vec = L.vec != 0;
-  load_b_slab<NF>(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg), L.Rgp,
-              L.ldg, 0, L.E, i0, I, vec);
+  load_b_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, static_cast<int>(p.Rg),
+                       L.Rgp, L.ldg, 0, L.E, i0, I);
   if (p.U != nullptr) {
-    load_b_slab<NF>(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru), L.Rup,
-                L.ldu, 0, L.E, i0, I, vec);
-    load_rows(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, kLdc, i0, I, vec);
+    load_b_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, static_cast<int>(p.Ru),
+                         L.Rup, L.ldu, 0, L.E, i0, I);
+    load_rows<VEC>(smem_at<unsigned short>(sm, L.sU), p.U + t0 * p.U_stride, p.U_stride, t1, L.BT, kLdc, i0, I);
   }
-  load_ad_slab<NF>(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd), L.Rdp,
-               kLdc, 0, L.E, i0, I, vec);
-  load_rows(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, kLdc, i0, I, vec);
+  load_ad_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, static_cast<int>(p.Rd),
+                        L.Rdp, kLdc, 0, L.E, i0, I);
+  load_rows<VEC>(smem_at<unsigned short>(sm, L.sG), p.G + t0 * p.G_stride, p.G_stride, t1, L.BT, kLdc, i0, I);
   if (grad_hbar != nullptr) {
-    load_rows(smem_at<unsigned short>(sm, L.sGH), grad_hbar + t0 * gh_stride, gh_stride, t1, L.BT, kLdc, i0, I, vec);
+    load_rows<VEC>(smem_at<unsigned short>(sm, L.sGH), grad_hbar + t0 * gh_stride, gh_stride, t1, L.BT, kLdc, i0, I);
   }
 }
 
@@ -797,7 +815,7 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
 // (1, 2 or 4) and ACT the activation (common.cuh): one instantiation each.
-template <int NF, int ACT>
+template <int NF, int ACT, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
@@ -827,7 +845,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
   for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
     __syncthreads();  // the previous step's slabs are consumed
-    load_tile_step<NF>(p, L, sm, t0, t1, i0, nullptr, 0);
+    load_tile_step<NF, VEC>(p, L, sm, t0, t1, i0, nullptr, 0);
     __syncthreads();
     const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
     for (int ch = 0; ch < nch; ++ch) {
@@ -909,7 +927,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
 //   dzg += dg Bg_e, dzu += du Bu_e (dg, du as A tiles, the B slabs read k-major; accumulated in registers)
 // Grid (splits of the I steps, token tiles). Writes dG, dU for the tile's tokens and columns, and the block's
 // partial [dzg/s | dzu/s | dw] (sums over its columns) by slot into part[split] (S, Rg + Ru + 1).
-template <int NF, int ACT>
+template <int NF, int ACT, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
@@ -944,7 +962,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   for (int step = first; step < last; ++step) {
     const int i0 = step * kMmaCols;
     __syncthreads();  // the previous step's slabs are consumed
-    load_tile_step<NF>(p, L, sm, t0, t1, i0, grad_hbar, gh_stride);
+    load_tile_step<NF, VEC>(p, L, sm, t0, t1, i0, grad_hbar, gh_stride);
     __syncthreads();
     const int nch = (I - i0 + 15) / 16 < kMmaCols / 16 ? (I - i0 + 15) / 16 : kMmaCols / 16;  // 16-column chunks
     for (int ch = 0; ch < nch; ++ch) {
@@ -1070,7 +1088,6 @@ using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma:
 struct WgLayout {
   int Rgp, Rup, Rdp, Lz;
   int slot, tok, z, sBg, sBu, sAd, sG, sU, sGH, stage, prod;
-  int vec;  // mma_rows_aligned (set by the launch)
   size_t bytes;
 };
 
@@ -1113,7 +1130,7 @@ __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
 }
 
-template <int NF, int ACT>
+template <int NF, int ACT, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
@@ -1141,10 +1158,9 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   const int nrg = L.Rgp / 16, nru = L.Rup / 16, nrd = L.Rdp / 16;
   const int nout = 4 * (nrg + nru + nrd);
   const bool gated = p.U != nullptr;
-  const bool vec = L.vec != 0;
-  load_b_slab<NF>(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I, vec);
-  load_b_slab<NF>(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I, vec);
-  load_ad_slab<NF>(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I, vec);
+  load_b_slab<NF, VEC>(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I);
+  load_b_slab<NF, VEC>(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I);
+  load_ad_slab<NF, VEC>(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I);
   constexpr int kOut = wg_max_out(NF);
   CFrag acc[kOut];
 #pragma unroll
@@ -1191,9 +1207,9 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       const int c = (idx - q * (kMmaCols / 8)) * 8;
       const int n = slot[q] >= 0 ? clamp8(I - i0 - c) : 0;
       const int64_t t = tok[q];
-      copy8(sG + idx * 8, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n, vec);
-      copy8(sU + idx * 8, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0, vec);
-      copy8(sGH + idx * 8, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n, vec);
+      copy8<VEC>(sG + idx * 8, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n);
+      copy8<VEC>(sU + idx * 8, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0);
+      copy8<VEC>(sGH + idx * 8, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n);
     }
     __syncthreads();
     // Phase A: dg, du, drop(h) of the chunk, 16 fragments of 16 slots x 16 columns, two per warp.
@@ -1202,8 +1218,8 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       const int n = fr % (kMmaCols / 16);
       CFrag c;
       wmma::fill_fragment(c, 0.0f);
-      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz, L.Lz, 16, reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp,
-                             L.Rgp, 16, nrg);
+      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz, L.Lz, 16,
+                             reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp, L.Rgp, 16, nrg);
       wmma::store_matrix_sync(stage, c, 16, wmma::mem_row_major);
       wmma::fill_fragment(c, 0.0f);
       mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz + L.Rgp, L.Lz, 16,

@@ -95,19 +95,17 @@ int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, cons
     }
     if (use_mma(dtype, ints)) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      TileLayout L = make_tile_layout(K, E, ints[14], ints[15], Rd, false);
-      L.vec = mma_rows_aligned(args, nullptr, 0);
+      const TileLayout L = make_tile_layout(K, E, ints[14], ints[15], Rd, false);
+      const bool vec = mma_rows_aligned(args, nullptr, 0);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
       std::vector<float> part(splits > 1 ? static_cast<size_t>(splits) * T * K * Rd : 0);
       float* out = splits > 1 ? part.data() : zd;
-      dispatch_rank_frags(ints[14], ints[15], Rd, [&](auto nf) {
-        dispatch_activation(act, [&](auto act_c) {
-          const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
-                          static_cast<c10::BFloat16*>(hbar), out);
-        });
+      dispatch_tiles(ints[14], ints[15], Rd, act, vec, [&](auto nf, auto act_c, auto vec_c) {
+        const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+        CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
+                        static_cast<c10::BFloat16*>(hbar), out);
       });
       if (splits > 1 && Rd > 0) {
         CUDA_CPU_LAUNCH(eac_split_sum_kernel, split_sum_blocks(T * K * Rd), kBlock, 0,
@@ -143,20 +141,18 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
     const bool mma = use_mma(dtype, ints);
     if (T > 0 && mma) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      TileLayout L = make_tile_layout(K, E, Rg, Ru, ints[16], true);
-      L.vec = mma_rows_aligned(args, grad_hbar, gh_stride);
+      const TileLayout L = make_tile_layout(K, E, Rg, Ru, ints[16], true);
+      const bool vec = mma_rows_aligned(args, grad_hbar, gh_stride);
       const int tiles = static_cast<int>(ceil_div(T, L.BT));
       const int splits = mma_splits(tiles, I);
       const int W = static_cast<int>(Rg + Ru + 1);
       std::vector<float> part(static_cast<size_t>(splits) * T * K * W);
-      dispatch_rank_frags(Rg, Ru, ints[16], [&](auto nf) {
-        dispatch_activation(act, [&](auto act_c) {
-          const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-          CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
-                          static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
-                          static_cast<c10::BFloat16*>(dG), static_cast<c10::BFloat16*>(dU), part.data());
-        });
+      dispatch_tiles(Rg, Ru, ints[16], act, vec, [&](auto nf, auto act_c, auto vec_c) {
+        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+        CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
+                        static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
+                        static_cast<c10::BFloat16*>(dG), static_cast<c10::BFloat16*>(dU), part.data());
       });
       CUDA_CPU_LAUNCH(eac_split_sum_kernel, split_sum_blocks(T * K * W), kBlock, 0,
                       static_cast<const float*>(part.data()), splits, T * K, W, static_cast<int>(Rg),
@@ -165,16 +161,15 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
     }
     if (E > 0 && I > 0 && Rall > 0 && mma) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
-      WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
-      L.vec = mma_rows_aligned(args, grad_hbar, gh_stride);
-      dispatch_rank_frags(Rg, Ru, ints[16], [&](auto nf) {
-        dispatch_activation(act, [&](auto act_c) {
-          const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value>;
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
-          CUDA_CPU_LAUNCH(kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, args,
-                          L, static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu,
-                          dAd);
-        });
+      const WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
+      const bool vec = mma_rows_aligned(args, grad_hbar, gh_stride);
+      dispatch_tiles(Rg, Ru, ints[16], act, vec, [&](auto nf, auto act_c, auto vec_c) {
+        const auto kernel =
+            eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
+        CUDA_CPU_LAUNCH(kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, args,
+                        L, static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu,
+                        dAd);
       });
     }
     if (mma) {

@@ -108,9 +108,9 @@ def test_expand_act_combine(cuda_cpu, shape, dtype, dropout_p):
 
 
 @pytest.mark.parametrize("shape", [
-    # the LLaMA-2-7B expert shape (E 8, R 16) with I a multiple of 8 but not of 64: 16-byte rows, so the bf16
-    # tensor-core kernels stage G, U, dH̄ and the weights with vector loads, and their last 64-column step is ragged;
-    # 140 slots: two forward token tiles (128 slots) and three backward ones (64)
+    # the LLaMA-2-7B expert shape (E 8, R 16) with I a multiple of 8 but not of 64: 16-byte rows in whole chunks of
+    # 8, so the bf16 tensor-core kernels take their VEC instantiation (G, U, dH̄ and the weights staged by 16-byte
+    # copies; the only tests that run it), and their last 64-column step is ragged; 140 slots: two token tiles of 128
     pytest.param(dict(T=70, H=40, I=200, E=8), id="aligned-rows"),
     pytest.param(dict(T=70, H=40, I=200, E=8, Rg=32, Ru=24, Rd=40), id="aligned-rows-R32-40"),  # NF = 2 and 4
 ])
