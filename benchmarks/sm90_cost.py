@@ -1091,7 +1091,7 @@ def _tile_layout_bytes(s: Shape, backward: bool) -> int:
     rows = [bt * 72 * 2] * (3 if backward else 2)
     z_or_comb = max(128 * ((3 if backward else 2) * rp + 8) * 2, (2 if backward else 1) * 128 * 16 * 4)
     sizes = [s.E * 64 * (rp + 8) * 2, s.E * 64 * (rp + 8) * 2, s.E * rp * 72 * 2, *rows, z_or_comb, 8 * 16 * 4,
-             2 * 128 * 4]
+             3 * 128 * 4]
     return sum(-(-b // 128) * 128 for b in sizes)
 
 

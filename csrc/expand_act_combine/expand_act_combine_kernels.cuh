@@ -584,32 +584,43 @@ __host__ __device__ inline TileLayout make_tile_layout(int64_t K, int64_t E, int
   L.sZ = take(z_bytes > comb_bytes ? z_bytes : comb_bytes);
   L.sComb = L.sZ;
   L.sEx = take(static_cast<size_t>(kWarps) * 16 * sizeof(int));
-  L.sPerm = take(static_cast<size_t>(2) * kTileRows * sizeof(int));
+  L.sPerm = take(static_cast<size_t>(3) * kTileRows * sizeof(int));
   L.bytes = at;
   return L;
 }
 
 // perm[pos] = the block's row (token order: row = token * KP + k) at position pos, the rows sorted by expert
-// (stably; padding rows last), so that a warp's 16 positions span few experts. A thread per row counts the rows
-// before it in that order (fixed order, no atomics).
+// (stably; padding rows last), so that a warp's 16 positions span few experts. Each row's key is expert * 128 + row
+// (distinct); two threads per row count the smaller keys, each in one half of the rows (fixed order, no atomics).
 __device__ inline const int* sort_rows_by_expert(const MmaArgs& p, const TileLayout& L, unsigned char* sm,
                                                  int64_t t0) {
+  static_assert(kBlock == 2 * kTileRows, "sort_rows_by_expert: two threads per row");
   int* key = smem_at<int>(sm, L.sPerm);
   int* perm = key + kTileRows;
+  int* half = perm + kTileRows;
   const int K = static_cast<int>(p.K);
-  for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) {
+  const int r = threadIdx.x % kTileRows;
+  if (threadIdx.x < kTileRows) {
     const int64_t t = t0 + r / L.KP;
     const int k = r % L.KP;
-    key[r] = t < p.T && k < K ? static_cast<int>(p.experts[t * K + k]) : L.E;  // ids checked by lane_rows
+    const int e = t < p.T && k < K ? static_cast<int>(p.experts[t * K + k]) : L.E;  // ids checked by lane_rows
+    key[r] = e * kTileRows + r;
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < kTileRows; r += blockDim.x) {
-    const int kr = key[r];
-    int pos = 0;
-    for (int q = 0; q < kTileRows; ++q) {
-      pos += key[q] < kr || (key[q] == kr && q < r);
-    }
-    perm[pos] = r;
+  const int kr = key[r];
+  const int4* keys = reinterpret_cast<const int4*>(key + threadIdx.x / kTileRows * (kTileRows / 2));
+  int pos = 0;
+#pragma unroll 4
+  for (int q = 0; q < kTileRows / 8; ++q) {
+    const int4 v = keys[q];
+    pos += (v.x < kr) + (v.y < kr) + (v.z < kr) + (v.w < kr);
+  }
+  if (threadIdx.x >= kTileRows) {
+    half[r] = pos;
+  }
+  __syncthreads();
+  if (threadIdx.x < kTileRows) {
+    perm[pos + half[r]] = r;
   }
   __syncthreads();
   return perm;

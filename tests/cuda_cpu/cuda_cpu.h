@@ -9,7 +9,7 @@
 //     link): a buffer whose launch's bytes are followed by a canary checked after every block. All shared memory
 //     is filled with NaN (0xff bytes) before every block; an out-of-bounds access to a shared array, by index or
 //     through a pointer the compiler traces to it, is a fault (-fsanitize=bounds,object-size);
-//   - threadIdx, blockIdx, blockDim, gridDim, warpSize, dim3, uint3, float2, float4, uint2, uint4;
+//   - threadIdx, blockIdx, blockDim, gridDim, warpSize, dim3, uint3, float2, float4, int4, uint2, uint4;
 //   - __syncthreads(): a barrier over the block's threads; all of them must reach the same call site;
 //   - warp collectives (__shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync, __ballot_sync,
 //     __any_sync, __all_sync, __syncwarp): every lane named in the mask must reach a collective of the same kind
@@ -69,6 +69,10 @@ struct alignas(16) float4 {
 
 struct alignas(8) uint2 {
   unsigned int x, y;
+};
+
+struct alignas(16) int4 {
+  int x, y, z, w;
 };
 
 struct alignas(16) uint4 {
