@@ -1075,7 +1075,7 @@ def _wg_layout_bytes(s: Shape) -> int:
     eac_bwd_weight_mma_kernel (kWgSlots = 64 slots per chunk, kMmaCols = 64 columns, 8 warps)."""
     rp = _round16(min(s.R, 4096))
     lz = 3 * rp
-    sizes = [64 * 4, 64 * 4, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2, 64 * 64 * 2,
+    sizes = [64 * 4, 64 * 4, 64 * 4, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2, 64 * 64 * 2,
              64 * 64 * 2, 8 * 768 * 4, 3 * 64 * 64 * 2]
     return sum(-(-b // 128) * 128 for b in sizes)
 

@@ -1098,7 +1098,7 @@ using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma:
 
 struct WgLayout {
   int Rgp, Rup, Rdp, Lz;
-  int slot, tok, z, sBg, sBu, sAd, sG, sU, sGH, stage, prod;
+  int slot, tok, wsl, z, sBg, sBu, sAd, sG, sU, sGH, stage, prod;
   size_t bytes;
 };
 
@@ -1116,6 +1116,7 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
   };
   L.slot = take(kWgSlots * sizeof(int));
   L.tok = take(kWgSlots * sizeof(int));
+  L.wsl = take(kWgSlots * sizeof(float));
   L.z = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
   L.sBg = take(static_cast<size_t>(kMmaCols) * L.Rgp * 2);
   L.sBu = take(static_cast<size_t>(kMmaCols) * L.Rup * 2);
@@ -1149,6 +1150,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   unsigned char* sm = dynamic_smem<unsigned char>();
   int* slot = smem_at<int>(sm, L.slot);
   int* tok = smem_at<int>(sm, L.tok);
+  float* wsl = smem_at<float>(sm, L.wsl);
   __nv_bfloat16* z = smem_at<__nv_bfloat16>(sm, L.z);
   unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
   unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
@@ -1192,6 +1194,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       }
       slot[threadIdx.x] = s;
       tok[threadIdx.x] = s >= 0 ? s / K : 0;
+      wsl[threadIdx.x] = s >= 0 ? p.weights[s] : 0.0f;
     }
     __syncthreads();
     {
@@ -1256,7 +1259,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           float a, da;
           act_forward_grad(ACT, g, a, da);
           const float mask = dropout_mult(p.drop, s, p.I, i0 + col);
-          const float dh = p.weights[s] * gh + stage[512 + idx] * mask;
+          const float dh = wsl[sl] * gh + stage[512 + idx] * mask;
           dg = dh * da * u;
           du = dh * a;
           hin = a * u * mask;
