@@ -1072,11 +1072,11 @@ def _rank_frags(s: Shape) -> int:
 
 def _wg_layout_bytes(s: Shape) -> int:
     """make_wg_layout(R, R, R).bytes (expand_act_combine_kernels.cuh): the dynamic shared memory of
-    eac_bwd_weight_mma_kernel (kWgSlots = 64 slots per chunk, kMmaCols = 64 columns, 8 warps)."""
+    eac_bwd_weight_mma_kernel (kWgSlots = 64 slots per chunk, kMmaCols = 64 columns, rows padded by 8 bf16)."""
     rp = _round16(min(s.R, 4096))
-    lz = 3 * rp
-    sizes = [64 * 4, 64 * 4, 64 * 4, 64 * lz * 2, 64 * rp * 2, 64 * rp * 2, 64 * rp * 2, 64 * 64 * 2, 64 * 64 * 2,
-             64 * 64 * 2, 8 * 768 * 4, 3 * 64 * 64 * 2]
+    tile = 64 * 72 * 2
+    sizes = [64 * 4, 64 * 4, 64 * 4, 64 * (3 * rp + 8) * 2, 64 * (rp + 8) * 2, 64 * (rp + 8) * 2, rp * 72 * 2,
+             tile, tile, tile, 3 * tile]
     return sum(-(-b // 128) * 128 for b in sizes)
 
 

@@ -157,11 +157,17 @@ __device__ __forceinline__ void load_b_pair(uint32_t (&b0)[2], uint32_t (&b1)[2]
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
-// The A tile (rows 0..15, k kb..kb+15) of a row-major bf16 shared array of leading dimension ld.
+// The A tile (rows m 0..15, k kb..kb+15) of a bf16 shared array of leading dimension ld (a multiple of 8) holding
+// element (m, k) at s[m * ld + k], or with K_MAJOR at s[k * ld + m] (ldmatrix .trans).
+template <bool K_MAJOR>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s, int ld, int kb) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const int m = lane / 8, i = lane % 8;
-  ldsm_x4<false>(a, s + ((m % 2) * 8 + i) * ld + kb + (m / 2) * 8);
+  const int q = lane / 8, i = lane % 8;
+  if (K_MAJOR) {
+    ldsm_x4<true>(a, s + (kb + (q / 2) * 8 + i) * ld + (q % 2) * 8);
+  } else {
+    ldsm_x4<false>(a, s + ((q % 2) * 8 + i) * ld + kb + (q / 2) * 8);
+  }
 }
 
 // lo, hi rounded to bf16 in one 32-bit word (lo in the low half).

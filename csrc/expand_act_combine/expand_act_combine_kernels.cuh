@@ -504,24 +504,6 @@ __device__ __forceinline__ void load_rows(unsigned short* dst, const c10::BFloat
   }
 }
 
-// acc += the sum over kk < nk (<= NK) of the A fragment at a + kk * astep (ld lda) times the B fragment at
-// b + kk * bstep (ld ldb).
-template <typename AT, typename BT, int NK>
-__device__ __forceinline__ void mma_k(CFrag& acc, const __nv_bfloat16* a, int lda, int astep, const __nv_bfloat16* b,
-                                      int ldb, int bstep, int nk) {
-  AT af;
-  BT bf;
-#pragma unroll
-  for (int kk = 0; kk < NK; ++kk) {
-    if (kk >= nk) {
-      break;
-    }
-    wmma::load_matrix_sync(af, a + kk * astep, lda);
-    wmma::load_matrix_sync(bf, b + kk * bstep, ldb);
-    wmma::mma_sync(acc, af, bf, acc);
-  }
-}
-
 // Token kernels on register tiles (mma_16816: accumulators stay in registers, in the layout tensor_core.cuh states).
 // A block owns BT = 128 / KP whole tokens as 128 slot rows, row = token * KP + k with KP = K rounded up to a power of
 // two (rows k >= K are padding: zero rank vectors, zero weight). The rows are sorted by expert (`sort_rows_by_expert`)
@@ -690,7 +672,7 @@ __device__ __forceinline__ void load_rank_tiles(uint32_t (&a)[NF][4], const __nv
                                                 int c0, int nf) {
 #pragma unroll
   for (int f = 0; f < NF; ++f) {
-    if (f < nf) load_a(a[f], sZ + threadIdx.x / 32 * 16 * L.ldz, L.ldz, c0 + f * 16);
+    if (f < nf) load_a<false>(a[f], sZ + threadIdx.x / 32 * 16 * L.ldz, L.ldz, c0 + f * 16);
   }
 }
 
@@ -1082,23 +1064,19 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   }
 }
 
-// Weight gradients on tensor cores (same eligibility as the kernels above). Grid (64-column tiles of I, experts): a
-// block walks its expert's slots in sorted order, 64 at a time; per chunk it recomputes dg, du and drop(h) for the
-// 64 slots x 64 columns (wmma for the rank-R products) into bf16 tiles, then adds
-//   dBg_e += dg^T zg, dBu_e += du^T zu (64 columns x rank), dAd_e += dzd^T drop(h) (rank x 64 columns)
-// with its fp32 operands rounded to bf16 (as the token kernels round theirs). Each warp keeps its output fragments in
-// registers across the chunks; fixed slot order, no atomics.
+// Weight gradients on register tiles (same eligibility as the kernels above). Grid (64-column tiles of I, experts):
+// a block walks its expert's slots in sorted order, 64 at a time. Per chunk, each warp recomputes g, u and
+// b = dzd Ad_e for 16 slots x 32 columns (mma_16816, z rows as A tiles), then dg, du and drop(h) into bf16 tiles in
+// shared memory; then
+//   dBg_e += dg^T zg (warps 0-3), dBu_e += du^T zu (warps 4-7): 16 columns x rank per warp
+//   dAd_e += dzd^T drop(h): rank tiles x 16 columns, spread over the warps
+// with both operands read k-major (ldmatrix .trans) and fp32 operands rounded to bf16 (as the token kernels round
+// theirs). The outputs stay in registers across the chunks; fixed slot order, no atomics.
 constexpr int kWgSlots = 64;
-// Output fragments per warp: 4 x (Rgp + Rup + Rdp) / 16 <= 12 NF over 8 warps.
-__host__ __device__ constexpr int wg_max_out(int NF) {
-  return (12 * NF + kWarps - 1) / kWarps;
-}
-
-using AColFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
 
 struct WgLayout {
-  int Rgp, Rup, Rdp, Lz;
-  int slot, tok, wsl, z, sBg, sBu, sAd, sG, sU, sGH, stage, prod;
+  int Rgp, Rup, Rdp, ldz, ldg, ldu;  // padded ranks; row strides (bf16) of the rank rows and the Bg / Bu slabs
+  int slot, tok, wsl, z, sBg, sBu, sAd, sG, sU, sGH, prod;
   size_t bytes;
 };
 
@@ -1107,32 +1085,34 @@ __host__ __device__ inline WgLayout make_wg_layout(int64_t Rg, int64_t Ru, int64
   L.Rgp = round16(static_cast<int>(Rg < 4096 ? Rg : 4096));
   L.Rup = round16(static_cast<int>(Ru < 4096 ? Ru : 4096));
   L.Rdp = round16(static_cast<int>(Rd < 4096 ? Rd : 4096));
-  L.Lz = L.Rgp + L.Rup + L.Rdp;
+  L.ldz = L.Rgp + L.Rup + L.Rdp + kSlabPad;
+  L.ldg = L.Rgp + kSlabPad;
+  L.ldu = L.Rup + kSlabPad;
   size_t at = 0;
   auto take = [&at](size_t bytes) {
     const int off = static_cast<int>(at);
     at += (bytes + 127) / 128 * 128;
     return off;
   };
+  const size_t tile = static_cast<size_t>(kWgSlots) * kLdc * 2;  // 64 rows of 64 bf16 columns, padded
   L.slot = take(kWgSlots * sizeof(int));
   L.tok = take(kWgSlots * sizeof(int));
   L.wsl = take(kWgSlots * sizeof(float));
-  L.z = take(static_cast<size_t>(kWgSlots) * L.Lz * 2);
-  L.sBg = take(static_cast<size_t>(kMmaCols) * L.Rgp * 2);
-  L.sBu = take(static_cast<size_t>(kMmaCols) * L.Rup * 2);
-  L.sAd = take(static_cast<size_t>(kMmaCols) * L.Rdp * 2);
-  L.sG = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
-  L.sU = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
-  L.sGH = take(static_cast<size_t>(kWgSlots) * kMmaCols * 2);
-  L.stage = take(static_cast<size_t>(kWarps) * 768 * 4);
-  L.prod = take(static_cast<size_t>(3) * kWgSlots * kMmaCols * 2);
+  L.z = take(static_cast<size_t>(kWgSlots) * L.ldz * 2);
+  L.sBg = take(static_cast<size_t>(kMmaCols) * L.ldg * 2);
+  L.sBu = take(static_cast<size_t>(kMmaCols) * L.ldu * 2);
+  L.sAd = take(static_cast<size_t>(L.Rdp) * kLdc * 2);
+  L.sG = take(tile);
+  L.sU = take(tile);
+  L.sGH = take(tile);
+  L.prod = take(3 * tile);  // dg, du, drop(h)
   L.bytes = at;
   return L;
 }
 
 // The tensor-core path takes the problem when the padded ranks fit its register tiles, K <= 8 (KP slot rows per
 // token in a 128-row tile) and each kernel's shared memory fits sm_90's 227 KiB (E 8, K 2, R 16: ~96 KiB forward,
-// ~110 KiB backward, ~85 KiB weight gradients).
+// ~110 KiB backward, ~70 KiB weight gradients).
 __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64_t Ru, int64_t Rd) {
   if (Rg > kMmaMaxRank || Ru > kMmaMaxRank || Rd > kMmaMaxRank || K > 8 || E > 4096) {
     return false;
@@ -1142,8 +1122,9 @@ __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
 }
 
+// Two blocks per SM (at most 128 registers), except at rank 64, whose tiles need more.
 template <int NF, int ACT, bool VEC>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, NF < 4 ? 2 : 1)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
                           float* __restrict__ dBu, float* __restrict__ dAd) {
@@ -1152,34 +1133,39 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
   int* tok = smem_at<int>(sm, L.tok);
   float* wsl = smem_at<float>(sm, L.wsl);
   __nv_bfloat16* z = smem_at<__nv_bfloat16>(sm, L.z);
-  unsigned short* sBg = smem_at<unsigned short>(sm, L.sBg);
-  unsigned short* sBu = smem_at<unsigned short>(sm, L.sBu);
-  unsigned short* sAd = smem_at<unsigned short>(sm, L.sAd);
   unsigned short* sG = smem_at<unsigned short>(sm, L.sG);
   unsigned short* sU = smem_at<unsigned short>(sm, L.sU);
   unsigned short* sGH = smem_at<unsigned short>(sm, L.sGH);
-  __nv_bfloat16* prod = smem_at<__nv_bfloat16>(sm, L.prod);
+  unsigned* prod = smem_at<unsigned>(sm, L.prod);  // [dg | du | drop(h)] tiles, words of two bf16
+  const __nv_bfloat16* prod_bf = smem_at<__nv_bfloat16>(sm, L.prod);
+  const __nv_bfloat16* sBg = smem_at<__nv_bfloat16>(sm, L.sBg);
+  const __nv_bfloat16* sBu = smem_at<__nv_bfloat16>(sm, L.sBu);
+  const __nv_bfloat16* sAd = smem_at<__nv_bfloat16>(sm, L.sAd);
   const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  float* stage = smem_at<float>(sm, L.stage) + warp * 768;
+  const int g = threadIdx.x % 32 / 4;
+  const int tq = threadIdx.x % 4;
   const int I = static_cast<int>(p.I);
   const int K = static_cast<int>(p.K);
   const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru), Rd = static_cast<int>(p.Rd);
   const int i0 = static_cast<int>(blockIdx.x) * kMmaCols;
   const int e = static_cast<int>(blockIdx.y);
   const int Rgu = L.Rgp + L.Rup;
-  const int nrg = L.Rgp / 16, nru = L.Rup / 16, nrd = L.Rdp / 16;
-  const int nout = 4 * (nrg + nru + nrd);
   const bool gated = p.U != nullptr;
-  load_b_slab<NF, VEC>(sBg, p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.Rgp, e, 1, i0, I);
-  load_b_slab<NF, VEC>(sBu, p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.Rup, e, 1, i0, I);
-  load_ad_slab<NF, VEC>(sAd, p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kMmaCols, e, 1, i0, I);
-  constexpr int kOut = wg_max_out(NF);
-  CFrag acc[kOut];
-#pragma unroll
-  for (int k = 0; k < kOut; ++k) {
-    wmma::fill_fragment(acc[k], 0.0f);
-  }
+  const int tile_words = kWgSlots * kLdc / 2;
+  load_b_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sBg), p.Bg, p.Bg_stride0, p.Bg_stride1, Rg, L.Rgp, L.ldg, e,
+                       1, i0, I);
+  load_b_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sBu), p.Bu, p.Bu_stride0, p.Bu_stride1, Ru, L.Rup, L.ldu, e,
+                       1, i0, I);
+  load_ad_slab<NF, VEC>(smem_at<unsigned short>(sm, L.sAd), p.Ad, p.Ad_stride0, p.Ad_stride1, Rd, L.Rdp, kLdc, e,
+                        1, i0, I);
+  // Phase A: this warp's 16 slot rows m0.. and 32 columns n0..; phase B: the 16 columns cb.. of dBg (warps 0-3) or
+  // dBu (warps 4-7), and dAd's rank tiles warp / 4 + 2 j at those columns.
+  const int m0 = warp % 4 * 16;
+  const int n0 = warp / 4 * 32;
+  const int cb = warp % 4 * 16;
+  const bool up = warp >= 4;
+  float accw[2 * NF][4] = {};
+  float acca[2][2][4] = {};
   const int64_t start = p.offsets[e];
   const int64_t end = p.offsets[e + 1];
   const int64_t num_slots = p.T * p.K;
@@ -1201,7 +1187,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       // The chunk's rank rows [zg | zu | dzd] as bf16, zero-padded: 4 threads per slot row.
       static_assert(kBlock == 4 * kWgSlots, "eac_bwd_weight_mma_kernel stages a slot row per 4 threads");
       const int s = slot[threadIdx.x / 4];
-      __nv_bfloat16* row = z + threadIdx.x / 4 * L.Lz;
+      __nv_bfloat16* row = z + threadIdx.x / 4 * L.ldz;
 #pragma unroll
       for (int j = 0; j < 4 * NF; ++j) {  // ranks r = threadIdx.x % 4 + 4 j of each part, below its padded rank
         const int r = threadIdx.x % 4 + 4 * j;
@@ -1218,115 +1204,127 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
     }
     for (int idx = threadIdx.x; idx < kWgSlots * (kMmaCols / 8); idx += blockDim.x) {
       const int q = idx / (kMmaCols / 8);
-      const int c = (idx - q * (kMmaCols / 8)) * 8;
+      const int c = idx % (kMmaCols / 8) * 8;
       const int n = slot[q] >= 0 ? clamp8(I - i0 - c) : 0;
       const int64_t t = tok[q];
-      copy8<VEC>(sG + idx * 8, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n);
-      copy8<VEC>(sU + idx * 8, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0);
-      copy8<VEC>(sGH + idx * 8, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n);
+      copy8<VEC>(sG + q * kLdc + c, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n);
+      copy8<VEC>(sU + q * kLdc + c, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0);
+      copy8<VEC>(sGH + q * kLdc + c, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n);
     }
     __syncthreads();
-    // Phase A: dg, du, drop(h) of the chunk, 16 fragments of 16 slots x 16 columns, two per warp.
-    for (int fr = warp; fr < (kWgSlots / 16) * (kMmaCols / 16); fr += kWarps) {
-      const int f = fr / (kMmaCols / 16);
-      const int n = fr % (kMmaCols / 16);
-      CFrag c;
-      wmma::fill_fragment(c, 0.0f);
-      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz, L.Lz, 16,
-                             reinterpret_cast<const __nv_bfloat16*>(sBg) + n * 16 * L.Rgp, L.Rgp, 16, nrg);
-      wmma::store_matrix_sync(stage, c, 16, wmma::mem_row_major);
-      wmma::fill_fragment(c, 0.0f);
-      mma_k<AFrag, BCol, NF>(c, z + f * 16 * L.Lz + L.Rgp, L.Lz, 16,
-                             reinterpret_cast<const __nv_bfloat16*>(sBu) + n * 16 * L.Rup, L.Rup, 16, nru);
-      wmma::store_matrix_sync(stage + 256, c, 16, wmma::mem_row_major);
-      wmma::fill_fragment(c, 0.0f);
-      mma_k<AFrag, BRow, NF>(c, z + f * 16 * L.Lz + Rgu, L.Lz, 16, reinterpret_cast<const __nv_bfloat16*>(sAd) + n * 16,
-                             kMmaCols, 16 * kMmaCols, nrd);
-      wmma::store_matrix_sync(stage + 512, c, 16, wmma::mem_row_major);
-      __syncwarp();
+    {
+      // Phase A: g, u, b of the warp's 16 slots x 32 columns, then dg, du, drop(h) to the bf16 tiles.
+      const __nv_bfloat16* zrows = z + m0 * L.ldz;
+      float gacc[4][4] = {};
+      float uacc[4][4] = {};
+      float bacc[4][4] = {};
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int idx = lane + 32 * q;
-        const int sl = f * 16 + idx / 16;
-        const int col = n * 16 + idx % 16;
-        const int s = slot[sl];
-        float dg = 0.0f, du = 0.0f, hin = 0.0f;
-        if (s >= 0 && i0 + col < I) {
-          const int o = sl * kMmaCols + col;
-          const float g = __bfloat162float(__ushort_as_bfloat16(sG[o])) + p.scale * stage[idx];
-          const float u = gated ? __bfloat162float(__ushort_as_bfloat16(sU[o])) + p.scale * stage[256 + idx] : 1.0f;
-          const float gh = __bfloat162float(__ushort_as_bfloat16(sGH[o]));
-          float a, da;
-          act_forward_grad(ACT, g, a, da);
-          const float mask = dropout_mult(p.drop, s, p.I, i0 + col);
-          const float dh = wsl[sl] * gh + stage[512 + idx] * mask;
-          dg = dh * da * u;
-          du = dh * a;
-          hin = a * u * mask;
+      for (int f = 0; f < NF; ++f) {
+        uint32_t a[4];
+        if (f < L.Rgp / 16) {
+          load_a<false>(a, zrows, L.ldz, f * 16);
+          mma_row_tile<false>(gacc, a, sBg + n0 * L.ldg, L.ldg, f * 16, 2);
         }
-        const int o = sl * kMmaCols + col;
-        prod[o] = __float2bfloat16_rn(dg);
-        prod[kWgSlots * kMmaCols + o] = __float2bfloat16_rn(du);
-        prod[2 * kWgSlots * kMmaCols + o] = __float2bfloat16_rn(hin);
+        if (gated && f < L.Rup / 16) {
+          load_a<false>(a, zrows, L.ldz, L.Rgp + f * 16);
+          mma_row_tile<false>(uacc, a, sBu + n0 * L.ldu, L.ldu, f * 16, 2);
+        }
+        if (f < L.Rdp / 16) {
+          load_a<false>(a, zrows, L.ldz, Rgu + f * 16);
+          mma_row_tile<true>(bacc, a, sAd + n0, kLdc, f * 16, 2);
+        }
       }
-      __syncwarp();
+      const unsigned* gwords = reinterpret_cast<const unsigned*>(sG);
+      const unsigned* uwords = reinterpret_cast<const unsigned*>(sU);
+      const unsigned* hwords = reinterpret_cast<const unsigned*>(sGH);
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int q = m0 + g + 8 * h;
+          const int s = slot[q];
+          const int col = n0 + nt * 8 + 2 * tq;
+          const int word = (q * kLdc + col) / 2;
+          const unsigned gw = gwords[word];
+          const unsigned uw = gated ? uwords[word] : 0u;
+          const unsigned hw = hwords[word];
+          float dg[2], du[2], hin[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            dg[c] = du[c] = hin[c] = 0.0f;
+            if (s >= 0 && i0 + col + c < I) {
+              const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+              const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+              const float gh = bf16_bits_to_float(hw, c);
+              float a, da;
+              act_forward_grad(ACT, gv, a, da);
+              const float mask = dropout_mult(p.drop, s, p.I, i0 + col + c);
+              const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
+              dg[c] = dh * da * uv;
+              du[c] = dh * a;
+              hin[c] = a * uv * mask;
+            }
+          }
+          prod[word] = pack_bf16(dg[0], dg[1]);
+          prod[tile_words + word] = pack_bf16(du[0], du[1]);
+          prod[2 * tile_words + word] = pack_bf16(hin[0], hin[1]);
+        }
+      }
     }
     __syncthreads();
-    // Phase B: the chunk's contribution to this warp's output fragments, 4 steps of 16 slots.
+    // Phase B over the chunk's 64 slots, 16 per k step.
 #pragma unroll
-    for (int k = 0; k < kOut; ++k) {
-      const int o = warp + kWarps * k;
-      if (o < 4 * (nrg + nru)) {
-        const bool up = o >= 4 * nrg;
-        const int oo = up ? o - 4 * nrg : o;
-        const int nr = up ? nru : nrg;
-        const int mi = oo / nr, rn = oo % nr;
-        const int poff = (up ? kWgSlots * kMmaCols : 0) + mi * 16;
-        const int zoff = (up ? L.Rgp : 0) + rn * 16;
-        // A = dg^T (16 columns x 16 slots): tile [slot][col] read column-major; B = z (16 slots x 16 ranks).
-        mma_k<AColFrag, BRow, kWgSlots / 16>(acc[k], prod + poff, kMmaCols, 16 * kMmaCols, z + zoff, L.Lz, 16 * L.Lz,
-                                             kWgSlots / 16);
-      } else if (o < nout) {
-        const int oo = o - 4 * (nrg + nru);
-        const int rm = oo / 4, ni = oo % 4;
-        const int zoff = Rgu + rm * 16;
-        const int poff = 2 * kWgSlots * kMmaCols + ni * 16;
-        // A = dzd^T (16 ranks x 16 slots): z rows read column-major; B = drop(h) (16 slots x 16 columns).
-        mma_k<AColFrag, BRow, kWgSlots / 16>(acc[k], z + zoff, L.Lz, 16 * L.Lz, prod + poff, kMmaCols, 16 * kMmaCols,
-                                             kWgSlots / 16);
+    for (int kk = 0; kk < kWgSlots / 16; ++kk) {
+      uint32_t a[4];
+      if (!up || gated) {
+        // A = dg^T or du^T (16 columns x 16 slots), B = zg or zu (16 slots x rank).
+        load_a<true>(a, prod_bf + (up ? kWgSlots * kLdc : 0) + cb, kLdc, kk * 16);
+        mma_row_tile<true>(accw, a, z + (up ? L.Rgp : 0), L.ldz, kk * 16, (up ? L.Rup : L.Rgp) / 16);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int f = warp / 4 + 2 * j;
+        if (f < L.Rdp / 16) {
+          // A = dzd^T (16 ranks x 16 slots), B = drop(h) (16 slots x 16 columns).
+          load_a<true>(a, z + Rgu + f * 16, L.ldz, kk * 16);
+          mma_row_tile<true>(acca[j], a, prod_bf + 2 * kWgSlots * kLdc + cb, kLdc, kk * 16, 1);
+        }
       }
     }
   }
-  // Every block writes its whole tile (zeros for an empty expert), so no memset is needed.
+  // Every block writes its whole tile (zeros for an empty expert), so no memset is needed. Lane element (row g + 8 h,
+  // column 8 nt + 2 tq + c) of each output tile.
+  const int R = up ? Ru : Rg;
+  float* outw = up ? dBu : dBg;
 #pragma unroll
-  for (int k = 0; k < kOut; ++k) {
-    const int o = warp + kWarps * k;
-    if (o < nout) {
-      wmma::store_matrix_sync(stage, acc[k], 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int q = 0; q < 8; ++q) {
-        const int idx = lane + 32 * q;
-        const int row = idx / 16, col = idx % 16;
-        if (o < 4 * (nrg + nru)) {
-          const bool up = o >= 4 * nrg;
-          const int oo = up ? o - 4 * nrg : o;
-          const int nr = up ? nru : nrg;
-          const int i = i0 + (oo / nr) * 16 + row;
-          const int r = (oo % nr) * 16 + col;
-          const int R = up ? Ru : Rg;
-          if (i < I && r < R) {
-            (up ? dBu : dBg)[(static_cast<int64_t>(e) * I + i) * R + r] = p.scale * stage[idx];
-          }
-        } else {
-          const int oo = o - 4 * (nrg + nru);
-          const int r = (oo / 4) * 16 + row;
-          const int i = i0 + (oo % 4) * 16 + col;
-          if (i < I && r < Rd) {
-            dAd[(static_cast<int64_t>(e) * Rd + r) * I + i] = stage[idx];
+  for (int nt = 0; nt < 2 * NF; ++nt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = i0 + cb + g + 8 * h;
+        const int r = nt * 8 + 2 * tq + c;
+        if (i < I && r < R) {
+          outw[(static_cast<int64_t>(e) * I + i) * R + r] = p.scale * accw[nt][2 * h + c];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int r = (warp / 4 + 2 * j) * 16 + g + 8 * h;
+          const int i = i0 + cb + nt * 8 + 2 * tq + c;
+          if (r < Rd && i < I) {
+            dAd[(static_cast<int64_t>(e) * Rd + r) * I + i] = acca[j][nt][2 * h + c];
           }
         }
       }
-      __syncwarp();
     }
   }
 }
