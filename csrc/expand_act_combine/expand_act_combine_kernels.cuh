@@ -807,7 +807,7 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
 //   zd_j += drop(h_j) Ad_e^T (the accumulators reused as an A tile; zd accumulated in registers across the steps)
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
-// (1, 2 or 4) and ACT the activation (common.cuh): one instantiation each.
+// (1, 2 or 4), ACT the activation (common.cuh) and VEC mma_rows_aligned (dispatch_tiles): one instantiation each.
 template <int NF, int ACT, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
