@@ -608,7 +608,7 @@ __device__ inline const int* sort_rows_by_expert(const MmaArgs& p, const TileLay
   return perm;
 }
 
-// This lane's two positions of its block, warp * 16 + g and + 8, holding rows perm[pos] (perm nullptr: row = pos):
+// This lane's two positions of its block, warp * 16 + g and + 8, holding rows perm[pos]:
 // the rows, slot ids (-1 for a padding row or a token beyond T; they fit 32 bits: api.cpp checks T * K < 2^31),
 // experts (-1 for none) and routing weights (0 for none).
 struct LaneRows {
@@ -624,7 +624,7 @@ __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int6
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int pos = static_cast<int>(threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4) + 8 * h;
-    const int row = perm != nullptr ? perm[pos] : pos;
+    const int row = perm[pos];
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
     const bool ok = t < p.T && k < K;
@@ -639,7 +639,7 @@ __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int6
 }
 
 // The block's rank rows [zg | zu] (forward) or [zg | zu | dzd] (backward: grad_zd given) as bf16 rows of sZ by
-// position (row perm[pos], or pos without perm), each part zero-padded to its padded rank, zero rows for padding.
+// position (row perm[pos]), each part zero-padded to its padded rank, zero rows for padding.
 __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __nv_bfloat16* sZ, int64_t t0,
                                        const int* perm, const float* grad_zd, int64_t gzd_stride) {
   const int K = static_cast<int>(p.K);
@@ -648,7 +648,7 @@ __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __
   for (int idx = threadIdx.x; idx < kTileRows * Rz; idx += blockDim.x) {
     const int pos = idx / Rz;
     const int r = idx - pos * Rz;
-    const int row = perm != nullptr ? perm[pos] : pos;
+    const int row = perm[pos];
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
     float v = 0.0f;
