@@ -928,7 +928,6 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   unsigned char* sm = dynamic_smem<unsigned char>();
   const int K = static_cast<int>(p.K);
   const int warp = threadIdx.x / 32;
-  const int g = threadIdx.x % 32 / 4;
   const int tq = threadIdx.x % 4;
   const int I = static_cast<int>(p.I);
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * L.BT;
@@ -946,6 +945,8 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
   int* experts = smem_at<int>(sm, L.sEx) + warp * 16;
   const int nex = experts_of_warp(lr, L.E, experts);
   const TileSmem sh = tile_smem(sm, L);
+  float* comb_g = smem_at<float>(sm, L.sComb);
+  float* comb_u = comb_g + kTileRows * 16;
 
   float dzg[2 * NF][4] = {};
   float dzu[2 * NF][4] = {};
@@ -984,8 +985,6 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
       // Elementwise: position warp * 16 + g + 8 h (row lr.row[h]), column i0 + col + c. Padding rows have zero rank
       // vectors and weight, so dh, dg, du vanish there; columns beyond I read zero dH̄ and zero-padded slabs. dg, du
       // go to the chunk's slot rows in shared memory, whose token sums are stored after the barrier.
-      float* comb_g = smem_at<float>(sm, L.sComb);
-      float* comb_u = comb_g + kTileRows * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
