@@ -1097,8 +1097,8 @@ def _tile_layout_bytes(s: Shape, backward: bool) -> int:
 
 def _tile(s: Shape, backward: bool) -> dict:
     """Launch values of eac_fwd_mma_kernel / eac_bwd_mma_kernel: TileLayout (KP = K rounded up to a power of two,
-    BT = 128 / KP tokens per tile), the I splits (mma_splits) and a split's steps [first, last), the backward's
-    16-column chunks per step (nch), and the experts present per warp (nex; the rows are sorted by expert): one plus
+    BT = 128 / KP tokens per tile), the I splits (mma_splits) and a split's steps [first, last), the 16-column
+    chunks per step (nch), and the experts present per warp (nex; the rows are sorted by expert): one plus
     the expected expert boundaries among a warp's 15 gaps when the block's 128 rows hold min(E, 128) experts."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp
@@ -1107,8 +1107,8 @@ def _tile(s: Shape, backward: bool) -> dict:
     splits = max(1, min(-(-2 * 132 // tiles), 16, steps))
     rp = _round16(s.R)
     nex = 1 + 15 * (min(s.E, 128) - 1) / 127
-    return dict(NF=_rank_frags(s), L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp, Rz=(3 if backward else 2) * rp,
-                nex=nex, BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
+    return dict(NF=_rank_frags(s), L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
+                Rz=(3 if backward else 2) * rp, nex=nex, BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
                 last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 
@@ -1122,11 +1122,11 @@ def mma_path(s: Shape) -> bool:
 
 
 def _wg(s: Shape) -> dict:
-    """Launch values of eac_bwd_weight_mma_kernel: WgLayout's padded ranks and z row length, one expert per slab
-    (ne 1), its expert's slots [start, end) at balanced routing (set by analyse_cuda)."""
+    """Launch values of eac_bwd_weight_mma_kernel: WgLayout's padded ranks, one expert per slab (ne 1), its
+    expert's slots [start, end) at balanced routing (set by analyse_cuda)."""
     rp = _round16(s.R)
-    return dict(NF=_rank_frags(s), L_Rgp=rp, L_Rup=rp, L_Rdp=rp, L_Lz=3 * rp, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R,
-                H=s.H, N=32, num_experts=s.E, ne=1, Rp=rp)
+    return dict(NF=_rank_frags(s), L_Rgp=rp, L_Rup=rp, L_Rdp=rp, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R,
+                Rd=s.R, H=s.H, N=32, num_experts=s.E, ne=1, Rp=rp)
 
 
 def _split_sum_blocks(n: int) -> int:
