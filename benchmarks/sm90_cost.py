@@ -1158,6 +1158,13 @@ def _weight_grad(s: Shape, R: int) -> dict:
     return dict(H=s.H, R=R, K=s.K, S=s.S, steps=4)
 
 
+def _lora_instance(types: str, drop: bool, h_rows: bool) -> str:
+    """The template arguments of a csrc/lora_tiles.cuh kernel as c++filt writes them: its dtypes, then the
+    LoraVariant (dropout on, aligned rows: true at the modelled shapes, the weight's rows along h: A's)."""
+    flag = lambda b: "true" if b else "false"  # noqa: E731
+    return (f"<{types}, mixlora::(anonymous namespace)::LoraVariant<{flag(drop)}, true, {flag(h_rows)}> >")
+
+
 # Bytes: bf16 activations and LoRA weights (2; api.cpp passes the weights of a bf16 model as they are), fp32 rank-R
 # tensors, routing weights, y (the down delta) and weight gradients (4; api.cpp casts the gradients to bf16 after the
 # launches: cuda_model_only_records), int64 experts / order (8). Instances: logits and the routing tensors are fp32
@@ -1178,7 +1185,7 @@ CUDA_LAUNCHES = [
                lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 2 + s.S * 2 * s.R * 4 + s.S * 16,
                dyn_smem=lambda s: _lora_tile_smem(1 + 1, 4 * 64),
                params=lambda s: _slot_rank(s, 2 * s.R, math.ceil(2 * s.R / 64)),
-               instance="<c10::BFloat16, c10::BFloat16>"),
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
     # expand_act_combine on tensor cores (bf16 G/U and weights, ranks <= 64): grid (I splits, token tiles of
     # BT = 128 / KP tokens), the split partial sums added by eac_split_sum_kernel (forward:
     # only when there are splits; backward: always).
@@ -1199,7 +1206,7 @@ CUDA_LAUNCHES = [
                lambda s: (math.ceil(s.H / 64), math.ceil(s.T / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 12,
                dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64), params=lambda s: _token_fold(s, s.R, 1),
-               instance="<c10::BFloat16, float>"),
+               instance=_lora_instance("c10::BFloat16, float", False, False)),
     # lora_expand_combine_backward: slot_rank_mma_kernel (q, dzd, dweights; one rank tile, grid (ceil(S/64) + E, 1))
     # reads grad_y (fp32) rows by token, B, zd, the routing; weight_grad_mma_kernel (dB) reads grad_y, zd, the
     # routing, writes dB fp32.
@@ -1207,12 +1214,12 @@ CUDA_LAUNCHES = [
                "slot_rank_mma_kernel", lambda s: (math.ceil(s.S / 64) + s.E, 1),
                lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 16,
                dyn_smem=lambda s: _lora_tile_smem(3 + 1, 4 * 64), params=lambda s: _slot_rank(s, s.R, 1),
-               instance="<float, c10::BFloat16>"),
+               instance=_lora_instance("float, c10::BFloat16", False, False)),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "weight_grad_mma_kernel", lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
                dyn_smem=lambda s: _lora_tile_smem(3 + 3, 3 * 64), params=lambda s: _weight_grad(s, s.R),
-               instance="<float>"),
+               instance=_lora_instance("float", False, False)),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_mma_kernel", lambda s: (_tile(s, True)["grid_x"], _tile(s, True)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
@@ -1241,12 +1248,12 @@ CUDA_LAUNCHES = [
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
                dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64),
                params=lambda s: _token_fold(s, 2 * s.R, s.K if s.dropout > 0 else 1),
-               instance="<c10::BFloat16, c10::BFloat16>"),
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "weight_grad_mma_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
                dyn_smem=lambda s: _lora_tile_smem(1 + 3, 3 * 64), params=lambda s: _weight_grad(s, 2 * s.R),
-               instance="<c10::BFloat16>"),
+               instance=lambda s: _lora_instance("c10::BFloat16", s.dropout > 0, True)),
     CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
                lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K),
                instance="<float>"),

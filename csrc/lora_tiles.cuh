@@ -26,10 +26,14 @@
 // Dropout keeps or zeroes an operand element (exact) and its 1 / (1 - p) scales the result. Deterministic: fixed
 // summation orders, no atomics. 32-bit index math (api.cpp checks the weights' span and S < 2^31), 64-bit only for
 // the offsets of (T, *) rows. 256 threads, dynamic shared memory lora_tile_smem_bytes (opted into above 48 KiB).
+// Each kernel is compiled per LoraVariant (dropout on or off, all staged rows aligned or not, the weight's layout),
+// so that a launch runs code without the branches of the others.
+// __launch_bounds__(256, 1): with the block size alone ptxas held some instances to 80 registers and spilled.
 #pragma once
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 
@@ -98,6 +102,36 @@ inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
               static_cast<unsigned int>((R + kTile - 1) / kTile));
 }
 
+// The compile-time facts of a launch, so that its kernel holds only the code it runs: dropout on (DROP); every row
+// it stages 16-byte aligned in whole runs of 8 (VEC: 8-wide loads without checks; otherwise each operand's vec_*
+// flag decides at run time); the weight view's elements consecutive along h (H_ROWS: A (E, R, H), s_h = 1) or
+// along r (B (E, H, R), s_r = 1). `dispatch_variant` picks it on the host.
+template <bool DROP, bool VEC, bool H_ROWS>
+struct LoraVariant {
+  static constexpr bool kVec = VEC;
+  static constexpr bool kHRows = H_ROWS;
+  // The launch's mask with `active` a compile-time constant: dropout_keep / dropout_mult fold away without it.
+  __device__ __forceinline__ static Dropout dropout(Dropout d) {
+    d.active = DROP;
+    return d;
+  }
+};
+
+// Host side: calls f(LoraVariant<DROP, VEC, H_ROWS>{}) for a launch with dropout `drop` (only DROP = false is
+// compiled for an op without dropout, MAY_DROP false) whose staged rows are all aligned (`vec`).
+template <bool MAY_DROP, bool H_ROWS, typename F>
+void dispatch_variant(bool drop, bool vec, F f) {
+  auto with_vec = [&](auto d) {
+    constexpr bool kDrop = decltype(d)::value;
+    vec ? f(LoraVariant<kDrop, true, H_ROWS>{}) : f(LoraVariant<kDrop, false, H_ROWS>{});
+  };
+  if constexpr (MAY_DROP) {
+    drop ? with_vec(std::true_type{}) : with_vec(std::false_type{});
+  } else {
+    with_vec(std::false_type{});
+  }
+}
+
 // Fragment i of a warp's kTileFrags among the 4 x 4 fragments of the 64 x 64 tile: f = warp + 8 i is row fragment
 // f % 4 and column fragment f / 4, so that narrow rank tiles (R <= 32: column fragments 0, 1) keep all 8 warps busy.
 __device__ __forceinline__ int tile_frag_row(int i) {
@@ -147,6 +181,40 @@ __device__ __forceinline__ void store8_bf16_terms(float (&v)[8], __nv_bfloat16* 
   }
 }
 
+// src[0..8) as bf16 bits, two per 32-bit word (element 2i in the low half of word i), zeros from n on (n clamped to
+// [0, 8]): one 16-byte load when vec and all 8 exist.
+__device__ __forceinline__ uint4 load8_bits(const c10::BFloat16* __restrict__ src, int n, bool vec) {
+  if (vec && n >= 8) {
+    return *reinterpret_cast<const uint4*>(src);
+  }
+  const auto word = [&](int i) {
+    return (2 * i < n ? uint32_t{src[2 * i].x} : 0u) | (2 * i + 1 < n ? uint32_t{src[2 * i + 1].x} << 16 : 0u);
+  };
+  return uint4{word(0), word(1), word(2), word(3)};
+}
+
+// dst[i * plane + k] = term i of src[k] (N bf16 terms, store8_bf16_terms) for k < 8: zero from n on (n clamped to
+// [0, 8]) and where keep(k) is false; dst is 16-byte aligned. bf16 values move as their bits.
+template <int N, typename T, typename Keep>
+__device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool vec, Keep keep, __nv_bfloat16* dst,
+                                       int plane) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    static_assert(N == 1, "a bf16 value is one bf16 term");
+    // the bits of the kept elements 2i, 2i + 1 in word i
+    const auto kept = [&](int i) { return (keep(2 * i) ? 0x0000ffffu : 0u) | (keep(2 * i + 1) ? 0xffff0000u : 0u); };
+    const uint4 u = load8_bits(src, n, vec);
+    *reinterpret_cast<uint4*>(dst) = uint4{u.x & kept(0), u.y & kept(1), u.z & kept(2), u.w & kept(3)};
+  } else {
+    float v[8];
+    load8(src, n, vec, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      v[k] = keep(k) ? v[k] : 0.0f;
+    }
+    store8_bf16_terms<N>(v, dst, plane);
+  }
+}
+
 // Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into NX bf16 planes: zero where
 // slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H) mask. A thread moves 8
 // consecutive columns of 2 rows; vec: x's rows are 16-byte aligned.
@@ -159,15 +227,8 @@ __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const in
   for (int q = 0; q < kTile * 8 / kBlock; ++q) {
     const int row = static_cast<int>(threadIdx.x) / 8 + q * (kBlock / 8);
     const int slot = slots[row];
-    float v[8];
-    load8(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, vec, v);
-    if (drop.active) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        v[k] = dropout_keep(drop, slot, H, h0 + c + k) ? v[k] : 0.0f;
-      }
-    }
-    store8_bf16_terms<NX>(v, planes + row * kTileLd + c, kPlane);
+    stage8<NX>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, vec,
+               [&](int k) { return dropout_keep(drop, slot, H, h0 + c + k); }, planes + row * kTileLd + c, kPlane);
   }
 }
 
@@ -188,17 +249,16 @@ __device__ __forceinline__ void load_row_slot(const int64_t* __restrict__ order,
 
 // Stages rows [0, nrows) of chunk [n][c] = W[base(n) + (h0 + c) * s_h] into NW bf16 planes (zero where base(n) < 0
 // or h0 + c >= H; rows from nrows on, a multiple of 8, are left as they are: the caller's MMAs do not read them).
-// vec: weight_rows_aligned.
-template <int NW, typename w_t, typename RowBase>
+// H_ROWS: s_h = 1 (LoraVariant); vec: weight_rows_aligned.
+template <int NW, bool H_ROWS, typename w_t, typename RowBase>
 __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
                                                   int h0, int nrows, bool vec, RowBase base) {
-  if (s_h == 1) {
+  if constexpr (H_ROWS) {
     const int c = static_cast<int>(threadIdx.x) % 8 * 8;
     for (int row = static_cast<int>(threadIdx.x) / 8; row < nrows; row += kBlock / 8) {
       const int b = base(row);
-      float v[8];
-      load8(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, v);
-      store8_bf16_terms<NW>(v, planes + row * kTileLd + c, kPlane);
+      stage8<NW>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
+                 planes + row * kTileLd + c, kPlane);
     }
     return;
   }
@@ -258,12 +318,15 @@ struct SlotRankArgs {
   const float* zd;            // with dweights: dweights_j = <scale * W_e x_t, zd_j>
   int64_t zd_stride;
   float* dweights;            // nullptr: none (then gridDim.y may split the ranks)
+
+  bool aligned() const { return vec_x && vec_w; }  // LoraVariant's VEC
 };
 
-template <typename x_t, typename w_t>
-__global__ void __launch_bounds__(kBlock) slot_rank_mma_kernel(const SlotRankArgs<x_t, w_t> p) {
+template <typename x_t, typename w_t, typename V>
+__global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRankArgs<x_t, w_t> p) {
   constexpr int NX = Bf16Terms<x_t>::value;
   constexpr int NW = Bf16Terms<w_t>::value;
+  const Dropout drop = V::dropout(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* ws = xs + NX * kPlane;
@@ -294,8 +357,8 @@ __global__ void __launch_bounds__(kBlock) slot_rank_mma_kernel(const SlotRankArg
       acc[i].zero();
     }
     for (int h0 = 0; h0 < p.H; h0 += kTile) {
-      stage_token_rows<NX>(xs, row_slot, row_off, p.x, p.H, h0, p.drop, p.vec_x);
-      stage_weight_rows<NW>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
+      stage_token_rows<NX>(xs, row_slot, row_off, p.x, p.H, h0, drop, V::kVec || p.vec_x);
+      stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
                             [&](int n) { return rank0 + n < p.R ? e * p.s_e + (rank0 + n) * p.s_r : -1; });
       __syncthreads();
 #pragma unroll
@@ -348,13 +411,16 @@ struct TokenFoldArgs {
   bool vec_w;  // weight_rows_aligned(W)
   bool vec_v;  // R % 8 == 0 and rows_aligned(v)
   out_t* out;  // (T, H) contiguous
+
+  bool aligned() const { return vec_w && vec_v; }  // LoraVariant's VEC
 };
 
-template <typename w_t, typename out_t>
-__global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
+template <typename w_t, typename out_t, typename V>
+__global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
   constexpr int NV = Bf16Terms<float>::value;
   constexpr int NW = Bf16Terms<w_t>::value;
   constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
+  const Dropout drop = V::dropout(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* zs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* ws = zs + NV * kPlane;
@@ -377,7 +443,7 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
     tok_expert[i] = static_cast<int>(e);
   }
   const int F = p.E * p.R;
-  const int passes = p.drop.active ? p.K : 1;  // without a mask one pass folds all K slots
+  const int passes = drop.active ? p.K : 1;  // without a mask one pass folds all K slots
   const int c = tid % kTile;
   float res[kOut] = {};
   for (int pass = 0; pass < passes; ++pass) {
@@ -402,6 +468,7 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
       for (int q = 0; q < kTile * 8 / kBlock; ++q) {
         const int row = tid / 8 + q * (kBlock / 8);
         float v[8] = {};
+#pragma unroll 1  // K is small (2 in MixLoRA); the model counts the loop's trips
         for (int k = 0; k < p.K; ++k) {
           const int ek = tok_expert[row * p.K + k];
           if (ek < 0 || (passes > 1 && k != pass)) {
@@ -410,7 +477,7 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
           const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
           const float w = p.row_weights ? p.row_weights[j] : 1.0f;
           const float* vj = p.v + j * p.v_stride;
-          if (p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
+          if (V::kVec || p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
             if (fold_e[c8] == ek) {
               float u[8];
               load8(vj + fold_r[c8], 8, true, u);
@@ -429,7 +496,8 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
         store8_bf16_terms<NV>(v, zs + row * kTileLd + c8, kPlane);
       }
       const int nrows = round16(F - f0 < kTile ? F - f0 : kTile);  // fold rows the MMAs read
-      stage_weight_rows<NW>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w, [&](int n) { return fold_base[n]; });
+      stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
+                                       [&](int n) { return fold_base[n]; });
       __syncthreads();
       const int steps = nrows / 16;
 #pragma unroll
@@ -447,9 +515,8 @@ __global__ void __launch_bounds__(kBlock) token_fold_mma_kernel(const TokenFoldA
 #pragma unroll
     for (int q = 0; q < kOut; ++q) {
       const int row = tid / kTile + kTileRowsPerPass * q;
-      const float mult = p.drop.active ? dropout_mult(p.drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H,
-                                                      h0 + c)
-                                       : 1.0f;
+      const float mult =
+          drop.active ? dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c) : 1.0f;
       res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
     }
     __syncthreads();  // the stage is the next pass's planes
@@ -480,12 +547,15 @@ struct WeightGradArgs {
   bool vec_x;  // rows_aligned(x)
   float* out;  // dW_e (r, h) at e * R * H + r * o_r + h * o_h: dA (E, R, H) or dB (E, H, R), fp32
   int o_r, o_h;
+
+  bool aligned() const { return vec_x; }  // LoraVariant's VEC
 };
 
-template <typename x_t>
-__global__ void __launch_bounds__(kBlock) weight_grad_mma_kernel(const WeightGradArgs<x_t> p) {
+template <typename x_t, typename V>
+__global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const WeightGradArgs<x_t> p) {
   constexpr int NX = Bf16Terms<x_t>::value;
   constexpr int NV = Bf16Terms<float>::value;
+  const Dropout drop = V::dropout(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* vs = xs + NX * kPlane;
@@ -512,7 +582,7 @@ __global__ void __launch_bounds__(kBlock) weight_grad_mma_kernel(const WeightGra
       load_row_slot(p.order, s0, n, p.S, p.K, p.x_stride, chunk_slot, row_off);
     }
     __syncthreads();
-    stage_token_rows<NX>(xs, chunk_slot, row_off, p.x, p.H, h0, p.drop, p.vec_x);
+    stage_token_rows<NX>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, V::kVec || p.vec_x);
     for (int row = tid / kTile; row < kTile; row += kTileRowsPerPass) {
       const int slot = chunk_slot[row];
       float v = 0.0f;

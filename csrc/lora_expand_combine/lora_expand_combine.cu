@@ -38,11 +38,14 @@ void lora_expand_combine_forward_launch(const at::Tensor& zd, const at::Tensor& 
                                        experts.const_data_ptr<int64_t>(), B.const_data_ptr<scalar_t>(), B.stride(0),
                                        B.stride(1), B.size(0), T, K, H, B.size(2), static_cast<float>(scale),
                                        y.mutable_data_ptr<float>());
-    const auto kernel = token_fold_mma_kernel<scalar_t, float>;
-    const size_t smem = token_fold_smem_bytes<scalar_t>(K);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+      const auto kernel = token_fold_mma_kernel<scalar_t, float, decltype(variant)>;
+      const size_t smem = token_fold_smem_bytes<scalar_t>(K);
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -68,12 +71,14 @@ void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Ten
                                      weights.const_data_ptr<float>(), order.const_data_ptr<int64_t>(),
                                      offsets.const_data_ptr<int64_t>(), E, T * K, K, H, R, s,
                                      dzd.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
-        const auto kernel = slot_rank_mma_kernel<gy_t, weight_t>;
-        const size_t smem = slot_rank_smem_bytes<gy_t, weight_t>();
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<slot_rank_grid(T * K, E, 1), kBlock, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+          const auto kernel = slot_rank_mma_kernel<gy_t, weight_t, decltype(variant)>;
+          const size_t smem = slot_rank_smem_bytes<gy_t, weight_t>();
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+          kernel<<<slot_rank_grid(T * K, E, 1), kBlock, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       };
       if (B.scalar_type() == grad_y.scalar_type()) {
         launch(gy_t{});
@@ -90,11 +95,14 @@ void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Ten
                                     zd.stride(0), weights.const_data_ptr<float>(), order.const_data_ptr<int64_t>(),
                                     offsets.const_data_ptr<int64_t>(), T * K, K, H, R, s,
                                     dB.mutable_data_ptr<float>());
-      const auto kernel = weight_grad_mma_kernel<gy_t>;
-      const size_t smem = weight_grad_smem_bytes<gy_t>();
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+        const auto kernel = weight_grad_mma_kernel<gy_t, decltype(variant)>;
+        const size_t smem = weight_grad_smem_bytes<gy_t>();
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
 }

@@ -42,11 +42,14 @@ void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const 
                                          A.stride(0), A.stride(1), order.const_data_ptr<int64_t>(),
                                          offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
                                          z.mutable_data_ptr<float>());
-      const auto kernel = slot_rank_mma_kernel<scalar_t, weight_t>;
-      const size_t smem = slot_rank_smem_bytes<scalar_t, weight_t>();
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<slot_rank_grid(S, E, (R + kTile - 1) / kTile), kBlock, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+        const auto kernel = slot_rank_mma_kernel<scalar_t, weight_t, decltype(variant)>;
+        const size_t smem = slot_rank_smem_bytes<scalar_t, weight_t>();
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        kernel<<<slot_rank_grid(S, E, (R + kTile - 1) / kTile), kBlock, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     };
     A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
   });
@@ -69,12 +72,14 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
         const auto p = shrink_dx_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<weight_t>(),
                                       A.stride(0), A.stride(1), experts.const_data_ptr<int64_t>(), E, T, K, H, R, drop,
                                       dx.mutable_data_ptr<scalar_t>());
-        const auto kernel = token_fold_mma_kernel<weight_t, scalar_t>;
-        const size_t smem = token_fold_smem_bytes<weight_t>(K);
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+          const auto kernel = token_fold_mma_kernel<weight_t, scalar_t, decltype(variant)>;
+          const size_t smem = token_fold_smem_bytes<weight_t>(K);
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+          kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       };
       A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
     }
@@ -82,11 +87,14 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
       const auto p = shrink_dA_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), x.const_data_ptr<scalar_t>(),
                                     x.stride(0), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
                                     T * K, K, H, R, drop, dA.mutable_data_ptr<float>());
-      const auto kernel = weight_grad_mma_kernel<scalar_t>;
-      const size_t smem = weight_grad_smem_bytes<scalar_t>();
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+        const auto kernel = weight_grad_mma_kernel<scalar_t, decltype(variant)>;
+        const size_t smem = weight_grad_smem_bytes<scalar_t>();
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
   });
 }

@@ -23,8 +23,10 @@ int cuda_cpu_lora_expand_combine_forward(const float* zd, int64_t zd_stride, con
       using weight_t = decltype(wtag);
       const auto p = expand_forward_args(zd, zd_stride, weights, experts, static_cast<const weight_t*>(B), B_stride0,
                                          B_stride1, E, T, K, H, R, static_cast<float>(scale), y);
-      CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float>), token_fold_grid(T, H), kBlock,
-                      token_fold_smem_bytes<weight_t>(K), p);
+      dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+        CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float, decltype(variant)>), token_fold_grid(T, H), kBlock,
+                        token_fold_smem_bytes<weight_t>(K), p);
+      });
     });
   });
 }
@@ -49,15 +51,19 @@ int cuda_cpu_lora_expand_combine_backward(int dtype, const void* grad_y, int64_t
           const auto p = expand_q_args(static_cast<const gy_t*>(grad_y), gy_stride, zd, zd_stride,
                                        static_cast<const weight_t*>(B), B_stride0, B_stride1, weights, order, offsets,
                                        E, T * K, K, H, R, s, dzd, dweights);
-          CUDA_CPU_LAUNCH((slot_rank_mma_kernel<gy_t, weight_t>), slot_rank_grid(T * K, E, 1), kBlock,
-                          (slot_rank_smem_bytes<gy_t, weight_t>()), p);
+          dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+            CUDA_CPU_LAUNCH((slot_rank_mma_kernel<gy_t, weight_t, decltype(variant)>), slot_rank_grid(T * K, E, 1),
+                            kBlock, (slot_rank_smem_bytes<gy_t, weight_t>()), p);
+          });
         });
       }
       if (E > 0 && H > 0 && R > 0) {
         const auto p = expand_dB_args(static_cast<const gy_t*>(grad_y), gy_stride, zd, zd_stride, weights, order,
                                       offsets, T * K, K, H, R, s, dB);
-        CUDA_CPU_LAUNCH(weight_grad_mma_kernel<gy_t>, weight_grad_grid(H, E, R), kBlock,
-                        weight_grad_smem_bytes<gy_t>(), p);
+        dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+          CUDA_CPU_LAUNCH((weight_grad_mma_kernel<gy_t, decltype(variant)>), weight_grad_grid(H, E, R), kBlock,
+                          weight_grad_smem_bytes<gy_t>(), p);
+        });
       }
     });
   });

@@ -25,8 +25,11 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
         using weight_t = decltype(wtag);
         const auto p = shrink_forward_args(static_cast<const scalar_t*>(x), x_stride, static_cast<const weight_t*>(A),
                                            A_stride0, A_stride1, order, offsets, E, S, K, H, R, drop, z);
-        CUDA_CPU_LAUNCH((slot_rank_mma_kernel<scalar_t, weight_t>), slot_rank_grid(S, E, ceil_div(R, kTile)), kBlock,
-                        (slot_rank_smem_bytes<scalar_t, weight_t>()), p);
+        dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+          CUDA_CPU_LAUNCH((slot_rank_mma_kernel<scalar_t, weight_t, decltype(variant)>),
+                          slot_rank_grid(S, E, ceil_div(R, kTile)), kBlock, (slot_rank_smem_bytes<scalar_t, weight_t>()),
+                          p);
+        });
       };
       a_fp32 ? launch(float{}) : launch(scalar_t{});
     });
@@ -49,16 +52,20 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
           using weight_t = decltype(wtag);
           const auto p = shrink_dx_args(grad_z, gz_stride, static_cast<const weight_t*>(A), A_stride0, A_stride1,
                                         experts, E, T, K, H, R, drop, static_cast<scalar_t*>(dx));
-          CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t>), token_fold_grid(T, H), kBlock,
-                          token_fold_smem_bytes<weight_t>(K), p);
+          dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+            CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t, decltype(variant)>), token_fold_grid(T, H),
+                            kBlock, token_fold_smem_bytes<weight_t>(K), p);
+          });
         };
         a_fp32 ? launch(float{}) : launch(scalar_t{});
       }
       if (E > 0 && R > 0 && H > 0) {
         const auto p = shrink_dA_args(grad_z, gz_stride, static_cast<const scalar_t*>(x), x_stride, order, offsets,
                                       T * K, K, H, R, drop, dA);
-        CUDA_CPU_LAUNCH(weight_grad_mma_kernel<scalar_t>, weight_grad_grid(H, E, R), kBlock,
-                        weight_grad_smem_bytes<scalar_t>(), p);
+        dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+          CUDA_CPU_LAUNCH((weight_grad_mma_kernel<scalar_t, decltype(variant)>), weight_grad_grid(H, E, R), kBlock,
+                          weight_grad_smem_bytes<scalar_t>(), p);
+        });
       }
     });
   });
