@@ -1158,6 +1158,12 @@ def _weight_grad(s: Shape, R: int) -> dict:
     return dict(H=s.H, R=R, K=s.K, S=s.S, steps=4)
 
 
+def _tile_instance(s: Shape) -> str:
+    """The template arguments of an expand_act_combine tensor-core kernel (dispatch_tiles): NF, SiLU, aligned rows,
+    dropout on."""
+    return f"<{_rank_frags(s)}, 0, true, {'true' if s.dropout > 0 else 'false'}>"
+
+
 def _lora_instance(types: str, drop: bool, h_rows: bool) -> str:
     """The template arguments of a csrc/lora_tiles.cuh kernel as c++filt writes them: its dtypes, then the
     LoraVariant (dropout on, aligned rows: true at the modelled shapes, the weight's rows along h: A's)."""
@@ -1194,7 +1200,7 @@ CUDA_LAUNCHES = [
                lambda s: 3 * s.T * s.I * 2 + s.S * 2 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
                + _tile(s, False)["grid_x"] * s.S * s.R * 4,
                dyn_smem=lambda s: _tile_layout_bytes(s, False), params=lambda s: _tile(s, False),
-               instance=lambda s: f"<{_rank_frags(s)}, 0, true>"),
+               instance=_tile_instance),
     CudaLaunch("expand_act_combine", "csrc/expand_act_combine/expand_act_combine.cu", "eac_split_sum_kernel",
                lambda s: (_split_sum_blocks(s.S * s.R),), lambda s: (_tile(s, False)["grid_x"] + 1) * s.S * s.R * 4,
                params=lambda s: dict(splits=_tile(s, False)["grid_x"], rows=s.S, cols=s.R,
@@ -1225,7 +1231,7 @@ CUDA_LAUNCHES = [
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
                + _tile(s, True)["grid_x"] * s.S * (2 * s.R + 1) * 4,
                dyn_smem=lambda s: _tile_layout_bytes(s, True), params=lambda s: _tile(s, True),
-               instance=lambda s: f"<{_rank_frags(s)}, 0, true>"),
+               instance=_tile_instance),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_split_sum_kernel", lambda s: (_split_sum_blocks(s.S * (2 * s.R + 1)),),
                lambda s: (_tile(s, True)["grid_x"] + 1) * s.S * (2 * s.R + 1) * 4,
@@ -1239,7 +1245,7 @@ CUDA_LAUNCHES = [
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_weight_mma_kernel", lambda s: (math.ceil(s.I / 64), s.E),
                lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * (2 + 4) + s.S * (8 + 4),
-               dyn_smem=_wg_layout_bytes, params=_wg, instance=lambda s: f"<{_rank_frags(s)}, 0, true>"),
+               dyn_smem=_wg_layout_bytes, params=_wg, instance=_tile_instance),
     # lora_shrink_backward: token_fold_mma_kernel (dx: reads grad_z, experts, A; writes dx bf16), grid
     # (ceil(H/64), ceil(T/64)), one pass per slot k with dropout; weight_grad_mma_kernel (dA), grid
     # (ceil(H/64), E, ceil(2R/64)): reads x rows by slot, grad_z, writes dA fp32.

@@ -241,7 +241,8 @@ def test_cuda_table_instances_and_the_weight_gradient_kernel():
         info = c.ptxas_info(c.compile_cu(str(c.ROOT / launch.file))[1])
         assert c._cuda_function(info, launch.kernel, launch.instance_at(shape)), (launch.kernel, launch.instance)
     (wg,) = c.cuda_records(shape, kernels={"eac_bwd_weight_mma_kernel"})
-    assert wg["name"] == "eac_bwd_weight_mma_kernel<1, 0, true>"  # R 16: one rank fragment, SiLU, 16-byte rows
+    assert wg["name"] == "eac_bwd_weight_mma_kernel<1, 0, true, false>"  # R 16: one rank fragment, SiLU, 16-byte rows,
+    # no dropout
     assert wg["grid"] == [172, 8, 1] and wg["warps"] == 8         # (ceil(I / 64) column tiles, E experts) x 256
     assert wg["shared_bytes"] == c._wg_layout_bytes(shape) == 71680 and wg["occupancy"] == 0.25
     assert 0 < wg["regs"] <= 255 and wg["spills"] == 0

@@ -146,8 +146,10 @@ void expand_act_combine_forward_launch(const ExpandActCombineInputs& in, at::Ten
     const unsigned int tiles = ceil_div(T, L.BT);
     const int splits = mma_splits(static_cast<int>(tiles), I);
     at::Tensor part = splits > 1 ? at::empty({splits, T * K, Rd}, zd.options()) : zd;
-    dispatch_tiles(in.Bg.size(2), in.Bu.size(2), Rd, in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
-      const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+    dispatch_tiles(in.Bg.size(2), in.Bu.size(2), Rd, in.activation, vec, args.drop.active,
+                   [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+      const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                            decltype(vec_c)::value, decltype(drop_c)::value>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(L.bytes)));
       kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
@@ -192,8 +194,10 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
     const int splits = mma_splits(static_cast<int>(tiles), I);
     const int64_t W = Rg + Ru + 1;
     at::Tensor part = at::empty({splits, T * K, W}, dzg.options());
-    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
-      const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, args.drop.active,
+                   [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+      const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                            decltype(vec_c)::value, decltype(drop_c)::value>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(L.bytes)));
       kernel<<<dim3(splits, tiles), kBlock, L.bytes, stream>>>(
@@ -212,9 +216,10 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
     const WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
     const bool vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
-    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, [&](auto nf, auto act_c, auto vec_c) {
-      const auto kernel =
-          eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+    dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, args.drop.active,
+                   [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+      const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                            decltype(vec_c)::value, decltype(drop_c)::value>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(L.bytes)));
       kernel<<<dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, stream>>>(

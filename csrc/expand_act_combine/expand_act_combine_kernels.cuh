@@ -392,17 +392,16 @@ void dispatch_activation(int act, F&& f) {
   }
 }
 
-// Calls f(nf, act, vec) with the compile-time constants of a tensor-core kernel instantiation
-// (dispatch_rank_frags, dispatch_activation, and whether mma_rows_aligned holds).
+// Calls f(nf, act, vec, drop) with the compile-time constants of a tensor-core kernel instantiation
+// (dispatch_rank_frags, dispatch_activation, whether mma_rows_aligned holds and whether dropout is on).
 template <typename F>
-void dispatch_tiles(int64_t Rg, int64_t Ru, int64_t Rd, int act, bool vec, F&& f) {
+void dispatch_tiles(int64_t Rg, int64_t Ru, int64_t Rd, int act, bool vec, bool drop, F&& f) {
+  const auto with = [&](auto nf, auto act_c, auto vec_c) {
+    drop ? f(nf, act_c, vec_c, std::true_type{}) : f(nf, act_c, vec_c, std::false_type{});
+  };
   dispatch_rank_frags(Rg, Ru, Rd, [&](auto nf) {
     dispatch_activation(act, [&](auto act_c) {
-      if (vec) {
-        f(nf, act_c, std::true_type{});
-      } else {
-        f(nf, act_c, std::false_type{});
-      }
+      vec ? with(nf, act_c, std::true_type{}) : with(nf, act_c, std::false_type{});
     });
   });
 }
@@ -807,8 +806,9 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
 //   zd_j += drop(h_j) Ad_e^T (the accumulators reused as an A tile; zd accumulated in registers across the steps)
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
-// (1, 2 or 4), ACT the activation (common.cuh) and VEC mma_rows_aligned (dispatch_tiles): one instantiation each.
-template <int NF, int ACT, bool VEC>
+// (1, 2 or 4), ACT the activation (common.cuh), VEC mma_rows_aligned and DROP dropout on (dispatch_tiles): one
+// instantiation each, so that a launch without dropout holds no mask code.
+template <int NF, int ACT, bool VEC, bool DROP>
 __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   unsigned char* sm = dynamic_smem<unsigned char>();
@@ -877,7 +877,8 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
             const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
             const float hv = act_forward(ACT, gv) * uv;
             hw[c] = lr.w[h] * hv;
-            gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 0.0f;
+            const float mask = DROP ? dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 1.0f;
+            gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * mask : 0.0f;
           }
           *reinterpret_cast<float2*>(comb + lr.row[h] * 16 + cc) = {hw[0], hw[1]};
         }
@@ -920,7 +921,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
 //   dzg += dg Bg_e, dzu += du Bu_e (dg, du as A tiles, the B slabs read k-major; accumulated in registers)
 // Grid (splits of the I steps, token tiles). Writes dG, dU for the tile's tokens and columns, and the block's
 // partial [dzg/s | dzu/s | dw] (sums over its columns) by slot into part[split] (S, Rg + Ru + 1).
-template <int NF, int ACT, bool VEC>
+template <int NF, int ACT, bool VEC, bool DROP>
 __global__ void __launch_bounds__(kBlock)
 eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
@@ -1002,7 +1003,8 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
             const float gh = bf16_bits_to_float(hw, c);
             float a, da;
             act_forward_grad(ACT, gv, a, da);
-            const float dh = lr.w[h] * gh + bacc[nt][2 * h + c] * dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c);
+            const float mask = DROP ? dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 1.0f;
+            const float dh = lr.w[h] * gh + bacc[nt][2 * h + c] * mask;
             gacc[nt][2 * h + c] = dh * da * uv;
             uacc[nt][2 * h + c] = dh * a;
             dw[h] += gh * (a * uv);
@@ -1122,7 +1124,7 @@ __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64
 }
 
 // Two blocks per SM (at most 128 registers), except at rank 64, whose tiles need more.
-template <int NF, int ACT, bool VEC>
+template <int NF, int ACT, bool VEC, bool DROP>
 __global__ void __launch_bounds__(kBlock, NF < 4 ? 2 : 1)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
@@ -1257,7 +1259,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
               const float gh = bf16_bits_to_float(hw, c);
               float a, da;
               act_forward_grad(ACT, gv, a, da);
-              const float mask = dropout_mult(p.drop, s, p.I, i0 + col + c);
+              const float mask = DROP ? dropout_mult(p.drop, s, p.I, i0 + col + c) : 1.0f;
               const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
               dg[c] = dh * da * uv;
               du[c] = dh * a;

@@ -101,8 +101,10 @@ int cuda_cpu_expand_act_combine_forward(int dtype, const void* const* ptrs, cons
       const int splits = mma_splits(tiles, I);
       std::vector<float> part(splits > 1 ? static_cast<size_t>(splits) * T * K * Rd : 0);
       float* out = splits > 1 ? part.data() : zd;
-      dispatch_tiles(ints[14], ints[15], Rd, act, vec, [&](auto nf, auto act_c, auto vec_c) {
-        const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      dispatch_tiles(ints[14], ints[15], Rd, act, vec, args.drop.active,
+                     [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+        const auto kernel = eac_fwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                              decltype(vec_c)::value, decltype(drop_c)::value>;
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
         CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
                         static_cast<c10::BFloat16*>(hbar), out);
@@ -147,8 +149,10 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
       const int splits = mma_splits(tiles, I);
       const int W = static_cast<int>(Rg + Ru + 1);
       std::vector<float> part(static_cast<size_t>(splits) * T * K * W);
-      dispatch_tiles(Rg, Ru, ints[16], act, vec, [&](auto nf, auto act_c, auto vec_c) {
-        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      dispatch_tiles(Rg, Ru, ints[16], act, vec, args.drop.active,
+                     [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+        const auto kernel = eac_bwd_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                              decltype(vec_c)::value, decltype(drop_c)::value>;
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
         CUDA_CPU_LAUNCH(kernel, dim3(splits, tiles), kBlock, L.bytes, args, L,
                         static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride,
@@ -163,9 +167,10 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
       const WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
       const bool vec = mma_rows_aligned(args, grad_hbar, gh_stride);
-      dispatch_tiles(Rg, Ru, ints[16], act, vec, [&](auto nf, auto act_c, auto vec_c) {
-        const auto kernel =
-            eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value, decltype(vec_c)::value>;
+      dispatch_tiles(Rg, Ru, ints[16], act, vec, args.drop.active,
+                     [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
+        const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
+                                              decltype(vec_c)::value, decltype(drop_c)::value>;
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes));
         CUDA_CPU_LAUNCH(kernel, dim3(ceil_div(I, kMmaCols), static_cast<unsigned int>(E)), kBlock, L.bytes, args,
                         L, static_cast<const c10::BFloat16*>(grad_hbar), gh_stride, grad_zd, gzd_stride, dBg, dBu,
