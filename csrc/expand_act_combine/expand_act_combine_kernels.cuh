@@ -844,6 +844,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
     for (int ch = 0; ch < nch; ++ch) {
       float gacc[2][4] = {};
       float uacc[2][4] = {};
+#pragma unroll 1
       for (int q = 0; q < nex; ++q) {
         const int e = experts[q];
 #pragma unroll
@@ -889,6 +890,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
       // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
       uint32_t ha[4];
       pack_a_tile(ha, gacc[0], gacc[1]);
+#pragma unroll 1
       for (int q = 0; q < nex; ++q) {
         const int e = experts[q];
         uint32_t a[4];
@@ -964,6 +966,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
       float gacc[2][4] = {};
       float uacc[2][4] = {};
       float bacc[2][4] = {};
+#pragma unroll 1
       for (int q = 0; q < nex; ++q) {
         const int e = experts[q];
 #pragma unroll
@@ -1022,6 +1025,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
       uint32_t dga[4], dua[4];
       pack_a_tile(dga, gacc[0], gacc[1]);
       pack_a_tile(dua, uacc[0], uacc[1]);
+#pragma unroll 1
       for (int q = 0; q < nex; ++q) {
         const int e = experts[q];
         uint32_t a[4];
