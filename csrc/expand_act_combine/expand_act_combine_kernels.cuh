@@ -770,7 +770,9 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
 }
 
 // dst[t0 + tl][c0 + c] (bf16 rows of I) = the sum over k < K, in k order, of comb[(tl * KP + k) * 16 + c] for the
-// tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0).
+// tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0:
+// always with VEC, where I % 8 == 0).
+template <bool VEC>
 __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT, int64_t t0, int t1, int64_t c0,
                                         int64_t I, c10::BFloat16* __restrict__ dst) {
   for (int idx = threadIdx.x; idx < BT * 4; idx += blockDim.x) {
@@ -786,7 +788,7 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
     c10::BFloat16* out = dst + (t0 + tl) * I + c0 + c;
-    if (c0 + c + 4 <= I && I % 4 == 0) {
+    if (VEC || (c0 + c + 4 <= I && I % 4 == 0)) {
       *reinterpret_cast<uint2*>(out) = {pack_bf16(sum.x, sum.y), pack_bf16(sum.z, sum.w)};
     } else {
       const float v[4] = {sum.x, sum.y, sum.z, sum.w};
@@ -885,7 +887,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
         }
       }
       __syncthreads();
-      store_chunk_sums(comb, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, hbar);
+      store_chunk_sums<VEC>(comb, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, hbar);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
       uint32_t ha[4];
@@ -1017,9 +1019,9 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
         }
       }
       __syncthreads();
-      store_chunk_sums(comb_g, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dG);
+      store_chunk_sums<VEC>(comb_g, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dG);
       if (gated) {
-        store_chunk_sums(comb_u, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dU);
+        store_chunk_sums<VEC>(comb_u, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dU);
       }
       __syncthreads();  // the sums are read before the next chunk's rows are written
       uint32_t dga[4], dua[4];
