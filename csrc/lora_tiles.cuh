@@ -103,9 +103,10 @@ inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
 }
 
 // The compile-time facts of a launch, so that its kernel holds only the code it runs: dropout on (DROP); every row
-// it stages 16-byte aligned in whole runs of 8 (VEC: 8-wide loads without checks; otherwise each operand's vec_*
-// flag decides at run time); the weight view's elements consecutive along h (H_ROWS: A (E, R, H), s_h = 1) or
-// along r (B (E, H, R), s_r = 1). `dispatch_variant` picks it on the host.
+// it stages 16-byte aligned, with R a multiple of 8 where ranks are staged 8 at a time (VEC: no alignment tests in
+// the kernel; otherwise each operand's vec_* flag decides at run time); the weight view's elements consecutive
+// along h (H_ROWS: A (E, R, H), s_h = 1) or along r (B (E, H, R), s_r = 1). `dispatch_variant` picks it on the host.
+// weight_grad_mma_kernel stages no weight and ignores H_ROWS.
 template <bool DROP, bool VEC, bool H_ROWS>
 struct LoraVariant {
   static constexpr bool kVec = VEC;
