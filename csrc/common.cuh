@@ -62,6 +62,14 @@ __device__ __forceinline__ bool dropout_keep(const Dropout& d, int64_t slot, int
   return !d.active || hash32(idx ^ d.seed) >= d.threshold;
 }
 
+// d with `active` the compile-time DROP of a kernel instantiation, so that dropout_keep / dropout_mult fold to
+// their dropout-off value (no hash) in the instances compiled without dropout.
+template <bool DROP>
+__device__ __forceinline__ Dropout static_dropout(Dropout d) {
+  d.active = DROP;
+  return d;
+}
+
 // The mask element's multiplier: 1 / (1 - p) kept, 0 dropped, 1 without dropout.
 __device__ __forceinline__ float dropout_mult(const Dropout& d, int64_t slot, int64_t cols, int64_t c) {
   if (!d.active) {

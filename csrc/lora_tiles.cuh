@@ -109,13 +109,9 @@ inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
 // weight_grad_mma_kernel stages no weight and ignores H_ROWS.
 template <bool DROP, bool VEC, bool H_ROWS>
 struct LoraVariant {
+  static constexpr bool kDrop = DROP;
   static constexpr bool kVec = VEC;
   static constexpr bool kHRows = H_ROWS;
-  // The launch's mask with `active` a compile-time constant: dropout_keep / dropout_mult fold away without it.
-  __device__ __forceinline__ static Dropout dropout(Dropout d) {
-    d.active = DROP;
-    return d;
-  }
 };
 
 // Host side: calls f(LoraVariant<DROP, VEC, H_ROWS>{}) for a launch with dropout `drop` (only DROP = false is
@@ -327,7 +323,7 @@ template <typename x_t, typename w_t, typename V>
 __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRankArgs<x_t, w_t> p) {
   constexpr int NX = Bf16Terms<x_t>::value;
   constexpr int NW = Bf16Terms<w_t>::value;
-  const Dropout drop = V::dropout(p.drop);
+  const Dropout drop = static_dropout<V::kDrop>(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* ws = xs + NX * kPlane;
@@ -421,7 +417,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
   constexpr int NV = Bf16Terms<float>::value;
   constexpr int NW = Bf16Terms<w_t>::value;
   constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
-  const Dropout drop = V::dropout(p.drop);
+  const Dropout drop = static_dropout<V::kDrop>(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* zs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* ws = zs + NV * kPlane;
@@ -516,8 +512,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
 #pragma unroll
     for (int q = 0; q < kOut; ++q) {
       const int row = tid / kTile + kTileRowsPerPass * q;
-      const float mult =
-          drop.active ? dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c) : 1.0f;
+      const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c);
       res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
     }
     __syncthreads();  // the stage is the next pass's planes
@@ -556,7 +551,7 @@ template <typename x_t, typename V>
 __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const WeightGradArgs<x_t> p) {
   constexpr int NX = Bf16Terms<x_t>::value;
   constexpr int NV = Bf16Terms<float>::value;
-  const Dropout drop = V::dropout(p.drop);
+  const Dropout drop = static_dropout<V::kDrop>(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
   __nv_bfloat16* vs = xs + NX * kPlane;

@@ -813,6 +813,7 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
 template <int NF, int ACT, bool VEC, bool DROP>
 __global__ void __launch_bounds__(kBlock)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
+  const Dropout drop = static_dropout<DROP>(p.drop);  // no mask code without dropout
   unsigned char* sm = dynamic_smem<unsigned char>();
   const int warp = threadIdx.x / 32;
   const int tq = threadIdx.x % 4;
@@ -880,7 +881,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
             const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
             const float hv = act_forward(ACT, gv) * uv;
             hw[c] = lr.w[h] * hv;
-            const float mask = DROP ? dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 1.0f;
+            const float mask = dropout_mult(drop, lr.slot[h], p.I, i0 + col + c);
             gacc[nt][2 * h + c] = lr.slot[h] >= 0 ? hv * mask : 0.0f;
           }
           *reinterpret_cast<float2*>(comb + lr.row[h] * 16 + cc) = {hw[0], hw[1]};
@@ -930,6 +931,7 @@ __global__ void __launch_bounds__(kBlock)
 eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                    const float* __restrict__ grad_zd, int64_t gzd_stride, c10::BFloat16* __restrict__ dG,
                    c10::BFloat16* __restrict__ dU, float* __restrict__ part) {
+  const Dropout drop = static_dropout<DROP>(p.drop);  // no mask code without dropout
   unsigned char* sm = dynamic_smem<unsigned char>();
   const int K = static_cast<int>(p.K);
   const int warp = threadIdx.x / 32;
@@ -1008,7 +1010,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
             const float gh = bf16_bits_to_float(hw, c);
             float a, da;
             act_forward_grad(ACT, gv, a, da);
-            const float mask = DROP ? dropout_mult(p.drop, lr.slot[h], p.I, i0 + col + c) : 1.0f;
+            const float mask = dropout_mult(drop, lr.slot[h], p.I, i0 + col + c);
             const float dh = lr.w[h] * gh + bacc[nt][2 * h + c] * mask;
             gacc[nt][2 * h + c] = dh * da * uv;
             uacc[nt][2 * h + c] = dh * a;
@@ -1135,6 +1137,7 @@ __global__ void __launch_bounds__(kBlock, NF < 4 ? 2 : 1)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
                           const float* __restrict__ grad_zd, int64_t gzd_stride, float* __restrict__ dBg,
                           float* __restrict__ dBu, float* __restrict__ dAd) {
+  const Dropout drop = static_dropout<DROP>(p.drop);  // no mask code without dropout
   unsigned char* sm = dynamic_smem<unsigned char>();
   int* slot = smem_at<int>(sm, L.slot);
   int* tok = smem_at<int>(sm, L.tok);
@@ -1265,7 +1268,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
               const float gh = bf16_bits_to_float(hw, c);
               float a, da;
               act_forward_grad(ACT, gv, a, da);
-              const float mask = DROP ? dropout_mult(p.drop, s, p.I, i0 + col + c) : 1.0f;
+              const float mask = dropout_mult(drop, s, p.I, i0 + col + c);
               const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
               dg[c] = dh * da * uv;
               du[c] = dh * a;
