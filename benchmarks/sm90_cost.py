@@ -27,9 +27,8 @@ LoRA dropout 0 and 0.05:
   fraction of SMs the grid can fill; central = CENTRAL_LOW_OCC x bound where at most 8 warps per SM are resident
   (docs/cost-model.md's 1.5-2x, we take the middle), else CENTRAL_HIGH_OCC x bound; plus LAUNCH_S per launch.
 - Whole FFN fwd+bwd per backend = the measured dense frozen FFN (3.41 / 14.22 ms) + every kernel the backend's
-  pipeline launches in fwd+bwd. router_logits: the Triton pipeline launches its kernels (analysed like the others;
-  exact fp32 SIMT FMA, no dot); the CUDA extension has none, so the CUDA path runs the torch reference (cuBLAS),
-  modelled as its GEMMs and casts at HBM bandwidth (`router_logits_record`).
+  pipeline launches in fwd+bwd. router_logits: both paths launch their own kernels (analysed like the others; exact
+  fp32 SIMT FMA, no dot or MMA).
 
 HBM bytes are the compulsory traffic: every distinct tensor a launch touches, read or written once (Triton: the
 launch's tensor arguments; CUDA: `CUDA_LAUNCHES` formulas). L2 bytes are the dynamic global load/store bytes of the
@@ -1177,6 +1176,24 @@ def _lora_instance(types: str, drop: bool, h_rows: bool) -> str:
 # (router_logits), grad_y of lora_expand_combine is fp32 (y is), everything else bf16; the tensor-core kernels'
 # NF from dispatch_rank_frags.
 CUDA_LAUNCHES = [
+    # router_logits (csrc/router_logits): the forward, grid (ceil(T/32), ceil(E/8)), reads x (bf16) and the fp32
+    # router weight, writes the fp32 logits; the backward's dx (grid (ceil(H/256), ceil(T/128))), the dW partials of
+    # 256-row chunks (grid (ceil(H/256), chunks, ceil(E/8))) and their sum.
+    CudaLaunch("router_logits", "csrc/router_logits/router_logits.cu", "router_logits_fwd_kernel",
+               lambda s: (math.ceil(s.T / 32), math.ceil(s.E / 8)),
+               lambda s: s.T * s.H * 2 + s.E * s.H * 4 + s.T * s.E * 4, params=lambda s: dict(T=s.T, H=s.H, E=s.E),
+               instance="<c10::BFloat16, true>"),
+    CudaLaunch("router_logits_backward", "csrc/router_logits/router_logits.cu", "router_logits_dx_kernel",
+               lambda s: (math.ceil(s.H / 256), math.ceil(s.T / 128)),
+               lambda s: s.T * s.E * 4 + s.E * s.H * 4 + s.T * s.H * 2, params=lambda s: dict(T=s.T, H=s.H, E=s.E),
+               instance="<c10::BFloat16, true>"),
+    CudaLaunch("router_logits_backward", "csrc/router_logits/router_logits.cu", "router_logits_dw_partial_kernel",
+               lambda s: (math.ceil(s.H / 256), math.ceil(s.T / 256), math.ceil(s.E / 8)),
+               lambda s: s.T * s.E * 4 + s.T * s.H * 2 + math.ceil(s.T / 256) * s.E * s.H * 4,
+               params=lambda s: dict(T=s.T, H=s.H, E=s.E), instance="<c10::BFloat16, true>"),
+    CudaLaunch("router_logits_backward", "csrc/router_logits/router_logits.cu", "router_logits_dw_sum_kernel",
+               lambda s: (math.ceil(s.E * s.H / 256),), lambda s: (math.ceil(s.T / 256) + 1) * s.E * s.H * 4,
+               params=lambda s: dict(n_chunks=math.ceil(s.T / 256), N=s.E * s.H)),
     CudaLaunch("route", "csrc/route/route.cu", "route_fwd_kernel", lambda s: (math.ceil(s.T / 128),),
                lambda s: s.T * s.E * 4 + s.T * s.K * 12, threads=128, params=lambda s: dict(E=s.E, K=s.K),
                instance="<float>"),
@@ -1470,20 +1487,6 @@ def _model_only(backend, op, name, shape, hbm, lower, launches=1,
             "notes": [note]}
 
 
-def router_logits_record(shape: Shape) -> dict:
-    """The CUDA path's router_logits: the torch references (cuBLAS; the extension has no router kernel), per
-    mixlora_kernels/ops/router_logits.py: forward x.to(fp32) (bf16 read, fp32 write) then the (T, H) x (H, E) GEMM
-    (fp32 read); backward (router_logits_backward_reference) dx = grad @ W in fp32 then .to(bf16), dW = grad^T @
-    x.to(fp32). A GEMM with N = E = 8 is bandwidth-bound: bytes / HBM bandwidth. The Triton path launches
-    mixlora_kernels/triton/router_logits.py's kernels instead (in `triton_pipeline`)."""
-    th = shape.T * shape.H
-    fwd = th * (2 + 4 + 4)
-    bwd = th * (4 + 4 + 2) + th * (2 + 4 + 4)
-    b = float(fwd + bwd)
-    return _model_only("cuda", "router_logits", "router_logits (cuBLAS via torch)", shape, b, b / HBM_BPS,
-                       launches=6)
-
-
 # ------------------------------------------------------------------------------------------------ report
 def predict(records: list[dict]) -> dict:
     """backend -> {T: whole-FFN fwd+bwd ms} from the kernel records (central) plus the measured dense FFN; for
@@ -1534,7 +1537,7 @@ def build_report(tokens=TARGET_TOKENS, dropouts=TARGET_DROPOUTS, backends=("trit
             if "triton" in backends:
                 records += triton_records(shape)
             if "cuda" in backends:
-                records += [router_logits_record(shape)] + cuda_records(shape) + cuda_model_only_records(shape)
+                records += cuda_records(shape) + cuda_model_only_records(shape)
     pred = predict(records)
     return {
         "label": LABEL,

@@ -23,6 +23,7 @@
 #include "lora_expand_combine/lora_expand_combine.h"
 #include "lora_shrink/lora_shrink.h"
 #include "route/route.h"
+#include "router_logits/router_logits.h"
 #include "sort_slots/sort_slots.h"
 
 namespace mixlora {
@@ -68,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> sort_slots_meta(const at::Tensor& experts, in
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// LoRA ops (lora_shrink, lora_expand_combine, expand_act_combine, route; forward and backward).
+// LoRA and routing ops (lora_shrink, lora_expand_combine, expand_act_combine, route, router_logits; forward and
+// backward).
 //
 // Argument order and semantics mirror the registered mixlora:: ops (mixlora_kernels/ops/<op>.py); their pure-torch
 // references define the results. Dtype policy of the CUDA kernels:
@@ -553,6 +555,54 @@ at::Tensor route_backward_meta(const at::Tensor& grad_weights, const at::Tensor&
   return at::empty({weights.size(0), num_experts}, weights.options().dtype(at::result_type(grad_weights, weights)));
 }
 
+// ----- router_logits -----
+
+void check_router_logits(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* grad) {
+  const char* op = grad ? "router_logits_backward" : "router_logits";
+  check_float(op, "x", x, {-1, -1});
+  check_float(op, "weight", weight, {-1, x.size(1)});
+  if (grad) {
+    check_float(op, "grad", *grad, {x.size(0), weight.size(0)});
+  }
+  // The backward's grid has one row of blocks per 256-row chunk of T (gridDim.y <= 65535).
+  TORCH_CHECK(x.size(0) <= int64_t{65535} * 256, op, ": T = ", x.size(0), " rows exceed the 65535 * 256 supported");
+}
+
+// x (T, H) float, weight (E, H) float (read as an fp32 copy unless fp32). Returns logits (T, E) fp32.
+at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda("router_logits", {{"x", &x}, {"weight", &weight}});
+  check_router_logits(x, weight, nullptr);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor logits = at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
+  router_logits_forward_launch(unit_inner_stride(x), float_inner(weight), logits, c10::cuda::getCurrentCUDAStream());
+  return logits;
+}
+
+at::Tensor router_logits_meta(const at::Tensor& x, const at::Tensor& weight) {
+  check_router_logits(x, weight, nullptr);
+  return at::empty({x.size(0), weight.size(0)}, x.options().dtype(at::kFloat));
+}
+
+// grad (T, E) float. Returns (dx (T, H) like x, dW (E, H) like weight).
+std::tuple<at::Tensor, at::Tensor> router_logits_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight) {
+  check_cuda("router_logits_backward", {{"grad", &grad}, {"x", &x}, {"weight", &weight}});
+  check_router_logits(x, weight, &grad);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor dx = at::empty({x.size(0), x.size(1)}, x.options());
+  at::Tensor dw = at::empty({weight.size(0), weight.size(1)}, weight.options().dtype(at::kFloat));
+  router_logits_backward_launch(float_contiguous(grad), unit_inner_stride(x), float_inner(weight), dx, dw,
+                                c10::cuda::getCurrentCUDAStream());
+  return {dx, like_dtype(dw, weight)};
+}
+
+std::tuple<at::Tensor, at::Tensor> router_logits_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight) {
+  check_router_logits(x, weight, &grad);
+  return {at::empty({x.size(0), x.size(1)}, x.options()),
+          at::empty({weight.size(0), weight.size(1)}, weight.options())};
+}
+
 }  // namespace
 }  // namespace mixlora
 
@@ -577,6 +627,8 @@ TORCH_LIBRARY(mixlora_cuda, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("route(Tensor logits, int top_k) -> (Tensor, Tensor)");
   m.def("route_backward(Tensor grad_weights, Tensor weights, Tensor experts, int num_experts) -> Tensor");
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
+  m.def("router_logits_backward(Tensor grad, Tensor x, Tensor weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mixlora_cuda, CUDA, m) {
@@ -589,6 +641,8 @@ TORCH_LIBRARY_IMPL(mixlora_cuda, CUDA, m) {
   m.impl("expand_act_combine_backward", &mixlora::expand_act_combine_backward_cuda);
   m.impl("route", &mixlora::route_cuda);
   m.impl("route_backward", &mixlora::route_backward_cuda);
+  m.impl("router_logits", &mixlora::router_logits_cuda);
+  m.impl("router_logits_backward", &mixlora::router_logits_backward_cuda);
 }
 
 TORCH_LIBRARY_IMPL(mixlora_cuda, Meta, m) {
@@ -601,6 +655,8 @@ TORCH_LIBRARY_IMPL(mixlora_cuda, Meta, m) {
   m.impl("expand_act_combine_backward", &mixlora::expand_act_combine_backward_meta);
   m.impl("route", &mixlora::route_meta);
   m.impl("route_backward", &mixlora::route_backward_meta);
+  m.impl("router_logits", &mixlora::router_logits_meta);
+  m.impl("router_logits_backward", &mixlora::router_logits_backward_meta);
 }
 
 // Empty: importing the module only has to load the library, which runs the registrations above.

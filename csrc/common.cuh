@@ -1,11 +1,12 @@
-// Device helpers shared by the LoRA kernels (lora_shrink, lora_expand_combine, expand_act_combine, route): the
-// block shape, the counter-based dropout mask, activations, a deterministic block reduction, the mapping of a
-// block to a tile of one expert's segment, the register-tile FMA loop of the SIMT weight gradients, and the
-// dynamic shared memory. Free of torch (the dtype dispatch of the launch code is in dispatch.h), so that
-// tests/cuda_cpu can compile the kernels for the CPU.
+// Device helpers shared by the kernels of csrc/ (lora_shrink, lora_expand_combine, expand_act_combine, route,
+// router_logits): the block shape, the counter-based dropout mask, activations, a deterministic block reduction,
+// the mapping of a block to a tile of one expert's segment, the register-tile FMA loop of the SIMT weight
+// gradients, the dynamic shared memory, and the host's test for 16-byte aligned rows. Free of torch (the dtype
+// dispatch of the launch code is in dispatch.h), so that tests/cuda_cpu can compile the kernels for the CPU.
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include <c10/macros/Macros.h>
 
@@ -201,6 +202,17 @@ __device__ __forceinline__ void tile_fma(const float* P, const float* Q, int ldq
       }
     }
   }
+}
+
+// Host side: whether rows of T starting at ptr, `strides` elements apart, all start on 16 bytes (16-byte loads: 8
+// 16-bit or 4 fp32 elements).
+template <typename T>
+bool rows_aligned(const T* ptr, std::initializer_list<int64_t> strides) {
+  bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  for (int64_t s : strides) {
+    ok = ok && (s * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  }
+  return ok;
 }
 
 // The launch's dynamic shared memory (its `smem` bytes) as T*. One `extern __shared__` declaration for every

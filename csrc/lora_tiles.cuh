@@ -32,7 +32,6 @@
 #pragma once
 
 #include <cstdint>
-#include <initializer_list>
 #include <type_traits>
 
 #include <c10/macros/Macros.h>
@@ -73,16 +72,6 @@ template <typename x_t>
 constexpr size_t weight_grad_smem_bytes() {
   return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<float>::value, 3 * kTile);
 }
-// Host side: whether rows of T starting at ptr, `strides` elements apart, all start on 16 bytes (8-element loads).
-template <typename T>
-bool rows_aligned(const T* ptr, std::initializer_list<int64_t> strides) {
-  bool ok = reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-  for (int64_t s : strides) {
-    ok = ok && (s * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  }
-  return ok;
-}
-
 // Host side: whether stage_weight_rows moves W 8 elements per load: rows along h aligned (s_h == 1), or (s_r == 1)
 // ranks in runs of 8 of one expert, aligned.
 template <typename T>

@@ -85,7 +85,8 @@ def make_problem(T=37, H=33, I=45, E=5, K=2, Rg=16, Ru=16, Rd=16, dtype=torch.fl
         A=rnd(E, Rg + Ru, H, scale=1 / math.sqrt(H)), G=rnd(T, I), U=rnd(T, I) if gated else None, zg=zg, zu=zu,
         Bg=Bg, Bu=Bu, Ad=rnd(E, Rd, I, scale=1 / math.sqrt(I)), Bd=rnd(E, H, Rd, scale=1 / math.sqrt(max(Rd, 1))),
         zd=rnd(S, Rd, dt=torch.float32), grad_z=rnd(S, Rg + Ru, dt=torch.float32), grad_y=rnd(T, H, dt=torch.float32),
-        grad_hbar=rnd(T, I), grad_zd=rnd(S, Rd, dt=torch.float32), grad_weights=rnd(T, K, dt=torch.float32))
+        grad_hbar=rnd(T, I), grad_zd=rnd(S, Rd, dt=torch.float32), grad_weights=rnd(T, K, dt=torch.float32),
+        w_router=rnd(E, H, scale=1 / math.sqrt(H), dt=torch.float32), grad_logits=rnd(T, E, dt=torch.float32))
 
 
 def _to(arg, device, float64=False):
@@ -220,6 +221,27 @@ def test_expand_act_combine_activations(act, variant, dtype):
         assert out[1].numel() == 0  # dU is empty for an ungated FFN
 
 
+# (T, H, E), each with its reason: csrc/router_logits tiles 32 forward rows, 256 columns per step, 8 experts per
+# group, 128 dx rows and 256-row dW chunks per block.
+ROUTER_SHAPES = [
+    pytest.param(1, 40, 8, id="T=1"),
+    pytest.param(45, 97, 5, id="odd-H-prime-E"),  # ragged rows (the unaligned instances), a partial row block
+    pytest.param(300, 264, 8, id="two-chunks-two-steps"),  # T > one dW chunk, H > one column step
+    pytest.param(33, 72, 13, id="E>8"),  # two expert groups; dx reads the experts past 8 per row
+    pytest.param(20, 16, 1, id="E=1"),
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, H, E", ROUTER_SHAPES)
+def test_router_logits(T, H, E, dtype):
+    P = make_problem(T=T, H=H, E=E, K=min(2, E), dtype=dtype, device="cuda")
+    check_cuda("router_logits", P["x"], P["w_router"])
+    check_cuda("router_logits_backward", P["grad_logits"], P["x"], P["w_router"])
+
+
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -317,6 +339,8 @@ def test_bit_identical_runs():
         ("expand_act_combine_backward", (dev["grad_hbar"], dev["grad_zd"], *_eac_args(dev, "gelu", 0.1))),
         ("route", (dev["logits"], 2)),
         ("route_backward", (dev["grad_weights"], dev["weights"], dev["experts"], P["E"])),
+        ("router_logits", (dev["x"], dev["w_router"])),
+        ("router_logits_backward", (dev["grad_logits"], dev["x"], dev["w_router"])),
     ]
     for name, args in calls:
         op = getattr(torch.ops.mixlora_cuda, name)
@@ -340,6 +364,7 @@ def test_opcheck_schema_and_fake():
     torch.library.opcheck(torch.ops.mixlora_cuda.lora_expand_combine.default,
                           (P["zd"], P["Bd"], P["weights"], *route, 0.5), test_utils=tests)
     torch.library.opcheck(torch.ops.mixlora_cuda.route.default, (P["logits"], 2), test_utils=tests)
+    torch.library.opcheck(torch.ops.mixlora_cuda.router_logits.default, (P["x"], P["w_router"]), test_utils=tests)
 
 
 @pytest.mark.cuda
@@ -368,6 +393,10 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.mixlora_cuda.expand_act_combine(*args)
     with pytest.raises(RuntimeError, match=r"route: top_k must be in \[1, E=5\]"):
         torch.ops.mixlora_cuda.route(P["logits"], 6)
+    with pytest.raises(RuntimeError, match=r"router_logits: weight must have shape \(\*, 33\), got \[5, 32\]"):
+        torch.ops.mixlora_cuda.router_logits(P["x"], P["w_router"][:, :32])
+    with pytest.raises(RuntimeError, match=r"router_logits_backward: grad must have shape \(20, 5\), got \[20, 4\]"):
+        torch.ops.mixlora_cuda.router_logits_backward(P["grad_logits"][:, :4], P["x"], P["w_router"])
 
 
 @pytest.mark.cuda
@@ -414,11 +443,14 @@ def _all_calls(P):
         "expand_act_combine_backward": (P["grad_hbar"], P["grad_zd"], *eac),
         "route": (P["logits"], 2),
         "route_backward": (P["grad_weights"], P["weights"], P["experts"], P["E"]),
+        "router_logits": (P["x"], P["w_router"]),
+        "router_logits_backward": (P["grad_logits"], P["x"], P["w_router"]),
     }
 
 
 OPS = ["lora_shrink", "lora_shrink_backward", "lora_expand_combine", "lora_expand_combine_backward",
-       "expand_act_combine", "expand_act_combine_backward", "route", "route_backward"]
+       "expand_act_combine", "expand_act_combine_backward", "route", "route_backward", "router_logits",
+       "router_logits_backward"]
 
 
 @needs_extension

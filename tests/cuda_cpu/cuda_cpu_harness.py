@@ -35,8 +35,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
-SOURCES = ["cuda_cpu.cpp", "launch_route.cpp", "launch_sort_slots.cpp", "launch_lora_shrink.cpp",
-           "launch_lora_expand_combine.cpp", "launch_expand_act_combine.cpp", "selftest.cu"]
+SOURCES = ["cuda_cpu.cpp", "launch_route.cpp", "launch_router_logits.cpp", "launch_sort_slots.cpp",
+           "launch_lora_shrink.cpp", "launch_lora_expand_combine.cpp", "launch_expand_act_combine.cpp", "selftest.cu"]
 CXX = os.environ.get("CXX", "g++")
 # -fsanitize=bounds,object-size: an out-of-bounds access to a shared (or local) array, by index or through a pointer
 # the compiler traces to it, calls a handler in cuda_cpu.cpp (the sanitizer runtime is not linked).
@@ -206,6 +206,33 @@ class Kernels:
                      _ptr(gw), _ptr(w), _ptr(experts), T, K, num_experts, _ptr(grad_logits))
         out.check("route_backward")
         return grad_logits
+
+    # ----- router_logits
+
+    def router_logits(self, x, weight):
+        out = _Outputs()
+        T, H = x.shape
+        E = weight.shape[0]
+        logits = out.empty((T, E), torch.float32)
+        xk, w = _guarded(_unit_inner_stride(x)), _guarded(_float_inner(weight))
+        self._launch("router_logits", "cuda_cpu_router_logits_forward", ctypes.c_int(_DTYPE_CODE[x.dtype]), _ptr(xk),
+                     xk.stride(0), T, H, _ptr(w), w.stride(0), E, _ptr(logits))
+        out.check("router_logits")
+        return logits
+
+    def router_logits_backward(self, grad, x, weight):
+        out = _Outputs()
+        T, H = x.shape
+        E = weight.shape[0]
+        dx = out.empty((T, H), x.dtype)
+        dw = out.empty((E, H), torch.float32)
+        part = out.empty((-(-T // 256), E, H), torch.float32)  # router_logits.cu: kRouterChunkT rows per partial
+        g = _guarded(_float_contiguous(grad))
+        xk, w = _guarded(_unit_inner_stride(x)), _guarded(_float_inner(weight))
+        self._launch("router_logits_backward", "cuda_cpu_router_logits_backward", ctypes.c_int(_DTYPE_CODE[x.dtype]),
+                     _ptr(g), _ptr(xk), xk.stride(0), T, H, _ptr(w), w.stride(0), E, _ptr(dx), _ptr(part), _ptr(dw))
+        out.check("router_logits_backward")
+        return dx, _like_dtype(dw, weight)
 
     # ----- lora_shrink
 

@@ -16,7 +16,7 @@ import torch
 
 from backend_checks import reference, stable_sort_slots, tied_experts, xfail_at_end
 from cuda_cpu_harness import KernelError, have_compiler, load
-from test_cuda_ops import _as_tuple, assert_matches, make_problem
+from test_cuda_ops import ROUTER_SHAPES, _as_tuple, assert_matches, make_problem
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs a host C++ compiler (g++) for the CPU harness")
 
@@ -167,6 +167,31 @@ def test_non_contiguous_inputs(cuda_cpu, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, H, E", ROUTER_SHAPES)
+def test_router_logits(cuda_cpu, T, H, E, dtype):
+    P = make_problem(T=T, H=H, E=E, K=min(2, E), dtype=dtype)
+    check_op(cuda_cpu, "router_logits", P["x"], P["w_router"])
+    check_op(cuda_cpu, "router_logits_backward", P["grad_logits"], P["x"], P["w_router"])
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_router_logits_non_contiguous(cuda_cpu, layout):
+    P = make_problem(T=37, H=80, E=8, dtype=torch.bfloat16)
+    x, weight, grad = (_strided(P[k], layout) for k in ("x", "w_router", "grad_logits"))
+    check_op(cuda_cpu, "router_logits", x, weight)
+    check_op(cuda_cpu, "router_logits_backward", grad, x, weight)
+
+
+def test_router_logits_empty(cuda_cpu):
+    """T = 0: no logits, dW all zeros (a sum of no chunks); H = 0: logits all zeros."""
+    x, weight, grad = torch.randn(0, 24).bfloat16(), torch.randn(8, 24), torch.randn(0, 8)
+    assert cuda_cpu.router_logits(x, weight).shape == (0, 8)
+    dx, dw = cuda_cpu.router_logits_backward(grad, x, weight)
+    assert dx.shape == (0, 24) and torch.equal(dw, torch.zeros(8, 24))
+    assert torch.equal(cuda_cpu.router_logits(torch.randn(5, 0).bfloat16(), torch.randn(8, 0)), torch.zeros(5, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T, E, K", [(1, 8, 2), (300, 8, 2), (77, 7, 1), (40, 5, 5), (33, 64, 6)])
 def test_route(cuda_cpu, T, E, K, dtype):
     """route (ids identical, weights within the rule) and route_backward. The logits of a row are a permutation of
@@ -239,12 +264,14 @@ def test_schedule_does_not_change_results(cuda_cpu):
     """Deterministic kernels (no float atomics, no races): another thread and block schedule gives bit-identical
     outputs."""
     P = make_problem(T=30, H=40, I=70, E=5, dtype=torch.bfloat16)
+    R = make_problem(T=300, H=72, E=8, dtype=torch.bfloat16)  # 2 dW chunks
     calls = [("lora_shrink", shrink_args(P, 0.1)), ("lora_shrink_backward", (P["grad_z"], *shrink_args(P, 0.1))),
              ("lora_expand_combine", expand_args(P)), ("lora_expand_combine_backward", (P["grad_y"], *expand_args(P))),
              ("expand_act_combine", eac_args(P, "gelu", 0.1)),
              ("expand_act_combine_backward", (P["grad_hbar"], P["grad_zd"], *eac_args(P, "gelu", 0.1))),
              ("route", (P["logits"], 2)), ("route_backward", (P["grad_weights"], P["weights"], P["experts"], P["E"])),
-             ("sort_slots", (P["experts"], P["E"]))]
+             ("sort_slots", (P["experts"], P["E"])), ("router_logits", (R["x"], R["w_router"])),
+             ("router_logits_backward", (R["grad_logits"], R["x"], R["w_router"]))]
     other = load(schedule_seed=12345)
     for name, args in calls:
         for a, b in zip(_as_tuple(getattr(cuda_cpu, name)(*args)), _as_tuple(getattr(other, name)(*args)),
