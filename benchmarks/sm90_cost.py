@@ -1146,9 +1146,39 @@ def _slot_rank(s: Shape, R: int, rank_tiles: int) -> dict:
                 nrows=_round16(min(64, R)), steps=4)
 
 
+def _token_fold_plan(s: Shape, R: int, passes: int, nw: int = 1) -> dict:
+    """plan_token_fold (csrc/lora_tiles.cuh) for rank R, `passes` passes and NW weight planes (1: bf16): the whole fold
+    (fold_rows = E R rounded up to 64, one copy per pass) when TokenFoldSmem fits in 227 KiB, with h_tiles column
+    tiles per block (up to 8, about two blocks per SM of 132); else 64 fold columns, one column tile per block."""
+    rows = -(-s.E * R // 64) * 64
+
+    def smem(fold_rows, slots):
+        fold = -(-(slots * 3 * 64 * (fold_rows + 8) * 2) // 128) * 128  # NV = 3 planes of the fp32 rank vectors
+        return fold + max(nw * 64 * 72 * 2, 64 * 68 * 4) + 4 * (3 * fold_rows + 64 * s.K)
+
+    if rows <= 4096 and smem(rows, passes) <= 227 * 1024:
+        tiles = -(-s.H // 64) * -(-s.T // 64)
+        return dict(fold_rows=rows, h_tiles=max(1, min(8, tiles // (2 * SMS))), whole=True, smem=smem(rows, passes))
+    return dict(fold_rows=64, h_tiles=1, whole=False, smem=smem(64, 1))
+
+
 def _token_fold(s: Shape, R: int, passes: int) -> dict:
-    """Loop bounds of token_fold_mma_kernel: the fold's E * R rows, one pass per slot k with dropout (else 1)."""
-    return dict(H=s.H, R=R, K=s.K, E=s.E, T=s.T, F=s.E * R, passes=passes, nrows=min(64, s.E * R), steps=4)
+    """Loop bounds of token_fold_mma_kernel: the fold's E * R columns, held FG at a time (all of them when whole), one
+    pass per slot k with dropout (else 1), h_tiles column tiles per block."""
+    plan = _token_fold_plan(s, R, passes)
+    F, FG = s.E * R, plan["fold_rows"]
+    return dict(H=s.H, R=R, K=s.K, E=s.E, T=s.T, F=F, FG=FG, gn=min(F, FG), h_tiles=plan["h_tiles"], passes=passes,
+                nrows=min(64, F), steps=4)
+
+
+def _passes(s: Shape) -> int:
+    """token_fold's passes in lora_shrink_backward: one per slot k with dropout, else 1."""
+    return s.K if s.dropout > 0 else 1
+
+
+def _token_fold_grid(s: Shape, R: int, passes: int) -> tuple:
+    """token_fold_grid: (ceil(H / (64 h_tiles)), ceil(T / 64))."""
+    return (math.ceil(s.H / (64 * _token_fold_plan(s, R, passes)["h_tiles"])), math.ceil(s.T / 64))
 
 
 def _weight_grad(s: Shape, R: int) -> dict:
@@ -1163,11 +1193,13 @@ def _tile_instance(s: Shape) -> str:
     return f"<{_rank_frags(s)}, 0, true, {'true' if s.dropout > 0 else 'false'}>"
 
 
-def _lora_instance(types: str, drop: bool, h_rows: bool) -> str:
+def _lora_instance(types: str, drop: bool, h_rows: bool, whole: bool | None = None) -> str:
     """The template arguments of a csrc/lora_tiles.cuh kernel as c++filt writes them: its dtypes, then the
-    LoraVariant (dropout on, aligned rows: true at the modelled shapes, the weight's rows along h: A's)."""
+    LoraVariant (dropout on, aligned rows: true at the modelled shapes, the weight's rows along h: A's), then, for
+    token_fold_mma_kernel, WHOLE (plan.whole)."""
     flag = lambda b: "true" if b else "false"  # noqa: E731
-    return (f"<{types}, mixlora::(anonymous namespace)::LoraVariant<{flag(drop)}, true, {flag(h_rows)}> >")
+    variant = f"mixlora::(anonymous namespace)::LoraVariant<{flag(drop)}, true, {flag(h_rows)}>"
+    return f"<{types}, {variant} >" if whole is None else f"<{types}, {variant}, {flag(whole)}>"
 
 
 # Bytes: bf16 activations and LoRA weights (2; api.cpp passes the weights of a bf16 model as they are), fp32 rank-R
@@ -1223,13 +1255,14 @@ CUDA_LAUNCHES = [
                params=lambda s: dict(splits=_tile(s, False)["grid_x"], rows=s.S, cols=s.R,
                                      grid_x=_split_sum_blocks(s.S * s.R)),
                when=lambda s: _tile(s, False)["grid_x"] > 1 and s.R > 0),
-    # lora_expand_combine: token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)); reads zd, the routing, B (bf16),
-    # writes y (T, H) fp32.
+    # lora_expand_combine: token_fold_mma_kernel, grid (ceil(H / (64 h_tiles)), ceil(T/64)); reads zd, the routing,
+    # B (bf16), writes y (T, H) fp32.
     CudaLaunch("lora_expand_combine", "csrc/lora_expand_combine/lora_expand_combine.cu", "token_fold_mma_kernel",
-               lambda s: (math.ceil(s.H / 64), math.ceil(s.T / 64)),
+               lambda s: _token_fold_grid(s, s.R, 1),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 12,
-               dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64), params=lambda s: _token_fold(s, s.R, 1),
-               instance=_lora_instance("c10::BFloat16, float", False, False)),
+               dyn_smem=lambda s: _token_fold_plan(s, s.R, 1)["smem"], params=lambda s: _token_fold(s, s.R, 1),
+               instance=lambda s: _lora_instance("c10::BFloat16, float", False, False,
+                                                 _token_fold_plan(s, s.R, 1)["whole"])),
     # lora_expand_combine_backward: slot_rank_mma_kernel (q, dzd, dweights; one rank tile, grid (ceil(S/64) + E, 1))
     # reads grad_y (fp32) rows by token, B, zd, the routing; weight_grad_mma_kernel (dB) reads grad_y, zd, the
     # routing, writes dB fp32.
@@ -1264,14 +1297,15 @@ CUDA_LAUNCHES = [
                lambda s: 3 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * (2 + 4) + s.S * (8 + 4),
                dyn_smem=_wg_layout_bytes, params=_wg, instance=_tile_instance),
     # lora_shrink_backward: token_fold_mma_kernel (dx: reads grad_z, experts, A; writes dx bf16), grid
-    # (ceil(H/64), ceil(T/64)), one pass per slot k with dropout; weight_grad_mma_kernel (dA), grid
+    # (ceil(H / (64 h_tiles)), ceil(T/64)), one pass per slot k with dropout; weight_grad_mma_kernel (dA), grid
     # (ceil(H/64), E, ceil(2R/64)): reads x rows by slot, grad_z, writes dA fp32.
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "token_fold_mma_kernel",
-               lambda s: (math.ceil(s.H / 64), math.ceil(s.T / 64)),
+               lambda s: _token_fold_grid(s, 2 * s.R, _passes(s)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
-               dyn_smem=lambda s: _lora_tile_smem(3 + 1, (3 + s.K) * 64),
-               params=lambda s: _token_fold(s, 2 * s.R, s.K if s.dropout > 0 else 1),
-               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
+               dyn_smem=lambda s: _token_fold_plan(s, 2 * s.R, _passes(s))["smem"],
+               params=lambda s: _token_fold(s, 2 * s.R, _passes(s)),
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True,
+                                                 _token_fold_plan(s, 2 * s.R, _passes(s))["whole"])),
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "weight_grad_mma_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,

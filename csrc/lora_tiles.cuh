@@ -13,8 +13,10 @@
 //                          routing weights w_j). The expert fold: a token's K rank vectors sit in their experts'
 //                          blocks of one E*R-wide row, which one MMA chain multiplies with every expert's stacked
 //                          weight rows (64 of the E*R fold rows per staged chunk); with a dropout mask, one such
-//                          pass per slot k, masked as it is added. Block = 64 tokens x 64 columns h; grid
-//                          (ceil(H/64), ceil(T/64)).
+//                          pass per slot k, masked as it is added. Block = 64 tokens x plan.h_tiles tiles of 64
+//                          columns h; grid (ceil(H / (64 h_tiles)), ceil(T/64)). Where the whole fold (every pass's)
+//                          fits in shared memory (plan_token_fold), it is built once per block and serves all of
+//                          the block's column tiles; otherwise h_tiles = 1 and it is built per 64-row chunk.
 //   weight_grad_mma_kernel the segmented weight gradient dW_e = scale * sum_{j -> e} (w_j v_j) x_t(j)^T: lora_shrink's
 //                          dA (x masked) and lora_expand_combine's dB (w_j, dy_t). Block = (64 columns h, expert e,
 //                          64 ranks); it walks the expert's slots in sorted order, 64 per chunk; every block writes
@@ -22,10 +24,12 @@
 //
 // Operands are staged in shared memory as bf16 planes of 64 x 64 (Bf16Terms: 1 plane for bf16, 2 for fp16, 3 for
 // fp32 values, so the products are exact) and multiplied by nvcuda::wmma 16x16x16 bf16 MMAs into fp32 accumulator
-// fragments (each warp owns 2 of the tile's 16). The fp32 result is staged over the planes for the epilogue.
+// fragments (each warp owns 2 of the tile's 16). The fp32 result is staged over the planes for the epilogue
+// (token_fold: over the weight chunk's, the fold stays).
 // Dropout keeps or zeroes an operand element (exact) and its 1 / (1 - p) scales the result. Deterministic: fixed
 // summation orders, no atomics. 32-bit index math (api.cpp checks the weights' span and S < 2^31), 64-bit only for
-// the offsets of (T, *) rows. 256 threads, dynamic shared memory lora_tile_smem_bytes (opted into above 48 KiB).
+// the offsets of (T, *) rows. 256 threads, dynamic shared memory lora_tile_smem_bytes (token_fold: TokenFoldSmem;
+// opted into above 48 KiB).
 // Each kernel is compiled per LoraVariant (dropout on or off, all staged rows aligned or not, the weight's layout),
 // so that a launch runs code without the branches of the others.
 // __launch_bounds__(256, 1): with the block size alone ptxas held some instances to 80 registers and spilled.
@@ -64,9 +68,51 @@ template <typename x_t, typename w_t>
 constexpr size_t slot_rank_smem_bytes() {
   return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<w_t>::value, 4 * kTile);
 }
+// How a token_fold_mma_kernel launch holds its expert fold: `fold_rows` fold columns at a time (a multiple of
+// kTile), `slots` copies of them (one per pass when whole), `h_tiles` column tiles per block (> 1 only when whole:
+// the fold is built once and reused), `smem` bytes of dynamic shared memory (TokenFoldSmem's layout).
+struct TokenFoldPlan {
+  int fold_rows, slots, h_tiles;
+  bool whole;
+  size_t smem;
+};
+
+// The shared memory of token_fold_mma_kernel: the fold (slots x NV bf16 planes of 64 rows x fold_rows + 8), then the
+// weight chunk (NW planes of 64 x 72, the fp32 result stage laid over them), then the per-fold-column expert, rank
+// and weight offset and the tile's K experts per token (32-bit words). Offsets in bytes, 128-byte aligned.
+struct TokenFoldSmem {
+  int fold_ld, fold_plane, weights, words;
+  size_t bytes;
+  __host__ __device__ TokenFoldSmem(int nv, int nw, int fold_rows, int slots, int64_t K) {
+    fold_ld = fold_rows + 8;
+    fold_plane = kTile * fold_ld;
+    weights = (slots * nv * fold_plane * 2 + 127) / 128 * 128;
+    words = weights + lora_tile_planes_bytes(nw);
+    bytes = static_cast<size_t>(words) + 4 * static_cast<size_t>(3 * fold_rows + kTile * K);
+  }
+};
+
+// Host side: the whole fold (E * R columns, rounded up to kTile) when every pass's copy fits in sm_90's 227 KiB per
+// block, with up to 8 column tiles per block sharing it while the grid keeps about two blocks per SM (`sms`: the
+// device's multiprocessors); otherwise 64 fold columns at a time, rebuilt per chunk and column tile.
 template <typename w_t>
-constexpr size_t token_fold_smem_bytes(int64_t K) {
-  return lora_tile_smem_bytes(Bf16Terms<float>::value + Bf16Terms<w_t>::value, static_cast<int>((3 + K) * kTile));
+TokenFoldPlan plan_token_fold(int64_t T, int64_t H, int64_t E, int64_t R, int64_t K, bool drop, int64_t sms) {
+  constexpr int NV = Bf16Terms<float>::value;
+  constexpr int NW = Bf16Terms<w_t>::value;
+  const int64_t whole_rows = (E * R + kTile - 1) / kTile * kTile;
+  const int passes = drop ? static_cast<int>(K) : 1;
+  if (whole_rows <= 4096) {
+    const int rows = static_cast<int>(whole_rows);
+    const size_t bytes = TokenFoldSmem(NV, NW, rows, passes, K).bytes;
+    if (bytes <= size_t{227} * 1024) {
+      const int64_t col_tiles = (H + kTile - 1) / kTile;
+      const int64_t tiles = col_tiles * ((T + kTile - 1) / kTile);
+      const int64_t per_block = tiles / (2 * (sms < 1 ? 1 : sms));
+      const int h_tiles = static_cast<int>(per_block < 1 ? 1 : per_block > 8 ? 8 : per_block);
+      return {rows, passes, h_tiles, true, bytes};
+    }
+  }
+  return {kTile, 1, 1, false, TokenFoldSmem(NV, NW, kTile, 1, K).bytes};
 }
 template <typename x_t>
 constexpr size_t weight_grad_smem_bytes() {
@@ -83,8 +129,9 @@ bool weight_rows_aligned(const T* W, int64_t s_e, int64_t s_r, int64_t s_h, int6
 inline dim3 slot_rank_grid(int64_t S, int64_t E, int64_t rank_tiles) {
   return dim3(static_cast<unsigned int>((S + kTile - 1) / kTile + E), static_cast<unsigned int>(rank_tiles));
 }
-inline dim3 token_fold_grid(int64_t T, int64_t H) {
-  return dim3(static_cast<unsigned int>((H + kTile - 1) / kTile), static_cast<unsigned int>((T + kTile - 1) / kTile));
+inline dim3 token_fold_grid(int64_t T, int64_t H, const TokenFoldPlan& plan) {
+  const int64_t cols = plan.h_tiles * int64_t{kTile};
+  return dim3(static_cast<unsigned int>((H + cols - 1) / cols), static_cast<unsigned int>((T + kTile - 1) / kTile));
 }
 inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
   return dim3(static_cast<unsigned int>((H + kTile - 1) / kTile), static_cast<unsigned int>(E),
@@ -350,9 +397,9 @@ __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRank
 #pragma unroll
       for (int i = 0; i < kTileFrags; ++i) {
         if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks): W's [rank][h] plane read col-major
-          mma_terms<NX, NW, wmma::row_major, wmma::col_major>(acc[i], xs + tile_frag_row(i) * 16 * kTileLd, 16,
-                                                              ws + tile_frag_col(i) * 16 * kTileLd, 16, kPlane,
-                                                              kTileLd, kTile / 16);
+          mma_terms<NX, NW, wmma::row_major, wmma::col_major>(
+              acc[i], {xs + tile_frag_row(i) * 16 * kTileLd, 16, kPlane, kTileLd},
+              {ws + tile_frag_col(i) * 16 * kTileLd, 16, kPlane, kTileLd}, kTile / 16);
         }
       }
       __syncthreads();
@@ -397,26 +444,31 @@ struct TokenFoldArgs {
   bool vec_w;  // weight_rows_aligned(W)
   bool vec_v;  // R % 8 == 0 and rows_aligned(v)
   out_t* out;  // (T, H) contiguous
+  TokenFoldPlan plan;
 
   bool aligned() const { return vec_w && vec_v; }  // LoraVariant's VEC
 };
 
-template <typename w_t, typename out_t, typename V>
+// WHOLE (plan.whole, a compile-time fact so that each instance holds one fold schedule): every pass's whole fold is
+// built once, before the column tiles; otherwise h_tiles = 1 and the fold is built per 64-column chunk of it.
+template <typename w_t, typename out_t, typename V, bool WHOLE>
 __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
   constexpr int NV = Bf16Terms<float>::value;
   constexpr int NW = Bf16Terms<w_t>::value;
   constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
   const Dropout drop = static_dropout<V::kDrop>(p.drop);
+  const int FG = p.plan.fold_rows;
+  const int h_tiles = p.plan.h_tiles;
+  const TokenFoldSmem L(NV, NW, FG, p.plan.slots, p.K);
   unsigned char* sm = dynamic_smem<unsigned char>();
-  __nv_bfloat16* zs = smem_at<__nv_bfloat16>(sm, 0);
-  __nv_bfloat16* ws = zs + NV * kPlane;
-  float* stage = smem_at<float>(sm, 0);
-  int* fold_e = smem_at<int>(sm, lora_tile_planes_bytes(NV + NW));  // expert, rank, weight offset of fold row f0 + n
-  int* fold_r = fold_e + kTile;
-  int* fold_base = fold_r + kTile;
-  int* tok_expert = fold_base + kTile;  // [row * K + k]
+  __nv_bfloat16* folds = smem_at<__nv_bfloat16>(sm, 0);  // slot s at s * NV * fold_plane
+  __nv_bfloat16* ws = smem_at<__nv_bfloat16>(sm, L.weights);
+  float* stage = smem_at<float>(sm, L.weights);
+  int* fold_e = smem_at<int>(sm, L.words);  // expert, rank, weight offset of fold column g0 + n
+  int* fold_r = fold_e + FG;
+  int* fold_base = fold_r + FG;
+  int* tok_expert = fold_base + FG;  // [row * K + k]
   const int tid = static_cast<int>(threadIdx.x);
-  const int h0 = static_cast<int>(blockIdx.x) * kTile;
   const int t0 = static_cast<int>(blockIdx.y) * kTile;
   const int rows = p.T - t0 < kTile ? p.T - t0 : kTile;
   const int64_t E = p.E;
@@ -430,88 +482,114 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
   }
   const int F = p.E * p.R;
   const int passes = drop.active ? p.K : 1;  // without a mask one pass folds all K slots
-  const int c = tid % kTile;
-  float res[kOut] = {};
-  for (int pass = 0; pass < passes; ++pass) {
-    const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && h0 + tile_frag_col(i) * 16 < p.H; };
-    SplitAcc acc[kTileFrags];
-#pragma unroll
-    for (int i = 0; i < kTileFrags; ++i) {
-      acc[i].zero();
+  // The expert, rank and weight offset of fold columns [g0, g0 + FG), visible to all threads on return.
+  const auto set_fold_columns = [&](int g0) {
+    for (int n = tid; n < FG; n += kBlock) {
+      const int f = g0 + n;
+      fold_e[n] = f < F ? f / p.R : -1;
+      fold_r[n] = f < F ? f % p.R : 0;
+      fold_base[n] = f < F ? (f / p.R) * p.s_e + (f % p.R) * p.s_r : -1;
     }
-    for (int f0 = 0; f0 < F; f0 += kTile) {
-      if (tid < kTile) {
-        const int f = f0 + tid;
-        fold_e[tid] = f < F ? f / p.R : -1;
-        fold_r[tid] = f < F ? f % p.R : 0;
-        fold_base[tid] = f < F ? (f / p.R) * p.s_e + (f % p.R) * p.s_r : -1;
-      }
-      __syncthreads();
-      // The fold chunk [row][c]: the (weighted) rank vector of the row's slot k at the columns of its expert
-      // (this pass's slot only, with a mask); a thread builds 8 consecutive columns of 2 rows.
-      const int c8 = tid % 8 * 8;
-#pragma unroll
-      for (int q = 0; q < kTile * 8 / kBlock; ++q) {
-        const int row = tid / 8 + q * (kBlock / 8);
-        float v[8] = {};
+    __syncthreads();
+  };
+  // fold [row][n] for those columns: the (weighted) rank vector of the row's slot k at the columns of its expert
+  // (this pass's slot only, with a mask); a thread builds 8 consecutive columns of a row at a time.
+  const auto fill_fold = [&](int pass, __nv_bfloat16* fold) {
+    const int groups = FG / 8;
+#pragma unroll 1
+    for (int idx = tid; idx < kTile * groups; idx += kBlock) {
+      const int row = idx / groups;
+      const int c8 = idx % groups * 8;
+      float v[8] = {};
 #pragma unroll 1  // K is small (2 in MixLoRA); the model counts the loop's trips
-        for (int k = 0; k < p.K; ++k) {
-          const int ek = tok_expert[row * p.K + k];
-          if (ek < 0 || (passes > 1 && k != pass)) {
-            continue;
-          }
-          const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
-          const float w = p.row_weights ? p.row_weights[j] : 1.0f;
-          const float* vj = p.v + j * p.v_stride;
-          if (V::kVec || p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
-            if (fold_e[c8] == ek) {
-              float u[8];
-              load8(vj + fold_r[c8], 8, true, u);
-#pragma unroll
-              for (int i = 0; i < 8; ++i) {
-                v[i] = fmaf(w, u[i], v[i]);
-              }
-            }
-          } else {
+      for (int k = 0; k < p.K; ++k) {
+        const int ek = tok_expert[row * p.K + k];
+        if (ek < 0 || (passes > 1 && k != pass)) {
+          continue;
+        }
+        const int64_t j = static_cast<int64_t>(t0 + row) * p.K + k;
+        const float w = p.row_weights ? p.row_weights[j] : 1.0f;
+        const float* vj = p.v + j * p.v_stride;
+        if (V::kVec || p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
+          if (fold_e[c8] == ek) {
+            float u[8];
+            load8(vj + fold_r[c8], 8, true, u);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-              v[i] = fold_e[c8 + i] == ek ? fmaf(w, vj[fold_r[c8 + i]], v[i]) : v[i];
+              v[i] = fmaf(w, u[i], v[i]);
             }
           }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            v[i] = fold_e[c8 + i] == ek ? fmaf(w, vj[fold_r[c8 + i]], v[i]) : v[i];
+          }
         }
-        store8_bf16_terms<NV>(v, zs + row * kTileLd + c8, kPlane);
       }
-      const int nrows = round16(F - f0 < kTile ? F - f0 : kTile);  // fold rows the MMAs read
-      stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
-                                       [&](int n) { return fold_base[n]; });
-      __syncthreads();
-      const int steps = nrows / 16;
+      store8_bf16_terms<NV>(v, fold + row * L.fold_ld + c8, L.fold_plane);
+    }
+  };
+  if constexpr (WHOLE) {
+    set_fold_columns(0);
+    for (int pass = 0; pass < passes; ++pass) {
+      fill_fold(pass, folds + pass * NV * L.fold_plane);
+    }
+  }
+  const int c = tid % kTile;
+#pragma unroll 1
+  for (int ht = 0; ht < h_tiles; ++ht) {
+    const int h0 = (static_cast<int>(blockIdx.x) * h_tiles + ht) * kTile;
+    if (h0 >= p.H) {
+      break;
+    }
+    const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && h0 + tile_frag_col(i) * 16 < p.H; };
+    float res[kOut] = {};
+    for (int pass = 0; pass < passes; ++pass) {
+      __nv_bfloat16* fold = folds + (WHOLE ? pass : 0) * NV * L.fold_plane;
+      SplitAcc acc[kTileFrags];
 #pragma unroll
       for (int i = 0; i < kTileFrags; ++i) {
-        if (active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
-          mma_terms<NV, NW, wmma::row_major, wmma::row_major>(acc[i], zs + tile_frag_row(i) * 16 * kTileLd, 16,
-                                                              ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane,
-                                                              kTileLd, steps);
+        acc[i].zero();
+      }
+      for (int g0 = 0; g0 < F; g0 += FG) {
+        if constexpr (!WHOLE) {
+          set_fold_columns(g0);
+          fill_fold(pass, fold);
+        }
+        const int gn = F - g0 < FG ? F - g0 : FG;
+        for (int f0 = 0; f0 < gn; f0 += kTile) {
+          const int nrows = round16(gn - f0 < kTile ? gn - f0 : kTile);  // fold rows the MMAs read
+          stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
+                                           [&](int n) { return fold_base[f0 + n]; });
+          __syncthreads();
+#pragma unroll
+          for (int i = 0; i < kTileFrags; ++i) {
+            if (active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
+              mma_terms<NV, NW, wmma::row_major, wmma::row_major>(
+                  acc[i], {fold + tile_frag_row(i) * 16 * L.fold_ld + f0, 16, L.fold_plane, L.fold_ld},
+                  {ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, nrows / 16);
+            }
+          }
+          __syncthreads();
         }
       }
+      store_tile(stage, acc, active);
       __syncthreads();
-    }
-    store_tile(stage, acc, active);
-    __syncthreads();
 #pragma unroll
-    for (int q = 0; q < kOut; ++q) {
-      const int row = tid / kTile + kTileRowsPerPass * q;
-      const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c);
-      res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+      for (int q = 0; q < kOut; ++q) {
+        const int row = tid / kTile + kTileRowsPerPass * q;
+        const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c);
+        res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+      }
+      __syncthreads();  // the stage is the next weight chunk
     }
-    __syncthreads();  // the stage is the next pass's planes
-  }
-  if (h0 + c < p.H) {
+    if (h0 + c < p.H) {
 #pragma unroll
-    for (int q = 0; q < kOut; ++q) {
-      const int row = tid / kTile + kTileRowsPerPass * q;
-      if (row < rows) {
-        p.out[static_cast<int64_t>(t0 + row) * p.H + h0 + c] = static_cast<out_t>(p.scale * res[q]);
+      for (int q = 0; q < kOut; ++q) {
+        const int row = tid / kTile + kTileRowsPerPass * q;
+        if (row < rows) {
+          p.out[static_cast<int64_t>(t0 + row) * p.H + h0 + c] = static_cast<out_t>(p.scale * res[q]);
+        }
       }
     }
   }
@@ -580,9 +658,9 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
 #pragma unroll
     for (int i = 0; i < kTileFrags; ++i) {
       if (active(i)) {  // dW^T (h x ranks) = x^T (h x slots) . v (slots x ranks): x's [slot][h] plane read col-major
-        mma_terms<NX, NV, wmma::col_major, wmma::row_major>(acc[i], xs + tile_frag_row(i) * 16, 16 * kTileLd,
-                                                            vs + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd,
-                                                            (n + 15) / 16);
+        mma_terms<NX, NV, wmma::col_major, wmma::row_major>(
+            acc[i], {xs + tile_frag_row(i) * 16, 16 * kTileLd, kPlane, kTileLd},
+            {vs + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, (n + 15) / 16);
       }
     }
     __syncthreads();
@@ -616,10 +694,11 @@ template <typename w_t, typename out_t>
 TokenFoldArgs<w_t, out_t> token_fold_args(const float* v, int64_t v_stride, const float* row_weights,
                                           const int64_t* experts, const w_t* W, int64_t s_e, int64_t s_r, int64_t s_h,
                                           int64_t E, int64_t T, int64_t K, int64_t H, int64_t R, Dropout drop,
-                                          float scale, out_t* out) {
+                                          float scale, out_t* out, int64_t sms) {
   return {v, v_stride, row_weights, experts, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h),
           static_cast<int>(E), static_cast<int>(T), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
-          drop, scale, weight_rows_aligned(W, s_e, s_r, s_h, R), R % 8 == 0 && rows_aligned(v, {v_stride}), out};
+          drop, scale, weight_rows_aligned(W, s_e, s_r, s_h, R), R % 8 == 0 && rows_aligned(v, {v_stride}), out,
+          plan_token_fold<w_t>(T, H, E, R, K, drop.active, sms)};
 }
 
 // out: dW (E, R, H) when o_r = H, o_h = 1; (E, H, R) when o_r = 1, o_h = R. fp32 contiguous.
@@ -650,9 +729,9 @@ SlotRankArgs<x_t, w_t> shrink_forward_args(const x_t* x, int64_t x_stride, const
 template <typename w_t, typename x_t>
 TokenFoldArgs<w_t, x_t> shrink_dx_args(const float* grad_z, int64_t gz_stride, const w_t* A, int64_t A_stride0,
                                        int64_t A_stride1, const int64_t* experts, int64_t E, int64_t T, int64_t K,
-                                       int64_t H, int64_t R, Dropout drop, x_t* dx) {
+                                       int64_t H, int64_t R, Dropout drop, x_t* dx, int64_t sms) {
   return token_fold_args(grad_z, gz_stride, nullptr, experts, A, A_stride0, A_stride1, 1, E, T, K, H, R, drop, 1.0f,
-                         dx);
+                         dx, sms);
 }
 
 template <typename x_t>
@@ -667,9 +746,9 @@ template <typename w_t>
 TokenFoldArgs<w_t, float> expand_forward_args(const float* zd, int64_t zd_stride, const float* weights,
                                               const int64_t* experts, const w_t* B, int64_t B_stride0,
                                               int64_t B_stride1, int64_t E, int64_t T, int64_t K, int64_t H,
-                                              int64_t R, float scale, float* y) {
+                                              int64_t R, float scale, float* y, int64_t sms) {
   return token_fold_args(zd, zd_stride, weights, experts, B, B_stride0, 1, B_stride1, E, T, K, H, R,
-                         make_dropout(0.0, 0), scale, y);
+                         make_dropout(0.0, 0), scale, y, sms);
 }
 
 // Launched with one rank tile (slot_rank_grid(S, E, 1)): dw_j sums every rank.

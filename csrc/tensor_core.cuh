@@ -74,22 +74,27 @@ struct SplitAcc {
   }
 };
 
-// acc += A B over `steps` 16-deep k steps, A and B held as NA / NB bf16 term planes (`plane` elements apart, leading
-// dimension ld): a / b point at the fragment's first element, ak / bk are the offsets of one k step. The term pairs
-// (i, j) with i + j < 3 are multiplied; the others are below 2^-24 of the product (fp32's rounding).
+// One operand of mma_terms: NA (or NB) bf16 term planes, `plane` elements apart, of leading dimension `ld`; `p`
+// points at the fragment's first element of plane 0 and `k_step` is the offset of one 16-deep k step.
+struct TermPlanes {
+  const __nv_bfloat16* p;
+  int k_step, plane, ld;
+};
+
+// acc += A B over `steps` 16-deep k steps, A and B held as NA / NB bf16 term planes. The term pairs (i, j) with
+// i + j < 3 are multiplied; the others are below 2^-24 of the product (fp32's rounding).
 template <int NA, int NB, typename LA, typename LB>
-__device__ __forceinline__ void mma_terms(SplitAcc& acc, const __nv_bfloat16* a, int ak, const __nv_bfloat16* b,
-                                          int bk, int plane, int ld, int steps) {
+__device__ __forceinline__ void mma_terms(SplitAcc& acc, TermPlanes a, TermPlanes b, int steps) {
   for (int s = 0; s < steps; ++s) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> fb[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
-      wmma::load_matrix_sync(fb[j], b + j * plane + s * bk, ld);
+      wmma::load_matrix_sync(fb[j], b.p + j * b.plane + s * b.k_step, b.ld);
     }
 #pragma unroll
     for (int i = 0; i < NA; ++i) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> fa;
-      wmma::load_matrix_sync(fa, a + i * plane + s * ak, ld);
+      wmma::load_matrix_sync(fa, a.p + i * a.plane + s * a.k_step, a.ld);
 #pragma unroll
       for (int j = 0; j < NB && i + j < 3; ++j) {
         if (i + j == 0) {

@@ -2,9 +2,9 @@
 // mixlora_kernels/ops/lora_expand_combine.py. The kernels (tensor cores, bf16 operand planes, fp32 accumulation)
 // are csrc/lora_tiles.cuh's; their algorithm and block shapes are described there. Launches, 256 threads each, all
 // on the caller's stream, no host synchronisation:
-//   forward   y_t = s sum_k w_j B_e zd_j (fp32): token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)): the expert
-//             fold of the token's w_j zd_j times every expert's B; the K slots summed in the MMA, no atomics, no
-//             (S, H) intermediate.
+//   forward   y_t = s sum_k w_j B_e zd_j (fp32): token_fold_mma_kernel, grid (ceil(H / (64 h_tiles)), ceil(T/64)):
+//             the expert fold of the token's w_j zd_j (built once per block where it fits: plan_token_fold) times
+//             every expert's B; the K slots summed in the MMA, no atomics, no (S, H) intermediate.
 //   backward  q_j = s B_e^T dy_t, dzd_j = w_j q_j, dw_j = <q_j, zd_j>: slot_rank_mma_kernel, grid (ceil(S/64) + E, 1)
 //             (a block loops over the rank tiles, so dw_j sums all of them in order);
 //             dB_e = s sum_{j -> e} (w_j zd_j) dy_t^T: weight_grad_mma_kernel, grid (ceil(H/64), E, ceil(R/64)).
@@ -37,14 +37,16 @@ void lora_expand_combine_forward_launch(const at::Tensor& zd, const at::Tensor& 
     const auto p = expand_forward_args(zd.const_data_ptr<float>(), zd.stride(0), weights.const_data_ptr<float>(),
                                        experts.const_data_ptr<int64_t>(), B.const_data_ptr<scalar_t>(), B.stride(0),
                                        B.stride(1), B.size(0), T, K, H, B.size(2), static_cast<float>(scale),
-                                       y.mutable_data_ptr<float>());
+                                       y.mutable_data_ptr<float>(), current_device_sms());
     dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-      const auto kernel = token_fold_mma_kernel<scalar_t, float, decltype(variant)>;
-      const size_t smem = token_fold_smem_bytes<scalar_t>(K);
-      C10_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto launch = [&](auto whole) {
+        const auto kernel = token_fold_mma_kernel<scalar_t, float, decltype(variant), decltype(whole)::value>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(p.plan.smem)));
+        kernel<<<token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      p.plan.whole ? launch(std::true_type{}) : launch(std::false_type{});
     });
   });
 }

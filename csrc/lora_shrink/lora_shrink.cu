@@ -4,8 +4,9 @@
 //   forward   z_j = A_e drop_j(x_t):        slot_rank_mma_kernel, grid (ceil(S/64) + E, ceil(R/64)): 64 sorted
 //             slots of one expert x 64 ranks per block (an upper bound on the per-expert tile count, so nothing is
 //             read on the host; surplus blocks exit); x gathered by token and masked while it is staged.
-//   backward  dx_t = sum_k drop_j(A_e^T dz_j): token_fold_mma_kernel, grid (ceil(H/64), ceil(T/64)), the expert
-//             fold of the token's dz_j times every expert's A (one pass per slot k when dropout masks them);
+//   backward  dx_t = sum_k drop_j(A_e^T dz_j): token_fold_mma_kernel, grid (ceil(H / (64 h_tiles)), ceil(T/64)),
+//             the expert fold of the token's dz_j (built once per block where it fits: plan_token_fold) times every
+//             expert's A (one pass per slot k when dropout masks them);
 //             dA_e = sum_{j -> e} dz_j drop_j(x_t)^T: weight_grad_mma_kernel, grid (ceil(H/64), E, ceil(R/64)).
 // Expert ids read from `experts` and slot ids read from `order` are checked by device assertions
 // (CUDA_KERNEL_ASSERT: reported at the next synchronising call as "device-side assert triggered"; the CUDA context
@@ -71,14 +72,16 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
         using weight_t = decltype(wtag);
         const auto p = shrink_dx_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), A.const_data_ptr<weight_t>(),
                                       A.stride(0), A.stride(1), experts.const_data_ptr<int64_t>(), E, T, K, H, R, drop,
-                                      dx.mutable_data_ptr<scalar_t>());
+                                      dx.mutable_data_ptr<scalar_t>(), current_device_sms());
         dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-          const auto kernel = token_fold_mma_kernel<weight_t, scalar_t, decltype(variant)>;
-          const size_t smem = token_fold_smem_bytes<weight_t>(K);
-          C10_CUDA_CHECK(
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-          kernel<<<token_fold_grid(T, H), kBlock, smem, stream>>>(p);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          auto launch_fold = [&](auto whole) {
+            const auto kernel = token_fold_mma_kernel<weight_t, scalar_t, decltype(variant), decltype(whole)::value>;
+            C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(p.plan.smem)));
+            kernel<<<token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, stream>>>(p);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          p.plan.whole ? launch_fold(std::true_type{}) : launch_fold(std::false_type{});
         });
       };
       A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});

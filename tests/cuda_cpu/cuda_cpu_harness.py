@@ -155,6 +155,8 @@ class Kernels:
 
     Input checks are api.cpp's business and not repeated: the arguments must be valid for the op. Every call
     reseeds the thread schedule with `schedule_seed`, so a call behaves the same wherever it runs in a session.
+    `sm_count` stands for the device's multiprocessor count where a launch sizes its grid by it (token_fold's
+    column tiles per block, csrc/lora_tiles.cuh plan_token_fold): the H200's 132 unless a test sets another.
     """
 
     def __init__(self, lib_path: Path, schedule_seed: int = 0):
@@ -162,6 +164,7 @@ class Kernels:
         self.lib.cuda_cpu_last_error.restype = ctypes.c_char_p
         self.lib.cuda_cpu_set_schedule_seed.argtypes = [ctypes.c_uint64]
         self.schedule_seed = schedule_seed
+        self.sm_count = 132
 
     def _launch(self, op: str, fn: str, *args) -> None:
         self.lib.cuda_cpu_set_schedule_seed(self.schedule_seed)
@@ -265,7 +268,7 @@ class Kernels:
                      _ptr(gz), gz.stride(0), _ptr(xk), xk.stride(0), T, H, _ptr(Ak), ctypes.c_int(a_fp32),
                      Ak.stride(0), Ak.stride(1), E, R,
                      _ptr(experts), experts.shape[1], _ptr(order.contiguous()), _ptr(offsets.contiguous()),
-                     float(dropout_p), seed, _ptr(dx), _ptr(dA))
+                     float(dropout_p), seed, _ptr(dx), _ptr(dA), self.sm_count)
         out.check("lora_shrink_backward")
         return dx, _like_dtype(dA, A)
 
@@ -281,7 +284,7 @@ class Kernels:
         experts = experts.long().contiguous()
         self._launch("lora_expand_combine", "cuda_cpu_lora_expand_combine_forward", _ptr(zd), zd.stride(0), _ptr(B),
                      ctypes.c_int(_DTYPE_CODE[B.dtype]), B.stride(0), B.stride(1), E, H, R, _ptr(w), _ptr(experts), T,
-                     K, float(scale), _ptr(y))
+                     K, float(scale), _ptr(y), self.sm_count)
         out.check("lora_expand_combine")
         return y
 

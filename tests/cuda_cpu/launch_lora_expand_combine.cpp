@@ -10,11 +10,12 @@ using cuda_cpu::ceil_div;
 extern "C" {
 
 // zd (S, R) fp32, row stride zd_stride; B (E, H, R) in dtype code b_dtype, strides B_stride0, B_stride1; weights
-// (T, K) fp32, experts (T, K) int64. Writes y (T, H) fp32.
+// (T, K) fp32, experts (T, K) int64. Writes y (T, H) fp32. sms: the multiprocessor count the grid is sized by.
 int cuda_cpu_lora_expand_combine_forward(const float* zd, int64_t zd_stride, const void* B, int b_dtype,
                                          int64_t B_stride0,
                                          int64_t B_stride1, int64_t E, int64_t H, int64_t R, const float* weights,
-                                         const int64_t* experts, int64_t T, int64_t K, double scale, float* y) {
+                                         const int64_t* experts, int64_t T, int64_t K, double scale, float* y,
+                                         int64_t sms) {
   return cuda_cpu::guarded([&] {
     if (T == 0 || H == 0) {
       return;
@@ -22,10 +23,13 @@ int cuda_cpu_lora_expand_combine_forward(const float* zd, int64_t zd_stride, con
     cuda_cpu::dispatch_float_half_bf16(b_dtype, [&](auto wtag) {
       using weight_t = decltype(wtag);
       const auto p = expand_forward_args(zd, zd_stride, weights, experts, static_cast<const weight_t*>(B), B_stride0,
-                                         B_stride1, E, T, K, H, R, static_cast<float>(scale), y);
+                                         B_stride1, E, T, K, H, R, static_cast<float>(scale), y, sms);
       dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-        CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float, decltype(variant)>), token_fold_grid(T, H), kBlock,
-                        token_fold_smem_bytes<weight_t>(K), p);
+        auto launch = [&](auto whole) {
+          CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float, decltype(variant), decltype(whole)::value>),
+                          token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, p);
+        };
+        p.plan.whole ? launch(std::true_type{}) : launch(std::false_type{});
       });
     });
   });

@@ -37,12 +37,12 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
 }
 
 // grad_z (S, R) fp32, row stride gz_stride; x, A, order, offsets as above; experts (T, K) int64.
-// Writes dx (T, H) in dtype and dA (E, R, H) fp32.
+// Writes dx (T, H) in dtype and dA (E, R, H) fp32. sms: the multiprocessor count the dx grid is sized by.
 int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_stride, const void* x,
                                   int64_t x_stride, int64_t T, int64_t H, const void* A, int a_fp32, int64_t A_stride0,
                                   int64_t A_stride1, int64_t E, int64_t R, const int64_t* experts, int64_t K,
                                   const int64_t* order, const int64_t* offsets, double dropout_p, int64_t seed,
-                                  void* dx, float* dA) {
+                                  void* dx, float* dA, int64_t sms) {
   return cuda_cpu::guarded([&] {
     const Dropout drop = make_dropout(dropout_p, seed);
     cuda_cpu::dispatch_float_half_bf16(dtype, [&](auto tag) {
@@ -51,10 +51,13 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
         auto launch = [&](auto wtag) {
           using weight_t = decltype(wtag);
           const auto p = shrink_dx_args(grad_z, gz_stride, static_cast<const weight_t*>(A), A_stride0, A_stride1,
-                                        experts, E, T, K, H, R, drop, static_cast<scalar_t*>(dx));
+                                        experts, E, T, K, H, R, drop, static_cast<scalar_t*>(dx), sms);
           dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-            CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t, decltype(variant)>), token_fold_grid(T, H),
-                            kBlock, token_fold_smem_bytes<weight_t>(K), p);
+            auto launch_fold = [&](auto whole) {
+              CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t, decltype(variant), decltype(whole)::value>),
+                              token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, p);
+            };
+            p.plan.whole ? launch_fold(std::true_type{}) : launch_fold(std::false_type{});
           });
         };
         a_fp32 ? launch(float{}) : launch(scalar_t{});

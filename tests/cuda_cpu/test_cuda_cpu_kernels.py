@@ -97,6 +97,21 @@ def test_lora_tensor_core_shapes(cuda_cpu, shape, dtype, dropout_p):
     check_op(cuda_cpu, "lora_expand_combine_backward", P["grad_y"], *expand_args(P))
 
 
+@pytest.mark.parametrize("sm_count, H", [(1, 200), (2, 330)])  # 4 column tiles per block; 3 per block, 2 blocks
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])  # with dropout: one whole fold per pass
+def test_token_fold_column_tiles_per_block(cuda_cpu, sm_count, H, dropout_p):
+    """token_fold_mma_kernel with its whole fold shared by several 64-column tiles of a block (plan_token_fold sizes
+    the grid by the multiprocessors, so a small sm_count gives a small problem several tiles per block); the last
+    column tile is ragged."""
+    P = make_problem(T=70, H=H, E=8, dtype=torch.bfloat16)
+    cuda_cpu.sm_count = sm_count
+    try:
+        check_op(cuda_cpu, "lora_shrink_backward", P["grad_z"], *shrink_args(P, dropout_p))
+        check_op(cuda_cpu, "lora_expand_combine", *expand_args(P))
+    finally:
+        cuda_cpu.sm_count = 132
+
+
 @pytest.mark.parametrize("dtype, dropout_p", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 @xfail_at_end
