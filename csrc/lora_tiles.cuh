@@ -608,10 +608,11 @@ struct WeightGradArgs {
   Dropout drop;  // on x (shrink); inactive otherwise
   float scale;
   bool vec_x;  // rows_aligned(x)
+  bool vec_v;  // R % 8 == 0 and rows_aligned(v)
   float* out;  // dW_e (r, h) at e * R * H + r * o_r + h * o_h: dA (E, R, H) or dB (E, H, R), fp32
   int o_r, o_h;
 
-  bool aligned() const { return vec_x; }  // LoraVariant's VEC
+  bool aligned() const { return vec_x && vec_v; }  // LoraVariant's VEC
 };
 
 template <typename x_t, typename V>
@@ -630,6 +631,7 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
   const int e = static_cast<int>(blockIdx.y);
   const int rank0 = static_cast<int>(blockIdx.z) * kTile;
   const int ncols = p.R - rank0 < kTile ? p.R - rank0 : kTile;
+  const int vgroups = round16(ncols) / 8;  // 8-rank groups of v staged per row
   const int64_t start = p.offsets[e];
   const int64_t end = p.offsets[e + 1];
   const auto active = [&](int i) { return h0 + tile_frag_row(i) * 16 < p.H && tile_frag_col(i) * 16 < ncols; };
@@ -638,7 +640,6 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
   for (int i = 0; i < kTileFrags; ++i) {
     acc[i].zero();
   }
-  const int c = tid % kTile;
   for (int64_t s0 = start; s0 < end; s0 += kTile) {
     const int n = end - s0 < kTile ? static_cast<int>(end - s0) : kTile;
     if (tid < kTile) {
@@ -646,13 +647,22 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
     }
     __syncthreads();
     stage_token_rows<NX>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, V::kVec || p.vec_x);
-    for (int row = tid / kTile; row < kTile; row += kTileRowsPerPass) {
+    // v [row][r] = (w_j) v_j at rank rank0 + r (zeros for no slot and from ncols on), for the round16(ncols) rank
+    // columns the MMAs read; a thread stages 8 consecutive ranks of a row.
+#pragma unroll 1
+    for (int idx = tid; idx < kTile * vgroups; idx += kBlock) {
+      const int row = idx / vgroups;
+      const int c8 = idx % vgroups * 8;
       const int slot = chunk_slot[row];
-      float v = 0.0f;
-      if (slot >= 0 && c < ncols) {
-        v = (p.row_weights ? p.row_weights[slot] : 1.0f) * p.v[static_cast<int64_t>(slot) * p.v_stride + rank0 + c];
+      float u[8];
+      load8(p.v + static_cast<int64_t>(slot < 0 ? 0 : slot) * p.v_stride + rank0 + c8, slot < 0 ? 0 : ncols - c8,
+            V::kVec || p.vec_v, u);
+      const float w = slot >= 0 && p.row_weights ? p.row_weights[slot] : 1.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        u[i] *= w;
       }
-      store_bf16_terms<NV>(v, vs + row * kTileLd + c, kPlane);
+      store8_bf16_terms<NV>(u, vs + row * kTileLd + c8, kPlane);
     }
     __syncthreads();
 #pragma unroll
@@ -708,8 +718,8 @@ WeightGradArgs<x_t> weight_grad_args(const x_t* x, int64_t x_stride, const float
                                      int64_t K, int64_t H, int64_t R, Dropout drop, float scale, float* out,
                                      int64_t o_r, int64_t o_h) {
   return {x, x_stride, v, v_stride, row_weights, order, offsets, static_cast<int>(S), static_cast<int>(K),
-          static_cast<int>(H), static_cast<int>(R), drop, scale, rows_aligned(x, {x_stride}), out,
-          static_cast<int>(o_r), static_cast<int>(o_h)};
+          static_cast<int>(H), static_cast<int>(R), drop, scale, rows_aligned(x, {x_stride}),
+          R % 8 == 0 && rows_aligned(v, {v_stride}), out, static_cast<int>(o_r), static_cast<int>(o_h)};
 }
 
 // The mask's 1 / (1 - p) scales the shrink's products (the operands are only masked).
