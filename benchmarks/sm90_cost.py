@@ -1159,7 +1159,7 @@ def _token_fold_plan(s: Shape, R: int, passes: int, nw: int = 1) -> dict:
     if rows <= 4096 and smem(rows, passes) <= 227 * 1024:
         tiles = -(-s.H // 64) * -(-s.T // 64)
         return dict(fold_rows=rows, h_tiles=max(1, min(8, tiles // (2 * SMS))), whole=True, smem=smem(rows, passes))
-    return dict(fold_rows=64, h_tiles=1, whole=False, smem=smem(64, 1))
+    return dict(fold_rows=64, h_tiles=1, whole=False, smem=smem(64, 2 if passes > 1 else 1))
 
 
 def _token_fold(s: Shape, R: int, passes: int) -> dict:

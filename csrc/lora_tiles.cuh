@@ -69,8 +69,9 @@ constexpr size_t slot_rank_smem_bytes() {
   return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<w_t>::value, 4 * kTile);
 }
 // How a token_fold_mma_kernel launch holds its expert fold: `fold_rows` fold columns at a time (a multiple of
-// kTile), `slots` copies of them (one per pass when whole), `h_tiles` column tiles per block (> 1 only when whole:
-// the fold is built once and reused), `smem` bytes of dynamic shared memory (TokenFoldSmem's layout).
+// kTile), `slots` copies of them (one per pass when whole, else one per pass of a group), `h_tiles` column tiles
+// per block (> 1 only when whole: the fold is built once and reused), `smem` bytes of dynamic shared memory
+// (TokenFoldSmem's layout).
 struct TokenFoldPlan {
   int fold_rows, slots, h_tiles;
   bool whole;
@@ -112,7 +113,8 @@ TokenFoldPlan plan_token_fold(int64_t T, int64_t H, int64_t E, int64_t R, int64_
       return {rows, passes, h_tiles, true, bytes};
     }
   }
-  return {kTile, 1, 1, false, TokenFoldSmem(NV, NW, kTile, 1, K).bytes};
+  const int slots = drop && K > 1 ? 2 : 1;  // the kernel's pass group (kGroup) when it rebuilds the fold per chunk
+  return {kTile, slots, 1, false, TokenFoldSmem(NV, NW, kTile, slots, K).bytes};
 }
 template <typename x_t>
 constexpr size_t weight_grad_smem_bytes() {
@@ -482,6 +484,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
   }
   const int F = p.E * p.R;
   const int passes = drop.active ? p.K : 1;  // without a mask one pass folds all K slots
+  constexpr int kGroup = V::kDrop ? 2 : 1;   // passes multiplied per staged weight chunk
   // The expert, rank and weight offset of fold columns [g0, g0 + FG), visible to all threads on return.
   const auto set_fold_columns = [&](int g0) {
     for (int n = tid; n < FG; n += kBlock) {
@@ -544,17 +547,23 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
     }
     const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && h0 + tile_frag_col(i) * 16 < p.H; };
     float res[kOut] = {};
-    for (int pass = 0; pass < passes; ++pass) {
-      __nv_bfloat16* fold = folds + (WHOLE ? pass : 0) * NV * L.fold_plane;
-      SplitAcc acc[kTileFrags];
+    // Passes in groups of kGroup: a staged weight chunk serves every pass of the group (one accumulator set each).
+#pragma unroll 1
+    for (int p0 = 0; p0 < passes; p0 += kGroup) {
+      SplitAcc acc[kGroup][kTileFrags];
 #pragma unroll
-      for (int i = 0; i < kTileFrags; ++i) {
-        acc[i].zero();
+      for (int g = 0; g < kGroup; ++g) {
+#pragma unroll
+        for (int i = 0; i < kTileFrags; ++i) {
+          acc[g][i].zero();
+        }
       }
       for (int g0 = 0; g0 < F; g0 += FG) {
         if constexpr (!WHOLE) {
           set_fold_columns(g0);
-          fill_fold(pass, fold);
+          for (int g = 0; g < kGroup && p0 + g < passes; ++g) {
+            fill_fold(p0 + g, folds + g * NV * L.fold_plane);
+          }
         }
         const int gn = F - g0 < FG ? F - g0 : FG;
         for (int f0 = 0; f0 < gn; f0 += kTile) {
@@ -563,25 +572,34 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
                                            [&](int n) { return fold_base[f0 + n]; });
           __syncthreads();
 #pragma unroll
-          for (int i = 0; i < kTileFrags; ++i) {
-            if (active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
-              mma_terms<NV, NW, wmma::row_major, wmma::row_major>(
-                  acc[i], {fold + tile_frag_row(i) * 16 * L.fold_ld + f0, 16, L.fold_plane, L.fold_ld},
-                  {ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, nrows / 16);
+          for (int g = 0; g < kGroup; ++g) {
+            const __nv_bfloat16* fold = folds + (WHOLE ? p0 + g : g) * NV * L.fold_plane;
+#pragma unroll
+            for (int i = 0; i < kTileFrags; ++i) {
+              if (p0 + g < passes && active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
+                mma_terms<NV, NW, wmma::row_major, wmma::row_major>(
+                    acc[g][i], {fold + tile_frag_row(i) * 16 * L.fold_ld + f0, 16, L.fold_plane, L.fold_ld},
+                    {ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, nrows / 16);
+              }
             }
           }
           __syncthreads();
         }
       }
-      store_tile(stage, acc, active);
-      __syncthreads();
 #pragma unroll
-      for (int q = 0; q < kOut; ++q) {
-        const int row = tid / kTile + kTileRowsPerPass * q;
-        const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + pass, p.H, h0 + c);
-        res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+      for (int g = 0; g < kGroup; ++g) {
+        if (p0 + g < passes) {
+          store_tile(stage, acc[g], active);
+          __syncthreads();
+#pragma unroll
+          for (int q = 0; q < kOut; ++q) {
+            const int row = tid / kTile + kTileRowsPerPass * q;
+            const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + p0 + g, p.H, h0 + c);
+            res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+          }
+          __syncthreads();  // the stage is the next weight chunk
+        }
       }
-      __syncthreads();  // the stage is the next weight chunk
     }
     if (h0 + c < p.H) {
 #pragma unroll
