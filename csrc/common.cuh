@@ -5,6 +5,7 @@
 // dispatch of the launch code is in dispatch.h), so that tests/cuda_cpu can compile the kernels for the CPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 
@@ -82,10 +83,23 @@ __device__ __forceinline__ float dropout_mult(const Dropout& d, int64_t slot, in
 // Activation codes, in the order of ops/_common.py::ACTIVATIONS.
 enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
+// e^x on the special-function unit, flushing denormals: ex2.approx.ftz.f32 of x log2(e), FMUL + MUFU.EX2 (relative
+// error ~2^-22), where __expf adds a range test and two scalings for denormal results. The CPU harness computes it
+// exactly, as its __expf.
+__device__ __forceinline__ float fast_exp(float x) {
+#ifdef MIXLORA_CUDA_CPU
+  return std::exp(x);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  return r;
+#endif
+}
+
 __device__ __forceinline__ float act_forward(int act, float g) {
   switch (act) {
     case kSilu:
-      return __fdividef(g, 1.0f + __expf(-g));  // ex2.approx and rcp.approx: 2 + 2 instructions
+      return __fdividef(g, 1.0f + fast_exp(-g));  // ex2.approx and rcp.approx: 2 + 2 instructions
     case kGelu:
       return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
     case kGeluTanh: {
@@ -102,7 +116,7 @@ __device__ __forceinline__ float act_forward(int act, float g) {
 __device__ __forceinline__ void act_forward_grad(int act, float g, float& a, float& da) {
   switch (act) {
     case kSilu: {
-      const float sig = __fdividef(1.0f, 1.0f + __expf(-g));
+      const float sig = __fdividef(1.0f, 1.0f + fast_exp(-g));
       a = g * sig;
       da = sig * (1.0f + g * (1.0f - sig));
       return;
