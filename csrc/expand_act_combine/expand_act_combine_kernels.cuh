@@ -809,9 +809,11 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT
 // Grid (splits of the I steps, token tiles). Writes hbar for the tile's tokens and columns, and the block's partial
 // zd (sum over its columns) by slot into zd_part[split] (S, Rd). NF: 16-wide fragments of the largest padded rank
 // (1, 2 or 4), ACT the activation (common.cuh), VEC mma_rows_aligned and DROP dropout on (dispatch_tiles): one
-// instantiation each, so that a launch without dropout holds no mask code.
+// instantiation each, so that a launch without dropout holds no mask code. __launch_bounds__(256, 2): two blocks per
+// SM, as its shared memory allows; with the block size alone ptxas held the NF = 2 and GELU instances to 80
+// registers and spilled.
 template <int NF, int ACT, bool VEC, bool DROP>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kBlock, 2)
 eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, float* __restrict__ zd_part) {
   const Dropout drop = static_dropout<DROP>(p.drop);  // no mask code without dropout
   unsigned char* sm = dynamic_smem<unsigned char>();
