@@ -281,6 +281,21 @@ def test_cuda_table_instances_and_the_weight_gradient_kernel():
     assert wg["central_ms"] > wg["lower_ms"] > 0 and math.isfinite(wg["central_ms"])
 
 
+def test_no_cuda_function_spills():
+    """Every function nvcc compiles for sm_90 from csrc/, each template instance (not only those the cost report
+    models), keeps its values in registers: no spill stores or loads."""
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    if shutil.which("nvcc") is None and not (cuda_home / "bin" / "nvcc").is_file():
+        pytest.skip("nvcc is not installed")
+    from benchmarks import sm90_cost as c
+    spilling = []
+    for path in sorted((c.ROOT / "csrc").rglob("*.cu")):
+        info = c.ptxas_info(c.compile_cu(str(path))[1])
+        assert info, path
+        spilling += [f"{path.name}: {fn}" for fn, v in info.items() if v.get("spill_stores") or v.get("spill_loads")]
+    assert not spilling, spilling
+
+
 def test_cuda_kernel_analysis_on_route():
     cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     if shutil.which("nvcc") is None and not (cuda_home / "bin" / "nvcc").is_file():
