@@ -16,7 +16,7 @@
 //                          pass per slot k, masked as it is added. Block = 64 tokens x plan.h_tiles tiles of 64
 //                          columns h; grid (ceil(H / (64 h_tiles)), ceil(T/64)). Where the whole fold (every pass's)
 //                          fits in shared memory (plan_token_fold), it is built once per block and serves all of
-//                          the block's column tiles; otherwise h_tiles = 1 and it is built per 64-row chunk.
+//                          the block's column tiles; otherwise h_tiles = 1 and it is built per 64-column chunk.
 //   weight_grad_mma_kernel the segmented weight gradient dW_e = scale * sum_{j -> e} (w_j v_j) x_t(j)^T: lora_shrink's
 //                          dA (x masked) and lora_expand_combine's dB (w_j, dy_t). Block = (64 columns h, expert e,
 //                          64 ranks); it walks the expert's slots in sorted order, 64 per chunk; every block writes
