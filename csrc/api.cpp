@@ -564,8 +564,8 @@ void check_router_logits(const at::Tensor& x, const at::Tensor& weight, const at
   if (grad) {
     check_float(op, "grad", *grad, {x.size(0), weight.size(0)});
   }
-  // The backward's grid has one row of blocks per 256-row chunk of T (gridDim.y <= 65535).
-  TORCH_CHECK(x.size(0) <= int64_t{65535} * 256, op, ": T = ", x.size(0), " rows exceed the 65535 * 256 supported");
+  TORCH_CHECK(x.size(0) <= kRouterMaxTokens, op, ": T = ", x.size(0), " rows exceed the ", kRouterMaxTokens,
+              " the kernels' grids support");
 }
 
 // x (T, H) float, weight (E, H) float (read as an fp32 copy unless fp32). Returns logits (T, E) fp32.

@@ -486,6 +486,15 @@ def test_meta_shapes_match_reference(name, variant):
 
 
 @needs_extension
+def test_router_logits_token_limit_is_a_clear_error():
+    """More tokens than the router kernels' grids cover (65535 rows of 128-row dx blocks) is refused, naming T."""
+    T = 65535 * 128 + 1
+    x, w = torch.empty(T, 8, dtype=torch.bfloat16, device="meta"), torch.empty(4, 8, device="meta")
+    with pytest.raises(RuntimeError, match=f"router_logits: T = {T} rows exceed the {T - 1}"):
+        torch.ops.mixlora_cuda.router_logits(x, w)
+
+
+@needs_extension
 def test_schemas_mirror_the_registered_ops():
     """backend.install serves mixlora::<op> with mixlora_cuda::<op>: same arguments in the same order."""
     for name in OPS:

@@ -31,6 +31,9 @@
 namespace mixlora {
 namespace {
 
+static_assert(kRouterMaxTokens <= int64_t{65535} * kRouterDxRows && kRouterChunkT >= kRouterDxRows,
+              "the dx and dW grids' y extents stay within 65535 for T <= kRouterMaxTokens");
+
 unsigned int cdiv(int64_t a, int64_t b) {
   return static_cast<unsigned int>((a + b - 1) / b);
 }

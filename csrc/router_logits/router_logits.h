@@ -8,6 +8,9 @@
 
 namespace mixlora {
 
+// The most tokens the launches serve: the dx grid has a row of blocks per 128 rows (kRouterDxRows), at most 65535.
+constexpr int64_t kRouterMaxTokens = int64_t{65535} * 128;
+
 // x (T, H) fp32/fp16/bf16 with unit inner stride; weight (E, H) fp32 with unit inner stride. Writes logits (T, E)
 // fp32, contiguous.
 void router_logits_forward_launch(const at::Tensor& x, const at::Tensor& weight, at::Tensor& logits,
