@@ -215,7 +215,8 @@ void expand_act_combine_backward_launch(const at::Tensor& grad_hbar, const at::T
   if (E > 0 && I > 0 && Rall > 0 && mma) {
     const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(in);
     const WgLayout L = make_wg_layout(Rg, Ru, in.Ad.size(1));
-    const bool vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0));
+    const bool vec = mma_rows_aligned(args, grad_hbar.const_data_ptr(), grad_hbar.stride(0)) &&
+                     rank_rows_aligned(args, grad_zd.const_data_ptr<float>(), grad_zd.stride(0));
     dispatch_tiles(Rg, Ru, in.Ad.size(1), in.activation, vec, args.drop.active,
                    [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
       const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value,

@@ -426,6 +426,15 @@ __device__ __forceinline__ void copy8(unsigned short* dst, const c10::BFloat16* 
   }
 }
 
+// dst[0..4) = src[0..4) as bf16 (zeros unless `load`) when `store`: one 16-byte load and one 8-byte store (src
+// 16-byte aligned, dst 8-byte aligned).
+__device__ __forceinline__ void stage4_bf16(__nv_bfloat16* dst, const float* src, bool load, bool store) {
+  if (store) {
+    const float4 v = load ? *reinterpret_cast<const float4*>(src) : float4{0.0f, 0.0f, 0.0f, 0.0f};
+    *reinterpret_cast<uint2*>(dst) = uint2{pack_bf16(v.x, v.y), pack_bf16(v.z, v.w)};
+  }
+}
+
 __device__ __forceinline__ int clamp8(int n) {
   return n < 0 ? 0 : n < 8 ? n : 8;
 }
@@ -448,6 +457,16 @@ inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh
   return p.I % 8 == 0 && ok(p.G, {p.G_stride}) && ok(p.U, {p.U_stride}) && ok(grad_hbar, {gh_stride}) &&
          ok(p.Bg, {p.Bg_stride0, p.Bg_stride1, p.Rg}) && ok(p.Bu, {p.Bu_stride0, p.Bu_stride1, p.Ru}) &&
          ok(p.Ad, {p.Ad_stride0, p.Ad_stride1});
+}
+
+// Host side: whether the fp32 rank rows zg, zu and grad_zd (stride gzd_stride) are runs of 4 values starting on 16
+// bytes (every rank a multiple of 4): with mma_rows_aligned, eac_bwd_weight_mma_kernel's VEC instantiation.
+inline bool rank_rows_aligned(const MmaArgs& p, const float* grad_zd, int64_t gzd_stride) {
+  auto ok = [](const float* ptr, int64_t stride) {
+    return (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && stride % 4 == 0;
+  };
+  return p.Rg % 4 == 0 && p.Ru % 4 == 0 && p.Rd % 4 == 0 && ok(p.zg, p.zg_stride) && ok(p.zu, p.zu_stride) &&
+         ok(grad_zd, gzd_stride);
 }
 
 // The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
@@ -1133,7 +1152,8 @@ __host__ __device__ inline bool mma_fits(int64_t K, int64_t E, int64_t Rg, int64
          make_wg_layout(Rg, Ru, Rd).bytes <= kMmaMaxSmem;
 }
 
-// Two blocks per SM (at most 128 registers), except at rank 64, whose tiles need more.
+// Two blocks per SM (at most 128 registers), except at rank 64, whose tiles need more. VEC: mma_rows_aligned and
+// rank_rows_aligned (the fp32 rank rows move 4 values per load).
 template <int NF, int ACT, bool VEC, bool DROP>
 __global__ void __launch_bounds__(kBlock, NF < 4 ? 2 : 1)
 eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict__ grad_hbar, int64_t gh_stride,
@@ -1195,9 +1215,22 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       wsl[threadIdx.x] = s >= 0 ? p.weights[s] : 0.0f;
     }
     __syncthreads();
-    {
-      // The chunk's rank rows [zg | zu | dzd] as bf16, zero-padded: 4 threads per slot row.
-      static_assert(kBlock == 4 * kWgSlots, "eac_bwd_weight_mma_kernel stages a slot row per 4 threads");
+    // The chunk's rank rows [zg | zu | dzd] as bf16, zero-padded: 4 threads per slot row.
+    static_assert(kBlock == 4 * kWgSlots, "eac_bwd_weight_mma_kernel stages a slot row per 4 threads");
+    if constexpr (VEC) {
+      // 4 consecutive ranks of each part per thread and 16-rank group (rank_rows_aligned: runs of 4 fp32, 16-byte
+      // aligned).
+      const int s = slot[threadIdx.x / 4];
+      const int64_t sr = s < 0 ? 0 : s;
+      __nv_bfloat16* row = z + threadIdx.x / 4 * L.ldz;
+#pragma unroll
+      for (int j = 0; j < NF; ++j) {
+        const int r = threadIdx.x % 4 * 4 + 16 * j;
+        stage4_bf16(row + r, p.zg + sr * p.zg_stride + r, s >= 0 && r < Rg, r < L.Rgp);
+        stage4_bf16(row + L.Rgp + r, p.zu + sr * p.zu_stride + r, s >= 0 && r < Ru, r < L.Rup);
+        stage4_bf16(row + Rgu + r, grad_zd + sr * gzd_stride + r, s >= 0 && r < Rd, r < L.Rdp);
+      }
+    } else {
       const int s = slot[threadIdx.x / 4];
       __nv_bfloat16* row = z + threadIdx.x / 4 * L.ldz;
 #pragma unroll

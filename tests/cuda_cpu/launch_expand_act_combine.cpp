@@ -166,7 +166,7 @@ int cuda_cpu_expand_act_combine_backward(int dtype, const void* const* ptrs, con
     if (E > 0 && I > 0 && Rall > 0 && mma) {
       const MmaArgs args = make_args<c10::BFloat16, c10::BFloat16>(ptrs, ints, scale, act, dropout_p, seed);
       const WgLayout L = make_wg_layout(Rg, Ru, ints[16]);
-      const bool vec = mma_rows_aligned(args, grad_hbar, gh_stride);
+      const bool vec = mma_rows_aligned(args, grad_hbar, gh_stride) && rank_rows_aligned(args, grad_zd, gzd_stride);
       dispatch_tiles(Rg, Ru, ints[16], act, vec, args.drop.active,
                      [&](auto nf, auto act_c, auto vec_c, auto drop_c) {
         const auto kernel = eac_bwd_weight_mma_kernel<decltype(nf)::value, decltype(act_c)::value,
