@@ -156,7 +156,7 @@ router_logits_fwd_kernel(const scalar_t* __restrict__ x, int64_t stride_x, int64
 
 // dx[t, h] = sum_e g[t, e] W[e, h] for the 8 columns of each lane of the kRouterCols columns of block x and the
 // kRouterDxRows rows of block y (warp w: rows w, w + 8, ...). The first kRouterExperts experts' W values stay in
-// registers for the block; further experts (E > 8) are read per row.
+// registers for the block; further experts (E > 8) are read per row. VEC: the rows of dx (router_rows_vec).
 template <typename scalar_t, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 router_logits_dx_kernel(const float* __restrict__ g, int64_t T, int64_t H, const float* __restrict__ W,
@@ -205,7 +205,8 @@ router_logits_dx_kernel(const float* __restrict__ g, int64_t T, int64_t H, const
 // part[c, e, h] = sum_{t in chunk c} g[t, e] x[t, h] (fp32) for chunk c = blockIdx.y of kRouterChunkT rows, the
 // kRouterCols columns of block x and the experts of group blockIdx.z. Warp w sums the chunk's rows w, w + 8, ...
 // into 8 x 8 partials per lane; the 8 warps' partials are added in a fixed tree through shared memory
-// ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)), so the result depends on T alone.
+// ((w0 + w4) + (w2 + w6)) + ((w1 + w5) + (w3 + w7)), so the result depends on T alone. VEC: the rows of x and of
+// the partials (router_rows_vec).
 template <typename scalar_t, bool VEC>
 __global__ void __launch_bounds__(kBlock)
 router_logits_dw_partial_kernel(const float* __restrict__ g, const scalar_t* __restrict__ x, int64_t stride_x,
