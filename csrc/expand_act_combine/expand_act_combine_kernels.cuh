@@ -462,11 +462,8 @@ inline bool mma_rows_aligned(const MmaArgs& p, const void* grad_hbar, int64_t gh
 // Host side: whether the fp32 rank rows zg, zu and grad_zd (stride gzd_stride) are runs of 4 values starting on 16
 // bytes (every rank a multiple of 4): with mma_rows_aligned, eac_bwd_weight_mma_kernel's VEC instantiation.
 inline bool rank_rows_aligned(const MmaArgs& p, const float* grad_zd, int64_t gzd_stride) {
-  auto ok = [](const float* ptr, int64_t stride) {
-    return (ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && stride % 4 == 0;
-  };
-  return p.Rg % 4 == 0 && p.Ru % 4 == 0 && p.Rd % 4 == 0 && ok(p.zg, p.zg_stride) && ok(p.zu, p.zu_stride) &&
-         ok(grad_zd, gzd_stride);
+  return p.Rg % 4 == 0 && p.Ru % 4 == 0 && p.Rd % 4 == 0 && rows_aligned(p.zg, {p.zg_stride}) &&
+         rows_aligned(p.zu, {p.zu_stride}) && rows_aligned(grad_zd, {gzd_stride});
 }
 
 // The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
