@@ -1107,7 +1107,7 @@ def _tile(s: Shape, backward: bool) -> dict:
     rp = _round16(s.R)
     nex = 1 + 15 * (min(s.E, 128) - 1) / 127
     return dict(NF=_rank_frags(s), L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
-                Rz=(3 if backward else 2) * rp, nex=nex, BT=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
+                Rz=(3 if backward else 2) * rp, nex=nex, BT=bt, t1=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
                 last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 

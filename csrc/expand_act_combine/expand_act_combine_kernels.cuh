@@ -468,41 +468,66 @@ inline bool rank_rows_aligned(const MmaArgs& p, const float* grad_zd, int64_t gz
 
 // The slab of columns [i0, i0 + 64) of expert e's Bg or Bu, stored [c][r] with row stride ld (its first Rp ranks
 // zero-padded, ld a multiple of 8), 8 ranks per copy; experts e0 .. e0 + ne - 1 land at dst + (e - e0) * 64 * ld.
+// A thread's ranks r and columns c are fixed (one or two columns; its offsets are computed once per step): its
+// copies step over the experts. The loaders' loops are kept rolled (`#pragma unroll 1`): one SASS loop each, whose
+// instructions benchmarks/sm90_cost.py counts exactly.
 template <int NF, bool VEC>
 __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFloat16* B, int64_t s0, int64_t s1,
                                             int R, int Rp, int ld, int e0, int ne, int i0, int I) {
-  constexpr int kRowCopies = 2 * NF;  // 8-rank copies per column for ranks up to 16 NF (divisions by constants)
-  for (int idx = threadIdx.x; idx < ne * kMmaCols * kRowCopies; idx += blockDim.x) {
-    const int e = idx / (kMmaCols * kRowCopies);
-    const int c = idx / kRowCopies % kMmaCols;
-    const int r = idx % kRowCopies * 8;
-    if (r >= Rp) {
-      continue;
+  constexpr int kRankCopies = 2 * NF;                                // 8-rank copies per column
+  constexpr int kColsPerPass = kBlock / kRankCopies;                 // 128, 64, 32 (expert, column) pairs
+  constexpr int kColStep = kColsPerPass < kMmaCols ? kColsPerPass : kMmaCols;
+  constexpr int kBExpStep = kColsPerPass / kColStep;                 // experts per pass: 2, 1, 1
+  const int r = static_cast<int>(threadIdx.x) % kRankCopies * 8;
+  const int c = static_cast<int>(threadIdx.x) / kRankCopies % kColStep;
+  if (r >= Rp) {
+    return;
+  }
+  // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
+  const int es = static_cast<int>(s0);
+  int n[kMmaCols / kColStep], off[kMmaCols / kColStep];
+#pragma unroll
+  for (int j = 0; j < kMmaCols / kColStep; ++j) {
+    n[j] = i0 + c + j * kColStep < I ? clamp8(R - r) : 0;
+    off[j] = n[j] > 0 ? static_cast<int>((e0 * s0) + (i0 + c + j * kColStep) * s1) + r : 0;
+  }
+#pragma unroll 1
+  for (int e = static_cast<int>(threadIdx.x) / kRankCopies / kColStep; e < ne; e += kBExpStep) {
+#pragma unroll
+    for (int j = 0; j < kMmaCols / kColStep; ++j) {
+      copy8<VEC>(dst + (e * kMmaCols + c + j * kColStep) * ld + r, B + (n[j] > 0 ? off[j] + e * es : 0), n[j]);
     }
-    const int n = i0 + c < I ? clamp8(R - r) : 0;
-    // Weight offsets fit 32 bits (api.cpp checks the weights' spans).
-    const int off = static_cast<int>((e0 + e) * s0 + (i0 + c) * s1 + r);
-    copy8<VEC>(dst + (e * kMmaCols + c) * ld + r, B + (n > 0 ? off : 0), n);
   }
 }
 
 // The slab of columns [i0, i0 + 64) of experts e0 .. e0 + ne - 1 of Ad, stored [e][r][c] (Rp ranks, zero-padded) with row
-// stride ld (a multiple of 8).
+// stride ld (a multiple of 8). A thread's columns c (8 per copy) and rank rows r are fixed (one or two ranks): its
+// copies step over the experts.
 template <int NF, bool VEC>
 __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFloat16* Ad, int64_t s0, int64_t s1,
                                              int R, int Rp, int ld, int e0, int ne, int i0, int I) {
-  constexpr int kRankRows = 16 * NF;  // rank rows per expert for ranks up to 16 NF (divisions by constants)
-  for (int idx = threadIdx.x; idx < ne * kRankRows * (kMmaCols / 8); idx += blockDim.x) {
-    const int er = idx / (kMmaCols / 8);
-    const int c = idx % (kMmaCols / 8) * 8;
-    const int e = er / kRankRows;
-    const int r = er % kRankRows;
-    if (r >= Rp) {
-      continue;
+  constexpr int kRankRows = 16 * NF;                                 // rank rows per expert: 16, 32, 64
+  constexpr int kRowsPerPass = kBlock / (kMmaCols / 8);              // 32 (expert, rank) rows
+  constexpr int kRankStep = kRowsPerPass < kRankRows ? kRowsPerPass : kRankRows;
+  constexpr int kAdExpStep = kRowsPerPass / kRankStep;               // experts per pass: 2, 1, 1
+  const int c = static_cast<int>(threadIdx.x) % (kMmaCols / 8) * 8;
+  const int r = static_cast<int>(threadIdx.x) / (kMmaCols / 8) % kRankStep;
+  const int nc = clamp8(I - i0 - c);
+  const int es = static_cast<int>(s0);
+  int n[kRankRows / kRankStep], off[kRankRows / kRankStep];
+#pragma unroll
+  for (int j = 0; j < kRankRows / kRankStep; ++j) {
+    n[j] = r + j * kRankStep < R ? nc : 0;
+    off[j] = n[j] > 0 ? static_cast<int>(e0 * s0 + (r + j * kRankStep) * s1) + i0 + c : 0;
+  }
+#pragma unroll 1
+  for (int e = static_cast<int>(threadIdx.x) / (kMmaCols / 8) / kRankStep; e < ne; e += kAdExpStep) {
+#pragma unroll
+    for (int j = 0; j < kRankRows / kRankStep; ++j) {
+      if (r + j * kRankStep < Rp) {
+        copy8<VEC>(dst + (e * Rp + r + j * kRankStep) * ld + c, Ad + (n[j] > 0 ? off[j] + e * es : 0), n[j]);
+      }
     }
-    const int n = r < R ? clamp8(I - i0 - c) : 0;
-    const int off = static_cast<int>((e0 + e) * s0 + r * s1 + i0 + c);
-    copy8<VEC>(dst + (e * Rp + r) * ld + c, Ad + (n > 0 ? off : 0), n);
   }
 }
 
@@ -511,11 +536,12 @@ __device__ __forceinline__ void load_ad_slab(unsigned short* dst, const c10::BFl
 template <bool VEC>
 __device__ __forceinline__ void load_rows(unsigned short* dst, const c10::BFloat16* src, int64_t stride, int rows,
                                           int BT, int ld, int i0, int I) {
-  for (int idx = threadIdx.x; idx < BT * (kMmaCols / 8); idx += blockDim.x) {
-    const int tl = idx / (kMmaCols / 8);
-    const int c = (idx - tl * (kMmaCols / 8)) * 8;
-    const int cnt = tl < rows ? clamp8(I - i0 - c) : 0;
-    copy8<VEC>(dst + tl * ld + c, src + (cnt > 0 ? tl * stride + i0 + c : 0), cnt);
+  const int c = static_cast<int>(threadIdx.x) % (kMmaCols / 8) * 8;
+  const int cnt = clamp8(I - i0 - c);
+#pragma unroll 1
+  for (int tl = static_cast<int>(threadIdx.x) / (kMmaCols / 8); tl < BT; tl += kBlock / (kMmaCols / 8)) {
+    const int n = tl < rows ? cnt : 0;
+    copy8<VEC>(dst + tl * ld + c, src + (n > 0 ? tl * stride + i0 + c : 0), n);
   }
 }
 
@@ -789,22 +815,24 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
 // tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0:
 // always with VEC, where I % 8 == 0).
 template <bool VEC>
-__device__ inline void store_chunk_sums(const float* comb, int K, int KP, int BT, int64_t t0, int t1, int64_t c0,
-                                        int64_t I, c10::BFloat16* __restrict__ dst) {
-  for (int idx = threadIdx.x; idx < BT * 4; idx += blockDim.x) {
-    const int tl = idx / 4;
-    const int c = idx % 4 * 4;
-    if (tl >= t1 || c0 + c >= I) {
-      continue;
-    }
+__device__ inline void store_chunk_sums(const float* comb, int K, int KP, int64_t t0, int t1, int64_t c0, int64_t I,
+                                        c10::BFloat16* __restrict__ dst) {
+  const int c = static_cast<int>(threadIdx.x) % 4 * 4;  // a thread's columns are fixed: one offset per token
+  if (c0 + c >= I) {
+    return;
+  }
+  const bool whole = VEC || (c0 + c + 4 <= I && I % 4 == 0);
+#pragma unroll 1
+  for (int tl = static_cast<int>(threadIdx.x) / 4; tl < t1; tl += kBlock / 4) {
+    const float* src = comb + tl * KP * 16 + c;
     float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 1
     for (int k = 0; k < K; ++k) {
-      const float4 v = *reinterpret_cast<const float4*>(comb + (tl * KP + k) * 16 + c);
+      const float4 v = *reinterpret_cast<const float4*>(src + k * 16);
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
     c10::BFloat16* out = dst + (t0 + tl) * I + c0 + c;
-    if (VEC || (c0 + c + 4 <= I && I % 4 == 0)) {
+    if (whole) {
       *reinterpret_cast<uint2*>(out) = {pack_bf16(sum.x, sum.y), pack_bf16(sum.z, sum.w)};
     } else {
       const float v[4] = {sum.x, sum.y, sum.z, sum.w};
@@ -906,7 +934,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, hbar);
+      store_chunk_sums<VEC>(comb, K, L.KP, t0, t1, i0 + ch * 16, p.I, hbar);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
       uint32_t ha[4];
@@ -1039,9 +1067,9 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb_g, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dG);
+      store_chunk_sums<VEC>(comb_g, K, L.KP, t0, t1, i0 + ch * 16, p.I, dG);
       if (gated) {
-        store_chunk_sums<VEC>(comb_u, K, L.KP, L.BT, t0, t1, i0 + ch * 16, p.I, dU);
+        store_chunk_sums<VEC>(comb_u, K, L.KP, t0, t1, i0 + ch * 16, p.I, dU);
       }
       __syncthreads();  // the sums are read before the next chunk's rows are written
       uint32_t dga[4], dua[4];
