@@ -1272,14 +1272,20 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
         }
       }
     }
-    for (int idx = threadIdx.x; idx < kWgSlots * (kMmaCols / 8); idx += blockDim.x) {
-      const int q = idx / (kMmaCols / 8);
-      const int c = idx % (kMmaCols / 8) * 8;
-      const int n = slot[q] >= 0 ? clamp8(I - i0 - c) : 0;
-      const int64_t t = tok[q];
-      copy8<VEC>(sG + q * kLdc + c, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n);
-      copy8<VEC>(sU + q * kLdc + c, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0);
-      copy8<VEC>(sGH + q * kLdc + c, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n);
+    {
+      // The chunk's slot rows of G, U, dH̄ (by token): a thread's 8 columns are fixed, its rows q 32 apart.
+      const int c = static_cast<int>(threadIdx.x) % (kMmaCols / 8) * 8;
+      const int nc = clamp8(I - i0 - c);
+      constexpr int kSlotRowsPerPass = kBlock / (kMmaCols / 8);
+#pragma unroll
+      for (int j = 0; j < kWgSlots / kSlotRowsPerPass; ++j) {
+        const int q = static_cast<int>(threadIdx.x) / (kMmaCols / 8) + j * kSlotRowsPerPass;
+        const int n = slot[q] >= 0 ? nc : 0;
+        const int64_t t = tok[q];
+        copy8<VEC>(sG + q * kLdc + c, p.G + (n > 0 ? t * p.G_stride + i0 + c : 0), n);
+        copy8<VEC>(sU + q * kLdc + c, gated ? p.U + (n > 0 ? t * p.U_stride + i0 + c : 0) : p.G, gated ? n : 0);
+        copy8<VEC>(sGH + q * kLdc + c, grad_hbar + (n > 0 ? t * gh_stride + i0 + c : 0), n);
+      }
     }
     __syncthreads();
     {
@@ -1318,22 +1324,22 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           const unsigned gw = gwords[word];
           const unsigned uw = gated ? uwords[word] : 0u;
           const unsigned hw = hwords[word];
+          // No test for padding slots (s < 0) or columns beyond I: a padding slot's rank rows, weight, G, U and dH̄
+          // are staged as zeros (finite values), so its dg, du, drop(h) meet zero rows of zg, zu, dzd in phase B;
+          // columns beyond I are never stored.
           float dg[2], du[2], hin[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            dg[c] = du[c] = hin[c] = 0.0f;
-            if (s >= 0 && i0 + col + c < I) {
-              const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
-              const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
-              const float gh = bf16_bits_to_float(hw, c);
-              float a, da;
-              act_forward_grad(ACT, gv, a, da);
-              const float mask = dropout_mult(drop, s, p.I, i0 + col + c);
-              const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
-              dg[c] = dh * da * uv;
-              du[c] = dh * a;
-              hin[c] = a * uv * mask;
-            }
+            const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+            const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+            const float gh = bf16_bits_to_float(hw, c);
+            float a, da;
+            act_forward_grad(ACT, gv, a, da);
+            const float mask = dropout_mult(drop, s, p.I, i0 + col + c);
+            const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
+            dg[c] = dh * da * uv;
+            du[c] = dh * a;
+            hin[c] = a * uv * mask;
           }
           prod[word] = pack_bf16(dg[0], dg[1]);
           prod[tile_words + word] = pack_bf16(du[0], du[1]);
