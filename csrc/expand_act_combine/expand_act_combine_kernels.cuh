@@ -651,12 +651,14 @@ __device__ inline const int* sort_rows_by_expert(const MmaArgs& p, const TileLay
 
 // This lane's two positions of its block, warp * 16 + g and + 8, holding rows perm[pos]:
 // the rows, slot ids (-1 for a padding row or a token beyond T; they fit 32 bits: api.cpp checks T * K < 2^31),
-// experts (-1 for none) and routing weights (0 for none).
+// experts (-1 for none), routing weights (0 for none), and the word (two bf16) of the row's token at the lane's
+// column pair 2 tq of the staged G, U, dH̄ rows (row stride kLdc).
 struct LaneRows {
   int row[2];
   int slot[2];
   int ex[2];
   float w[2];
+  int word[2];
 };
 
 __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int64_t t0, const int* perm) {
@@ -670,6 +672,7 @@ __device__ inline LaneRows lane_rows(const MmaArgs& p, const TileLayout& L, int6
     const int k = row % L.KP;
     const bool ok = t < p.T && k < K;
     lr.row[h] = row;
+    lr.word[h] = (row / L.KP) * (kLdc / 2) + static_cast<int>(threadIdx.x % 4);
     lr.slot[h] = ok ? static_cast<int>(t * K + k) : -1;
     lr.ex[h] = ok ? static_cast<int>(p.experts[lr.slot[h]]) : -1;
     CUDA_KERNEL_ASSERT((!ok || (lr.ex[h] >= 0 && lr.ex[h] < p.E)) &&
@@ -813,25 +816,17 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
 
 // dst[t0 + tl][c0 + c] (bf16 rows of I) = the sum over k < K, in k order, of comb[(tl * KP + k) * 16 + c] for the
 // tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0:
-// always with VEC, where I % 8 == 0).
+// always with VEC, where I % 8 == 0); with dst2 (the backward's dU), likewise dst2 from the second array of slot rows,
+// kTileRows * 16 floats after comb.
 template <bool VEC>
 __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int64_t t0, int t1, int64_t c0, int64_t I,
-                                        c10::BFloat16* __restrict__ dst) {
+                                        c10::BFloat16* __restrict__ dst, c10::BFloat16* __restrict__ dst2) {
   const int c = static_cast<int>(threadIdx.x) % 4 * 4;  // a thread's columns are fixed: one offset per token
   if (c0 + c >= I) {
     return;
   }
   const bool whole = VEC || (c0 + c + 4 <= I && I % 4 == 0);
-#pragma unroll 1
-  for (int tl = static_cast<int>(threadIdx.x) / 4; tl < t1; tl += kBlock / 4) {
-    const float* src = comb + tl * KP * 16 + c;
-    float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 1
-    for (int k = 0; k < K; ++k) {
-      const float4 v = *reinterpret_cast<const float4*>(src + k * 16);
-      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-    }
-    c10::BFloat16* out = dst + (t0 + tl) * I + c0 + c;
+  const auto store = [&](c10::BFloat16* out, const float4& sum) {
     if (whole) {
       *reinterpret_cast<uint2*>(out) = {pack_bf16(sum.x, sum.y), pack_bf16(sum.z, sum.w)};
     } else {
@@ -842,6 +837,26 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int64_
           out[q] = static_cast<c10::BFloat16>(v[q]);
         }
       }
+    }
+  };
+#pragma unroll 1
+  for (int tl = static_cast<int>(threadIdx.x) / 4; tl < t1; tl += kBlock / 4) {
+    const float* src = comb + tl * KP * 16 + c;
+    float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
+    float4 sum2 = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+      const float4 v = *reinterpret_cast<const float4*>(src + k * 16);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+      if (dst2 != nullptr) {
+        const float4 v2 = *reinterpret_cast<const float4*>(src + kTileRows * 16 + k * 16);
+        sum2.x += v2.x, sum2.y += v2.y, sum2.z += v2.z, sum2.w += v2.w;
+      }
+    }
+    const int64_t at = (t0 + tl) * I + c0 + c;
+    store(dst + at, sum);
+    if (dst2 != nullptr) {
+      store(dst2 + at, sum2);
     }
   }
 }
@@ -917,7 +932,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
         for (int h = 0; h < 2; ++h) {
           const int cc = nt * 8 + 2 * tq;  // column in the chunk
           const int col = ch * 16 + cc;
-          const int word = ((lr.row[h] / L.KP) * kLdc + col) / 2;
+          const int word = lr.word[h] + ch * 8 + nt * 4;  // column col
           const unsigned gw = sh.G[word];
           const unsigned uw = gated ? sh.U[word] : 0u;
           float hw[2];
@@ -934,7 +949,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb, K, L.KP, t0, t1, i0 + ch * 16, p.I, hbar);
+      store_chunk_sums<VEC>(comb, K, L.KP, t0, t1, i0 + ch * 16, p.I, hbar, nullptr);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
       uint32_t ha[4];
@@ -1045,7 +1060,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
         for (int h = 0; h < 2; ++h) {
           const int cc = nt * 8 + 2 * tq;  // column in the chunk
           const int col = ch * 16 + cc;
-          const int word = ((lr.row[h] / L.KP) * kLdc + col) / 2;
+          const int word = lr.word[h] + ch * 8 + nt * 4;  // column col
           const unsigned gw = sh.G[word];
           const unsigned uw = gated ? sh.U[word] : 0u;
           const unsigned hw = sh.GH[word];
@@ -1067,10 +1082,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb_g, K, L.KP, t0, t1, i0 + ch * 16, p.I, dG);
-      if (gated) {
-        store_chunk_sums<VEC>(comb_u, K, L.KP, t0, t1, i0 + ch * 16, p.I, dU);
-      }
+      store_chunk_sums<VEC>(comb_g, K, L.KP, t0, t1, i0 + ch * 16, p.I, dG, gated ? dU : nullptr);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       uint32_t dga[4], dua[4];
       pack_a_tile(dga, gacc[0], gacc[1]);
