@@ -1183,8 +1183,10 @@ def _token_fold_grid(s: Shape, R: int, passes: int) -> tuple:
 
 def _weight_grad(s: Shape, R: int) -> dict:
     """Loop bounds of weight_grad_mma_kernel: its expert's slots [start, end) at balanced routing (set by
-    analyse_cuda), 64 per chunk; the 8-rank groups of v staged per row (round16 of the tile's ranks / 8)."""
-    return dict(H=s.H, R=R, K=s.K, S=s.S, steps=4, vgroups=_round16(min(64, R)) // 8)
+    analyse_cuda), 64 per chunk; the 8-rank groups of v staged per row (round16 of the tile's ranks / 8) and their
+    power-of-two ceiling's log2 (vshift)."""
+    vgroups = _round16(min(64, R)) // 8
+    return dict(H=s.H, R=R, K=s.K, S=s.S, steps=4, vgroups=vgroups, vshift=max(1, (vgroups - 1).bit_length()))
 
 
 def _tile_instance(s: Shape) -> str:

@@ -649,7 +649,8 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
   const int e = static_cast<int>(blockIdx.y);
   const int rank0 = static_cast<int>(blockIdx.z) * kTile;
   const int ncols = p.R - rank0 < kTile ? p.R - rank0 : kTile;
-  const int vgroups = round16(ncols) / 8;  // 8-rank groups of v staged per row
+  const int vgroups = round16(ncols) / 8;  // 8-rank groups of v staged per row: 2, 4, 6 or 8
+  const int vshift = vgroups <= 2 ? 1 : vgroups <= 4 ? 2 : 3;  // a row's groups as a power of two: no division
   const int64_t start = p.offsets[e];
   const int64_t end = p.offsets[e + 1];
   const auto active = [&](int i) { return h0 + tile_frag_row(i) * 16 < p.H && tile_frag_col(i) * 16 < ncols; };
@@ -668,9 +669,12 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
     // v [row][r] = (w_j) v_j at rank rank0 + r (zeros for no slot and from ncols on), for the round16(ncols) rank
     // columns the MMAs read; a thread stages 8 consecutive ranks of a row.
 #pragma unroll 1
-    for (int idx = tid; idx < kTile * vgroups; idx += kBlock) {
-      const int row = idx / vgroups;
-      const int c8 = idx % vgroups * 8;
+    for (int idx = tid; idx < kTile << vshift; idx += kBlock) {
+      const int row = idx >> vshift;
+      const int c8 = (idx & ((1 << vshift) - 1)) * 8;
+      if (c8 >= vgroups * 8) {
+        continue;
+      }
       const int slot = chunk_slot[row];
       float u[8];
       load8(p.v + static_cast<int64_t>(slot < 0 ? 0 : slot) * p.v_stride + rank0 + c8, slot < 0 ? 0 : ncols - c8,
