@@ -688,25 +688,28 @@ __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __
                                        const int* perm, const float* grad_zd, int64_t gzd_stride) {
   const int K = static_cast<int>(p.K);
   const int Rgu = L.Rgp + L.Rup;
-  const int Rz = L.ldz - kSlabPad;
-  for (int idx = threadIdx.x; idx < kTileRows * Rz; idx += blockDim.x) {
-    const int pos = idx / Rz;
-    const int r = idx - pos * Rz;
+  const int Rz = L.ldz - kSlabPad;  // a multiple of 16: 16 threads per row, each a rank r of every 16
+#pragma unroll 1
+  for (int pos = static_cast<int>(threadIdx.x) / 16; pos < kTileRows; pos += kBlock / 16) {
     const int row = perm[pos];
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
-    float v = 0.0f;
-    if (t < p.T && k < K) {
-      const int64_t j = t * K + k;
-      if (r < L.Rgp) {
-        v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
-      } else if (r < Rgu) {
-        v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
-      } else {
-        v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
+    const bool ok = t < p.T && k < K;
+    const int64_t j = ok ? t * K + k : 0;
+#pragma unroll 1
+    for (int r = static_cast<int>(threadIdx.x) % 16; r < Rz; r += 16) {
+      float v = 0.0f;
+      if (ok) {
+        if (r < L.Rgp) {
+          v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
+        } else if (r < Rgu) {
+          v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
+        } else {
+          v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
+        }
       }
+      sZ[pos * L.ldz + r] = __float2bfloat16_rn(v);
     }
-    sZ[pos * L.ldz + r] = __float2bfloat16_rn(v);
   }
 }
 
