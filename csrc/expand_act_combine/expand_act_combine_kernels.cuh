@@ -489,7 +489,7 @@ __device__ __forceinline__ void load_b_slab(unsigned short* dst, const c10::BFlo
 #pragma unroll
   for (int j = 0; j < kMmaCols / kColStep; ++j) {
     n[j] = i0 + c + j * kColStep < I ? clamp8(R - r) : 0;
-    off[j] = n[j] > 0 ? static_cast<int>((e0 * s0) + (i0 + c + j * kColStep) * s1) + r : 0;
+    off[j] = n[j] > 0 ? static_cast<int>(e0 * s0 + (i0 + c + j * kColStep) * s1) + r : 0;
   }
 #pragma unroll 1
   for (int e = static_cast<int>(threadIdx.x) / kRankCopies / kColStep; e < ne; e += kBExpStep) {
