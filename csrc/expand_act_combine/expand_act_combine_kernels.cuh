@@ -688,28 +688,25 @@ __device__ inline void stage_rank_rows(const MmaArgs& p, const TileLayout& L, __
                                        const int* perm, const float* grad_zd, int64_t gzd_stride) {
   const int K = static_cast<int>(p.K);
   const int Rgu = L.Rgp + L.Rup;
-  const int Rz = L.ldz - kSlabPad;  // a multiple of 16: 16 threads per row, each a rank r of every 16
-#pragma unroll 1
-  for (int pos = static_cast<int>(threadIdx.x) / 16; pos < kTileRows; pos += kBlock / 16) {
+  const int Rz = L.ldz - kSlabPad;
+  for (int idx = threadIdx.x; idx < kTileRows * Rz; idx += blockDim.x) {
+    const int pos = idx / Rz;
+    const int r = idx - pos * Rz;
     const int row = perm[pos];
     const int64_t t = t0 + row / L.KP;
     const int k = row % L.KP;
-    const bool ok = t < p.T && k < K;
-    const int64_t j = ok ? t * K + k : 0;
-#pragma unroll 1
-    for (int r = static_cast<int>(threadIdx.x) % 16; r < Rz; r += 16) {
-      float v = 0.0f;
-      if (ok) {
-        if (r < L.Rgp) {
-          v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
-        } else if (r < Rgu) {
-          v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
-        } else {
-          v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
-        }
+    float v = 0.0f;
+    if (t < p.T && k < K) {
+      const int64_t j = t * K + k;
+      if (r < L.Rgp) {
+        v = r < p.Rg ? p.zg[j * p.zg_stride + r] : 0.0f;
+      } else if (r < Rgu) {
+        v = r - L.Rgp < p.Ru ? p.zu[j * p.zu_stride + r - L.Rgp] : 0.0f;
+      } else {
+        v = r - Rgu < p.Rd ? grad_zd[j * gzd_stride + r - Rgu] : 0.0f;
       }
-      sZ[pos * L.ldz + r] = __float2bfloat16_rn(v);
     }
+    sZ[pos * L.ldz + r] = __float2bfloat16_rn(v);
   }
 }
 
@@ -1292,7 +1289,7 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
       const int c = static_cast<int>(threadIdx.x) % (kMmaCols / 8) * 8;
       const int nc = clamp8(I - i0 - c);
       constexpr int kSlotRowsPerPass = kBlock / (kMmaCols / 8);
-#pragma unroll
+#pragma unroll 1
       for (int j = 0; j < kWgSlots / kSlotRowsPerPass; ++j) {
         const int q = static_cast<int>(threadIdx.x) / (kMmaCols / 8) + j * kSlotRowsPerPass;
         const int n = slot[q] >= 0 ? nc : 0;
@@ -1339,22 +1336,26 @@ eac_bwd_weight_mma_kernel(MmaArgs p, WgLayout L, const c10::BFloat16* __restrict
           const unsigned gw = gwords[word];
           const unsigned uw = gated ? uwords[word] : 0u;
           const unsigned hw = hwords[word];
-          // No test for padding slots (s < 0) or columns beyond I: a padding slot's rank rows, weight, G, U and dH̄
-          // are staged as zeros (finite values), so its dg, du, drop(h) meet zero rows of zg, zu, dzd in phase B;
-          // columns beyond I are never stored.
+          // Without dropout, no test for padding slots (s < 0) or columns beyond I: a padding slot's rank rows,
+          // weight, G, U and dH̄ are staged as zeros (finite values), so its dg, du, drop(h) meet zero rows of zg,
+          // zu, dzd in phase B, and columns beyond I are never stored. The dropout instances keep the test: their
+          // mask hash needs the registers that the branch-free form would spill.
           float dg[2], du[2], hin[2];
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
-            const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
-            const float gh = bf16_bits_to_float(hw, c);
-            float a, da;
-            act_forward_grad(ACT, gv, a, da);
-            const float mask = dropout_mult(drop, s, p.I, i0 + col + c);
-            const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
-            dg[c] = dh * da * uv;
-            du[c] = dh * a;
-            hin[c] = a * uv * mask;
+            dg[c] = du[c] = hin[c] = 0.0f;
+            if (!DROP || (s >= 0 && i0 + col + c < I)) {
+              const float gv = bf16_bits_to_float(gw, c) + p.scale * gacc[nt][2 * h + c];
+              const float uv = gated ? bf16_bits_to_float(uw, c) + p.scale * uacc[nt][2 * h + c] : 1.0f;
+              const float gh = bf16_bits_to_float(hw, c);
+              float a, da;
+              act_forward_grad(ACT, gv, a, da);
+              const float mask = dropout_mult(drop, s, p.I, i0 + col + c);
+              const float dh = wsl[q] * gh + bacc[nt][2 * h + c] * mask;
+              dg[c] = dh * da * uv;
+              du[c] = dh * a;
+              hin[c] = a * uv * mask;
+            }
           }
           prod[word] = pack_bf16(dg[0], dg[1]);
           prod[tile_words + word] = pack_bf16(du[0], du[1]);
