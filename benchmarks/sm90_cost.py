@@ -1096,9 +1096,10 @@ def _tile_layout_bytes(s: Shape, backward: bool) -> int:
 
 def _tile(s: Shape, backward: bool) -> dict:
     """Launch values of eac_fwd_mma_kernel / eac_bwd_mma_kernel: TileLayout (KP = K rounded up to a power of two,
-    BT = 128 / KP tokens per tile), the I splits (mma_splits) and a split's steps [first, last), the 16-column
-    chunks per step (nch), and the experts present per warp (nex; the rows are sorted by expert): one plus
-    the expected expert boundaries among a warp's 15 gaps when the block's 128 rows hold min(E, 128) experts."""
+    BT = 128 / KP tokens per tile, t1 = BT of them present: whole tiles), the I splits (mma_splits) and a split's
+    steps [first, last), the 16-column chunks per step (nch), and the experts present per warp (nex; the rows are
+    sorted by expert): one plus the expected expert boundaries among a warp's 15 gaps when the block's 128 rows hold
+    min(E, 128) experts."""
     kp = 1 << max(0, (s.K - 1).bit_length())
     bt = 128 // kp
     tiles = -(-s.T // bt)
@@ -1107,8 +1108,8 @@ def _tile(s: Shape, backward: bool) -> dict:
     rp = _round16(s.R)
     nex = 1 + 15 * (min(s.E, 128) - 1) / 127
     return dict(NF=_rank_frags(s), L_KP=kp, L_BT=bt, L_E=s.E, L_Rgp=rp, L_Rup=rp, L_Rdp=rp,
-                Rz=(3 if backward else 2) * rp, nex=nex, BT=bt, t1=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles, first=0,
-                last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
+                Rz=(3 if backward else 2) * rp, nex=nex, BT=bt, t1=bt, ne=s.E, Rp=rp, grid_x=splits, tiles=tiles,
+                first=0, last=-(-steps // splits), nch=4, T=s.T, I=s.I, K=s.K, E=s.E, Rg=s.R, Ru=s.R, Rd=s.R)
 
 
 def mma_path(s: Shape) -> bool:

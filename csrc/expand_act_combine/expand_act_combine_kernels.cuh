@@ -816,11 +816,11 @@ __device__ __forceinline__ float bf16_bits_to_float(unsigned w, int c) {
 
 // dst[t0 + tl][c0 + c] (bf16 rows of I) = the sum over k < K, in k order, of comb[(tl * KP + k) * 16 + c] for the
 // tile's t1 tokens and the 16 columns of a chunk (c0 + c < I), 4 columns per thread (one 8-byte store when I % 4 == 0:
-// always with VEC, where I % 8 == 0); with dst2 (the backward's dU), likewise dst2 from the second array of slot rows,
-// kTileRows * 16 floats after comb.
+// always with VEC, where I % 8 == 0); with dst2 (the backward's dU), likewise dst2 from the slot rows comb2.
 template <bool VEC>
-__device__ inline void store_chunk_sums(const float* comb, int K, int KP, int64_t t0, int t1, int64_t c0, int64_t I,
-                                        c10::BFloat16* __restrict__ dst, c10::BFloat16* __restrict__ dst2) {
+__device__ inline void store_chunk_sums(const float* comb, const float* comb2, int K, int KP, int64_t t0, int t1,
+                                        int64_t c0, int64_t I, c10::BFloat16* __restrict__ dst,
+                                        c10::BFloat16* __restrict__ dst2) {
   const int c = static_cast<int>(threadIdx.x) % 4 * 4;  // a thread's columns are fixed: one offset per token
   if (c0 + c >= I) {
     return;
@@ -841,15 +841,15 @@ __device__ inline void store_chunk_sums(const float* comb, int K, int KP, int64_
   };
 #pragma unroll 1
   for (int tl = static_cast<int>(threadIdx.x) / 4; tl < t1; tl += kBlock / 4) {
-    const float* src = comb + tl * KP * 16 + c;
+    const int row0 = tl * KP * 16 + c;
     float4 sum = {0.0f, 0.0f, 0.0f, 0.0f};
     float4 sum2 = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 1
     for (int k = 0; k < K; ++k) {
-      const float4 v = *reinterpret_cast<const float4*>(src + k * 16);
+      const float4 v = *reinterpret_cast<const float4*>(comb + row0 + k * 16);
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
       if (dst2 != nullptr) {
-        const float4 v2 = *reinterpret_cast<const float4*>(src + kTileRows * 16 + k * 16);
+        const float4 v2 = *reinterpret_cast<const float4*>(comb2 + row0 + k * 16);
         sum2.x += v2.x, sum2.y += v2.y, sum2.z += v2.z, sum2.w += v2.w;
       }
     }
@@ -949,7 +949,7 @@ eac_fwd_mma_kernel(MmaArgs p, TileLayout L, c10::BFloat16* __restrict__ hbar, fl
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb, K, L.KP, t0, t1, i0 + ch * 16, p.I, hbar, nullptr);
+      store_chunk_sums<VEC>(comb, nullptr, K, L.KP, t0, t1, i0 + ch * 16, p.I, hbar, nullptr);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       // zd += drop(h) Ad_e^T: drop(h) as the A tile of these 16 columns, per expert of the warp.
       uint32_t ha[4];
@@ -1082,7 +1082,7 @@ eac_bwd_mma_kernel(MmaArgs p, TileLayout L, const c10::BFloat16* __restrict__ gr
         }
       }
       __syncthreads();
-      store_chunk_sums<VEC>(comb_g, K, L.KP, t0, t1, i0 + ch * 16, p.I, dG, gated ? dU : nullptr);
+      store_chunk_sums<VEC>(comb_g, comb_u, K, L.KP, t0, t1, i0 + ch * 16, p.I, dG, gated ? dU : nullptr);
       __syncthreads();  // the sums are read before the next chunk's rows are written
       uint32_t dga[4], dua[4];
       pack_a_tile(dga, gacc[0], gacc[1]);
