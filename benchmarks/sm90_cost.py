@@ -168,6 +168,7 @@ class Instr:
     locs: frozenset    # {(file, line)}: every level of the inlining chain
     target: str | None = None  # branch label
     inner: tuple | None = None  # (file, line) of the innermost level (the code itself, not a call site)
+    chain: tuple = ()  # the levels of locs in order, innermost first
 
 
 @dataclass
@@ -182,15 +183,15 @@ class SourceLoop:
 
 def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
     instrs, labels, pending, locs, inner = [], {}, [], frozenset(), None
-    chain: set = set()
+    chain: list = []
     fresh = True
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("//##"):
             found = [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', s)]
             if fresh:
-                chain, fresh, inner = set(), False, found[0] if found else None
-            chain.update(found)
+                chain, fresh, inner = [], False, found[0] if found else None
+            chain += [loc for loc in found if loc not in chain]
             locs = frozenset(chain)
             continue
         m = re.match(r"\s*(\.L\w+):", line)
@@ -214,7 +215,8 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
         for lab in pending:
             labels[lab] = addr
         pending = []
-        instrs.append(Instr(addr, op, body, locs, t.group(1) if t and op.startswith("BRA") else None, inner))
+        instrs.append(Instr(addr, op, body, locs, t.group(1) if t and op.startswith("BRA") else None, inner,
+                            tuple(chain)))
     return instrs, labels
 
 
@@ -233,9 +235,17 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
     """The source loop of a SASS loop: among the source loops that are neither one of the source loops already
     matched to the SASS loops nested in it nor nested inside one of them, the innermost one whose lines carry at
     least half of the SASS loop's own instructions (those not in a nested SASS loop); the best-scoring one when
-    none reaches half."""
+    none reaches half. Innermost: the shortest of each file's, then across files the one at the deepest inlining
+    level (a helper's loop inlined in a kernel's loop)."""
     def within(a: SourceLoop, b: SourceLoop) -> bool:
         return a is b or (a.file == b.file and b.first <= a.first and a.last <= b.last)
+
+    def level(sl: SourceLoop) -> float:
+        """Mean inlining level (0: the code itself) at which the instructions carry sl's lines."""
+        hits = [min((k for k, (f, n) in enumerate(ins.chain) if f == sl.file and sl.first <= n <= sl.last),
+                    default=None) for ins in own]
+        hits = [k for k in hits if k is not None]
+        return sum(hits) / len(hits) if hits else 0.0
 
     scored = []
     for sl in source_loops:
@@ -248,7 +258,11 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
         return None
     half = [sl for score, sl in scored if score * 2 >= len(own)]
     if half:
-        return min(half, key=lambda sl: sl.last - sl.first)
+        shortest = {}
+        for sl in half:
+            if sl.file not in shortest or sl.last - sl.first < shortest[sl.file].last - shortest[sl.file].first:
+                shortest[sl.file] = sl
+        return min(shortest.values(), key=level)
     return max(scored, key=lambda p: p[0])[1]
 
 
@@ -376,8 +390,10 @@ def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: lis
         else:
             copies = {he: 1 for he in members}
         trips = trip_of[members[0]]
-        if max(copies.values()) > 1:
-            # an unrolled main loop and its remainder loop(s): each runs what is left // its copies
+        if len(set(copies.values())) > 1:
+            # an unrolled main loop and its remainder loop(s): each runs what is left // its copies (the same count
+            # in every member is no unrolling: one helper loop per call site of an unrolled loop, each a whole
+            # loop, where an access is several instructions, a wmma fragment load)
             left = trips
             for he in sorted(members, key=lambda m: -copies[m]):
                 trip_of[he] = left // copies[he]
@@ -1139,12 +1155,18 @@ def _lora_tile_smem(planes: int, words: int) -> int:
     return max(planes * 64 * 72 * 2, 64 * 68 * 4) + 4 * words
 
 
+def _gshift(nrows: int) -> int:
+    """stage_weight_rows' gshift (lora_tiles.cuh): log2 of the threads per column, at least nrows / 8."""
+    return 1 if nrows <= 16 else 2 if nrows <= 32 else 3
+
+
 def _slot_rank(s: Shape, R: int, rank_tiles: int) -> dict:
     """Loop bounds of slot_rank_mma_kernel (lora_tiles.cuh) for rank R: the rank loop's step (gridDim.y tiles of
     64), a tile's rank columns and the weight rows staged for them, the k steps of a 64-deep chunk,
     find_segment_tile's experts."""
+    nrows = _round16(min(64, R))
     return dict(H=s.H, R=R, K=s.K, E=s.E, S=s.S, num_experts=s.E, rank_step=64 * rank_tiles, ncols=min(64, R),
-                nrows=_round16(min(64, R)), steps=4)
+                nrows=nrows, gshift=_gshift(nrows), steps=4)
 
 
 def _token_fold_plan(s: Shape, R: int, passes: int, nw: int = 1) -> dict:
@@ -1168,8 +1190,9 @@ def _token_fold(s: Shape, R: int, passes: int) -> dict:
     pass per slot k with dropout (else 1), h_tiles column tiles per block."""
     plan = _token_fold_plan(s, R, passes)
     F, FG = s.E * R, plan["fold_rows"]
+    nrows = _round16(min(64, F))
     return dict(H=s.H, R=R, K=s.K, E=s.E, T=s.T, F=F, FG=FG, gn=min(F, FG), h_tiles=plan["h_tiles"], passes=passes,
-                nrows=min(64, F), steps=4)
+                nrows=nrows, gshift=_gshift(nrows), steps=4)
 
 
 def _passes(s: Shape) -> int:

@@ -141,9 +141,10 @@ inline dim3 weight_grad_grid(int64_t H, int64_t E, int64_t R) {
 }
 
 // The compile-time facts of a launch, so that its kernel holds only the code it runs: dropout on (DROP); every row
-// it stages 16-byte aligned, with R a multiple of 8 where ranks are staged 8 at a time (VEC: no alignment tests in
-// the kernel; otherwise each operand's vec_* flag decides at run time); the weight view's elements consecutive
-// along h (H_ROWS: A (E, R, H), s_h = 1) or along r (B (E, H, R), s_r = 1). `dispatch_variant` picks it on the host.
+// it stages 16-byte aligned, H a multiple of 8, and R too where ranks are staged 8 at a time (VEC: every 8-element
+// run is whole or absent, so no alignment tests and no per-element loads in the kernel; otherwise each operand's
+// vec_* flag decides at run time); the weight view's elements consecutive along h (H_ROWS: A (E, R, H), s_h = 1)
+// or along r (B (E, H, R), s_r = 1). `dispatch_variant` picks it on the host.
 // weight_grad_mma_kernel stages no weight and ignores H_ROWS.
 template <bool DROP, bool VEC, bool H_ROWS>
 struct LoraVariant {
@@ -177,10 +178,18 @@ __device__ __forceinline__ int tile_frag_col(int i) {
 }
 
 // v[0..8) = src[0..n) as floats, zeros after (n clamped to [0, 8]): 16-byte loads when `vec` (16-byte aligned rows)
-// and all 8 exist.
-template <typename T>
+// and all 8 exist. RUNS8 (LoraVariant's VEC): src is 16-byte aligned and n a multiple of 8, so the 8 exist or none
+// do, and no per-element path is compiled.
+template <bool RUNS8, typename T>
 __device__ __forceinline__ void load8(const T* __restrict__ src, int n, bool vec, float (&v)[8]) {
-  if (vec && n >= 8) {
+  if (RUNS8 || (vec && n >= 8)) {
+    if (RUNS8 && n <= 0) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        v[k] = 0.0f;
+      }
+      return;
+    }
     if constexpr (sizeof(T) == 2) {
       const uint4 u = *reinterpret_cast<const uint4*>(src);
       const T* e = reinterpret_cast<const T*>(&u);
@@ -217,10 +226,11 @@ __device__ __forceinline__ void store8_bf16_terms(float (&v)[8], __nv_bfloat16* 
 }
 
 // src[0..8) as bf16 bits, two per 32-bit word (element 2i in the low half of word i), zeros from n on (n clamped to
-// [0, 8]): one 16-byte load when vec and all 8 exist.
+// [0, 8]): one 16-byte load when vec and all 8 exist. RUNS8: as load8's.
+template <bool RUNS8>
 __device__ __forceinline__ uint4 load8_bits(const c10::BFloat16* __restrict__ src, int n, bool vec) {
-  if (vec && n >= 8) {
-    return *reinterpret_cast<const uint4*>(src);
+  if (RUNS8 || (vec && n >= 8)) {
+    return RUNS8 && n <= 0 ? uint4{0u, 0u, 0u, 0u} : *reinterpret_cast<const uint4*>(src);
   }
   const auto word = [&](int i) {
     return (2 * i < n ? uint32_t{src[2 * i].x} : 0u) | (2 * i + 1 < n ? uint32_t{src[2 * i + 1].x} << 16 : 0u);
@@ -229,19 +239,19 @@ __device__ __forceinline__ uint4 load8_bits(const c10::BFloat16* __restrict__ sr
 }
 
 // dst[i * plane + k] = term i of src[k] (N bf16 terms, store8_bf16_terms) for k < 8: zero from n on (n clamped to
-// [0, 8]) and where keep(k) is false; dst is 16-byte aligned. bf16 values move as their bits.
-template <int N, typename T, typename Keep>
+// [0, 8]) and where keep(k) is false; dst is 16-byte aligned. bf16 values move as their bits. RUNS8: as load8's.
+template <int N, bool RUNS8, typename T, typename Keep>
 __device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool vec, Keep keep, __nv_bfloat16* dst,
                                        int plane) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     static_assert(N == 1, "a bf16 value is one bf16 term");
     // the bits of the kept elements 2i, 2i + 1 in word i
     const auto kept = [&](int i) { return (keep(2 * i) ? 0x0000ffffu : 0u) | (keep(2 * i + 1) ? 0xffff0000u : 0u); };
-    const uint4 u = load8_bits(src, n, vec);
+    const uint4 u = load8_bits<RUNS8>(src, n, vec);
     *reinterpret_cast<uint4*>(dst) = uint4{u.x & kept(0), u.y & kept(1), u.z & kept(2), u.w & kept(3)};
   } else {
     float v[8];
-    load8(src, n, vec, v);
+    load8<RUNS8>(src, n, vec, v);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       v[k] = keep(k) ? v[k] : 0.0f;
@@ -252,8 +262,8 @@ __device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool ve
 
 // Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into NX bf16 planes: zero where
 // slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H) mask. A thread moves 8
-// consecutive columns of 2 rows; vec: x's rows are 16-byte aligned.
-template <int NX, typename x_t>
+// consecutive columns of 2 rows; vec: x's rows are 16-byte aligned (always, in a V::kVec launch).
+template <int NX, typename V, typename x_t>
 __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const int* slots, const int64_t* row_off,
                                                  const x_t* __restrict__ x, int H, int h0, const Dropout& drop,
                                                  bool vec) {
@@ -262,7 +272,7 @@ __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const in
   for (int q = 0; q < kTile * 8 / kBlock; ++q) {
     const int row = static_cast<int>(threadIdx.x) / 8 + q * (kBlock / 8);
     const int slot = slots[row];
-    stage8<NX>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, vec,
+    stage8<NX, V::kVec>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, V::kVec || vec,
                [&](int k) { return dropout_keep(drop, slot, H, h0 + c + k); }, planes + row * kTileLd + c, kPlane);
   }
 }
@@ -282,43 +292,60 @@ __device__ __forceinline__ void load_row_slot(const int64_t* __restrict__ order,
   row_off[tid] = slot < 0 ? 0 : static_cast<int64_t>(slot / K) * x_stride;
 }
 
-// Stages rows [0, nrows) of chunk [n][c] = W[base(n) + (h0 + c) * s_h] into NW bf16 planes (zero where base(n) < 0
-// or h0 + c >= H; rows from nrows on, a multiple of 8, are left as they are: the caller's MMAs do not read them).
-// H_ROWS: s_h = 1 (LoraVariant); vec: weight_rows_aligned.
-template <int NW, bool H_ROWS, typename w_t, typename RowBase>
+// Where stage_weight_rows puts element (n, c) of its chunk in a plane: W's runs of consecutive elements stay
+// consecutive, so that they move 16 bytes at a time: at row n (V::kHRows: W's elements run along h, c) or at row c
+// (along the ranks, n).
+template <typename V>
+__device__ __forceinline__ int chunk_at(int n, int c) {
+  return V::kHRows ? n * kTileLd + c : c * kTileLd + n;
+}
+// The wmma layout of that chunk as a B operand whose k runs along c (K_ALONG_C: W^T, h x ranks) or along n (W, ranks
+// x h): the operand starts at chunk_at(n0, c0), and one 16-deep k step is chunk_at(0, 16) or chunk_at(16, 0).
+template <typename V, bool K_ALONG_C>
+using ChunkLayout = std::conditional_t<V::kHRows == K_ALONG_C, wmma::col_major, wmma::row_major>;
+
+// Stages rows [0, nrows) of chunk (n, c) = W[base(n) + (h0 + c) * s_h] into NW bf16 planes at chunk_at (zero where
+// base(n) < 0 or h0 + c >= H; rows from nrows on, a multiple of 16, are left as they are: the caller's MMAs do not
+// read them). V::kHRows: s_h = 1; vec: weight_rows_aligned (always, in a V::kVec launch).
+template <int NW, typename V, typename w_t, typename RowBase>
 __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
                                                   int h0, int nrows, bool vec, RowBase base) {
-  if constexpr (H_ROWS) {
+  vec = V::kVec || vec;
+  if constexpr (V::kHRows) {
     const int c = static_cast<int>(threadIdx.x) % 8 * 8;
+#pragma unroll 1  // at most 2 trips (nrows <= 64)
     for (int row = static_cast<int>(threadIdx.x) / 8; row < nrows; row += kBlock / 8) {
       const int b = base(row);
-      stage8<NW>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
+      stage8<NW, V::kVec>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
                  planes + row * kTileLd + c, kPlane);
     }
     return;
   }
-  // A thread moves 8 consecutive rows n0 .. n0 + 7 of a column: with vec one 16-byte load (W's rows n are unit
-  // stride apart in runs of 8, aligned), else 8 loads.
-  const int n0 = static_cast<int>(threadIdx.x) % 8 * 8;
+  // A thread moves rows n0 .. n0 + 7 of columns c, c + kBlock / 2^gshift, ...: 2^gshift >= nrows / 8 threads per
+  // column, so that no lane idles at small ranks; with vec one 16-byte load (W's rows n are unit stride apart in
+  // runs of 8, aligned), else 8 loads.
+  const int gshift = nrows <= 16 ? 1 : nrows <= 32 ? 2 : 3;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int n0 = (tid & ((1 << gshift) - 1)) * 8;
   if (n0 < nrows) {
     int b[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       b[i] = base(n0 + i);
     }
-    for (int c = static_cast<int>(threadIdx.x) / 8; c < kTile; c += kBlock / 8) {
-      float v[8];
+#pragma unroll 1
+    for (int c = tid >> gshift; c < kTile; c += kBlock >> gshift) {
+      __nv_bfloat16* dst = planes + chunk_at<V>(n0, c);
       if (vec) {
-        load8(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true, v);
+        stage8<NW, true>(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true,
+                         [](int) { return true; }, dst, kPlane);
       } else {
+        float v[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           v[i] = (b[i] >= 0 && h0 + c < H) ? static_cast<float>(W[b[i] + (h0 + c) * s_h]) : 0.0f;
         }
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        store_bf16_terms<NW>(v[i], planes + (n0 + i) * kTileLd + c, kPlane);
+        store8_bf16_terms<NW>(v, dst, kPlane);
       }
     }
   }
@@ -354,7 +381,7 @@ struct SlotRankArgs {
   int64_t zd_stride;
   float* dweights;            // nullptr: none (then gridDim.y may split the ranks)
 
-  bool aligned() const { return vec_x && vec_w; }  // LoraVariant's VEC
+  bool aligned() const { return vec_x && vec_w && H % 8 == 0; }  // LoraVariant's VEC
 };
 
 template <typename x_t, typename w_t, typename V>
@@ -392,16 +419,16 @@ __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRank
       acc[i].zero();
     }
     for (int h0 = 0; h0 < p.H; h0 += kTile) {
-      stage_token_rows<NX>(xs, row_slot, row_off, p.x, p.H, h0, drop, V::kVec || p.vec_x);
-      stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
+      stage_token_rows<NX, V>(xs, row_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
+      stage_weight_rows<NW, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
                             [&](int n) { return rank0 + n < p.R ? e * p.s_e + (rank0 + n) * p.s_r : -1; });
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kTileFrags; ++i) {
-        if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks): W's [rank][h] plane read col-major
-          mma_terms<NX, NW, wmma::row_major, wmma::col_major>(
+        if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks)
+          mma_terms<NX, NW, wmma::row_major, ChunkLayout<V, true>>(
               acc[i], {xs + tile_frag_row(i) * 16 * kTileLd, 16, kPlane, kTileLd},
-              {ws + tile_frag_col(i) * 16 * kTileLd, 16, kPlane, kTileLd}, kTile / 16);
+              {ws + chunk_at<V>(tile_frag_col(i) * 16, 0), chunk_at<V>(0, 16), kPlane, kTileLd}, kTile / 16);
         }
       }
       __syncthreads();
@@ -448,7 +475,7 @@ struct TokenFoldArgs {
   out_t* out;  // (T, H) contiguous
   TokenFoldPlan plan;
 
-  bool aligned() const { return vec_w && vec_v; }  // LoraVariant's VEC
+  bool aligned() const { return vec_w && vec_v && H % 8 == 0; }  // LoraVariant's VEC
 };
 
 // WHOLE (plan.whole, a compile-time fact so that each instance holds one fold schedule): every pass's whole fold is
@@ -516,7 +543,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
         if (V::kVec || p.vec_v) {  // R % 8 == 0: the 8 columns are ranks r .. r + 7 of one expert
           if (fold_e[c8] == ek) {
             float u[8];
-            load8(vj + fold_r[c8], 8, true, u);
+            load8<true>(vj + fold_r[c8], 8, true, u);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
               v[i] = fmaf(w, u[i], v[i]);
@@ -568,7 +595,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
         const int gn = F - g0 < FG ? F - g0 : FG;
         for (int f0 = 0; f0 < gn; f0 += kTile) {
           const int nrows = round16(gn - f0 < kTile ? gn - f0 : kTile);  // fold rows the MMAs read
-          stage_weight_rows<NW, V::kHRows>(ws, p.W, p.s_h, p.H, h0, nrows, V::kVec || p.vec_w,
+          stage_weight_rows<NW, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
                                            [&](int n) { return fold_base[f0 + n]; });
           __syncthreads();
 #pragma unroll
@@ -577,9 +604,9 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
 #pragma unroll
             for (int i = 0; i < kTileFrags; ++i) {
               if (p0 + g < passes && active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
-                mma_terms<NV, NW, wmma::row_major, wmma::row_major>(
+                mma_terms<NV, NW, wmma::row_major, ChunkLayout<V, false>>(
                     acc[g][i], {fold + tile_frag_row(i) * 16 * L.fold_ld + f0, 16, L.fold_plane, L.fold_ld},
-                    {ws + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, nrows / 16);
+                    {ws + chunk_at<V>(0, tile_frag_col(i) * 16), chunk_at<V>(16, 0), kPlane, kTileLd}, nrows / 16);
               }
             }
           }
@@ -630,7 +657,7 @@ struct WeightGradArgs {
   float* out;  // dW_e (r, h) at e * R * H + r * o_r + h * o_h: dA (E, R, H) or dB (E, H, R), fp32
   int o_r, o_h;
 
-  bool aligned() const { return vec_x && vec_v; }  // LoraVariant's VEC
+  bool aligned() const { return vec_x && vec_v && H % 8 == 0; }  // LoraVariant's VEC
 };
 
 template <typename x_t, typename V>
@@ -665,7 +692,7 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
       load_row_slot(p.order, s0, n, p.S, p.K, p.x_stride, chunk_slot, row_off);
     }
     __syncthreads();
-    stage_token_rows<NX>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, V::kVec || p.vec_x);
+    stage_token_rows<NX, V>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
     // v [row][r] = (w_j) v_j at rank rank0 + r (zeros for no slot and from ncols on), for the round16(ncols) rank
     // columns the MMAs read; a thread stages 8 consecutive ranks of a row.
 #pragma unroll 1
@@ -677,8 +704,8 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
       }
       const int slot = chunk_slot[row];
       float u[8];
-      load8(p.v + static_cast<int64_t>(slot < 0 ? 0 : slot) * p.v_stride + rank0 + c8, slot < 0 ? 0 : ncols - c8,
-            V::kVec || p.vec_v, u);
+      load8<V::kVec>(p.v + static_cast<int64_t>(slot < 0 ? 0 : slot) * p.v_stride + rank0 + c8,
+                     slot < 0 ? 0 : ncols - c8, V::kVec || p.vec_v, u);
       const float w = slot >= 0 && p.row_weights ? p.row_weights[slot] : 1.0f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {

@@ -67,6 +67,7 @@ struct SplitAcc {
     wmma::fill_fragment(lo, 0.0f);
   }
   __device__ __forceinline__ CFrag& total() {
+#pragma unroll
     for (int i = 0; i < hi.num_elements; ++i) {
       hi.x[i] += lo.x[i];
     }
