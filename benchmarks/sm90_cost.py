@@ -235,8 +235,9 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
     """The source loop of a SASS loop: among the source loops that are neither one of the source loops already
     matched to the SASS loops nested in it nor nested inside one of them, the innermost one whose lines carry at
     least half of the SASS loop's own instructions (those not in a nested SASS loop); the best-scoring one when
-    none reaches half. Innermost: the shortest of each file's, then across files the one at the deepest inlining
-    level (a helper's loop inlined in a kernel's loop)."""
+    none reaches half. Innermost: the shortest of each file's, then across files, among those that carry the most
+    instructions, the one at the deepest inlining level (a helper's loop inlined in a kernel's loop carries every
+    instruction the kernel's loop does; a helper's loop the compiler unrolled fully, fewer than its caller's)."""
     def within(a: SourceLoop, b: SourceLoop) -> bool:
         return a is b or (a.file == b.file and b.first <= a.first and a.last <= b.last)
 
@@ -247,13 +248,14 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
         hits = [k for k in hits if k is not None]
         return sum(hits) / len(hits) if hits else 0.0
 
-    scored = []
+    scored, score_of = [], {}
     for sl in source_loops:
         if any(within(sl, i) for i in inner):
             continue
         score = sum(1 for ins in own if any(f == sl.file and sl.first <= n <= sl.last for f, n in ins.locs))
         if score:
             scored.append((score, sl))
+            score_of[id(sl)] = score
     if not scored:
         return None
     half = [sl for score, sl in scored if score * 2 >= len(own)]
@@ -262,7 +264,8 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
         for sl in half:
             if sl.file not in shortest or sl.last - sl.first < shortest[sl.file].last - shortest[sl.file].first:
                 shortest[sl.file] = sl
-        return min(shortest.values(), key=level)
+        most = max(score_of[id(sl)] for sl in shortest.values())
+        return min((sl for sl in shortest.values() if score_of[id(sl)] == most), key=level)
     return max(scored, key=lambda p: p[0])[1]
 
 
@@ -1170,13 +1173,14 @@ def _slot_rank(s: Shape, R: int, rank_tiles: int) -> dict:
 
 
 def _token_fold_plan(s: Shape, R: int, passes: int, nw: int = 1) -> dict:
-    """plan_token_fold (csrc/lora_tiles.cuh) for rank R, `passes` passes and NW weight planes (1: bf16): the whole fold
+    """plan_token_fold (csrc/lora_tiles.cuh) for rank R, `passes` passes, NW weight planes and NV = 1 fold plane
+    (bf16 weights and products, kTerms): the whole fold
     (fold_rows = E R rounded up to 64, one copy per pass) when TokenFoldSmem fits in 227 KiB, with h_tiles column
     tiles per block (up to 8, about two blocks per SM of 132); else 64 fold columns, one column tile per block."""
     rows = -(-s.E * R // 64) * 64
 
     def smem(fold_rows, slots):
-        fold = -(-(slots * 3 * 64 * (fold_rows + 8) * 2) // 128) * 128  # NV = 3 planes of the fp32 rank vectors
+        fold = -(-(slots * 64 * (fold_rows + 8) * 2) // 128) * 128  # the rank vectors rounded to bf16: 1 plane
         return fold + max(nw * 64 * 72 * 2, 64 * 68 * 4) + 4 * (3 * fold_rows + 64 * s.K)
 
     if rows <= 4096 and smem(rows, passes) <= 227 * 1024:
@@ -1232,7 +1236,8 @@ def _lora_instance(types: str, drop: bool, h_rows: bool, whole: bool | None = No
 # tensors, routing weights, y (the down delta) and weight gradients (4; api.cpp casts the gradients to bf16 after the
 # launches: cuda_model_only_records), int64 experts / order (8). Instances: logits and the routing tensors are fp32
 # (router_logits), grad_y of lora_expand_combine is fp32 (y is), everything else bf16; the tensor-core kernels'
-# NF from dispatch_rank_frags.
+# NF from dispatch_rank_frags; the LoRA tile kernels' products in bf16 (shrink_dot_t, expand_dot_t: one bf16 plane
+# per operand, the fp32 rank vectors and grad_y rounded to it).
 CUDA_LAUNCHES = [
     # router_logits (csrc/router_logits): the forward, grid (ceil(T/32), ceil(E/8)), reads x (bf16) and the fp32
     # router weight, writes the fp32 logits; the backward's dx (grid (ceil(H/256), ceil(T/128))), the dW partials of
@@ -1266,7 +1271,7 @@ CUDA_LAUNCHES = [
                lambda s: s.T * s.H * 2 + s.E * 2 * s.R * s.H * 2 + s.S * 2 * s.R * 4 + s.S * 16,
                dyn_smem=lambda s: _lora_tile_smem(1 + 1, 4 * 64),
                params=lambda s: _slot_rank(s, 2 * s.R, math.ceil(2 * s.R / 64)),
-               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
     # expand_act_combine on tensor cores (bf16 G/U and weights, ranks <= 64): grid (I splits, token tiles of
     # BT = 128 / KP tokens), the split partial sums added by eac_split_sum_kernel (forward:
     # only when there are splits; backward: always).
@@ -1287,7 +1292,7 @@ CUDA_LAUNCHES = [
                lambda s: _token_fold_grid(s, s.R, 1),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 12,
                dyn_smem=lambda s: _token_fold_plan(s, s.R, 1)["smem"], params=lambda s: _token_fold(s, s.R, 1),
-               instance=lambda s: _lora_instance("c10::BFloat16, float", False, False,
+               instance=lambda s: _lora_instance("c10::BFloat16, float, c10::BFloat16", False, False,
                                                  _token_fold_plan(s, s.R, 1)["whole"])),
     # lora_expand_combine_backward: slot_rank_mma_kernel (q, dzd, dweights; one rank tile, grid (ceil(S/64) + E, 1))
     # reads grad_y (fp32) rows by token, B, zd, the routing; weight_grad_mma_kernel (dB) reads grad_y, zd, the
@@ -1295,13 +1300,13 @@ CUDA_LAUNCHES = [
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "slot_rank_mma_kernel", lambda s: (math.ceil(s.S / 64) + s.E, 1),
                lambda s: s.T * s.H * 4 + 2 * s.S * s.R * 4 + s.E * s.H * s.R * 2 + s.S * 16,
-               dyn_smem=lambda s: _lora_tile_smem(3 + 1, 4 * 64), params=lambda s: _slot_rank(s, s.R, 1),
-               instance=_lora_instance("float, c10::BFloat16", False, False)),
+               dyn_smem=lambda s: _lora_tile_smem(1 + 1, 4 * 64), params=lambda s: _slot_rank(s, s.R, 1),
+               instance=_lora_instance("float, c10::BFloat16, c10::BFloat16", False, False)),
     CudaLaunch("lora_expand_combine_backward", "csrc/lora_expand_combine/lora_expand_combine.cu",
                "weight_grad_mma_kernel", lambda s: (math.ceil(s.H / 64), s.E, math.ceil(s.R / 64)),
                lambda s: s.T * s.H * 4 + s.S * s.R * 4 + s.E * s.H * s.R * 4 + s.S * 16,
-               dyn_smem=lambda s: _lora_tile_smem(3 + 3, 3 * 64), params=lambda s: _weight_grad(s, s.R),
-               instance=_lora_instance("float", False, False)),
+               dyn_smem=lambda s: _lora_tile_smem(1 + 1, 3 * 64), params=lambda s: _weight_grad(s, s.R),
+               instance=_lora_instance("float, c10::BFloat16", False, False)),
     CudaLaunch("expand_act_combine_backward", "csrc/expand_act_combine/expand_act_combine.cu",
                "eac_bwd_mma_kernel", lambda s: (_tile(s, True)["grid_x"], _tile(s, True)["tiles"]),
                lambda s: 5 * s.T * s.I * 2 + s.S * 3 * s.R * 4 + 3 * s.E * s.I * s.R * 2 + s.S * 12
@@ -1330,13 +1335,13 @@ CUDA_LAUNCHES = [
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 2 + s.S * 8,
                dyn_smem=lambda s: _token_fold_plan(s, 2 * s.R, _passes(s))["smem"],
                params=lambda s: _token_fold(s, 2 * s.R, _passes(s)),
-               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True,
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16, c10::BFloat16", s.dropout > 0, True,
                                                  _token_fold_plan(s, 2 * s.R, _passes(s))["whole"])),
     CudaLaunch("lora_shrink_backward", "csrc/lora_shrink/lora_shrink.cu", "weight_grad_mma_kernel",
                lambda s: (math.ceil(s.H / 64), s.E, math.ceil(2 * s.R / 64)),
                lambda s: s.T * s.H * 2 + s.S * 2 * s.R * 4 + s.E * 2 * s.R * s.H * 4 + s.S * 16,
-               dyn_smem=lambda s: _lora_tile_smem(1 + 3, 3 * 64), params=lambda s: _weight_grad(s, 2 * s.R),
-               instance=lambda s: _lora_instance("c10::BFloat16", s.dropout > 0, True)),
+               dyn_smem=lambda s: _lora_tile_smem(1 + 1, 3 * 64), params=lambda s: _weight_grad(s, 2 * s.R),
+               instance=lambda s: _lora_instance("c10::BFloat16, c10::BFloat16", s.dropout > 0, True)),
     CudaLaunch("route_backward", "csrc/route/route.cu", "route_bwd_kernel", lambda s: (math.ceil(s.T / 128),),
                lambda s: s.T * s.K * 20 + s.T * s.E * 4, threads=128, params=lambda s: dict(E=s.E, K=s.K),
                instance="<float>"),

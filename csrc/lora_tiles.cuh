@@ -64,9 +64,9 @@ __host__ __device__ constexpr size_t lora_tile_smem_bytes(int planes, int words)
 }
 
 // Dynamic shared memory and grids of the three kernels (shared by the launches and the CPU harness's mirrors).
-template <typename x_t, typename w_t>
+template <typename x_t, typename w_t, typename dot_t>
 constexpr size_t slot_rank_smem_bytes() {
-  return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<w_t>::value, 4 * kTile);
+  return lora_tile_smem_bytes(kTerms<x_t, dot_t> + kTerms<w_t, dot_t>, 4 * kTile);
 }
 // How a token_fold_mma_kernel launch holds its expert fold: `fold_rows` fold columns at a time (a multiple of
 // kTile), `slots` copies of them (one per pass when whole, else one per pass of a group), `h_tiles` column tiles
@@ -96,10 +96,10 @@ struct TokenFoldSmem {
 // Host side: the whole fold (E * R columns, rounded up to kTile) when every pass's copy fits in sm_90's 227 KiB per
 // block, with up to 8 column tiles per block sharing it while the grid keeps about two blocks per SM (`sms`: the
 // device's multiprocessors); otherwise 64 fold columns at a time, rebuilt per chunk and column tile.
-template <typename w_t>
+template <typename w_t, typename dot_t>
 TokenFoldPlan plan_token_fold(int64_t T, int64_t H, int64_t E, int64_t R, int64_t K, bool drop, int64_t sms) {
-  constexpr int NV = Bf16Terms<float>::value;
-  constexpr int NW = Bf16Terms<w_t>::value;
+  constexpr int NV = kTerms<float, dot_t>;
+  constexpr int NW = kTerms<w_t, dot_t>;
   const int64_t whole_rows = (E * R + kTile - 1) / kTile * kTile;
   const int passes = drop ? static_cast<int>(K) : 1;
   if (whole_rows <= 4096) {
@@ -116,9 +116,9 @@ TokenFoldPlan plan_token_fold(int64_t T, int64_t H, int64_t E, int64_t R, int64_
   const int slots = drop && K > 1 ? 2 : 1;  // the kernel's pass group (kGroup) when it rebuilds the fold per chunk
   return {kTile, slots, 1, false, TokenFoldSmem(NV, NW, kTile, slots, K).bytes};
 }
-template <typename x_t>
+template <typename x_t, typename dot_t>
 constexpr size_t weight_grad_smem_bytes() {
-  return lora_tile_smem_bytes(Bf16Terms<x_t>::value + Bf16Terms<float>::value, 3 * kTile);
+  return lora_tile_smem_bytes(kTerms<x_t, dot_t> + kTerms<float, dot_t>, 3 * kTile);
 }
 // Host side: whether stage_weight_rows moves W 8 elements per load: rows along h aligned (s_h == 1), or (s_r == 1)
 // ranks in runs of 8 of one expert, aligned.
@@ -238,13 +238,23 @@ __device__ __forceinline__ uint4 load8_bits(const c10::BFloat16* __restrict__ sr
   return uint4{word(0), word(1), word(2), word(3)};
 }
 
-// dst[i * plane + k] = term i of src[k] (N bf16 terms, store8_bf16_terms) for k < 8: zero from n on (n clamped to
-// [0, 8]) and where keep(k) is false; dst is 16-byte aligned. bf16 values move as their bits. RUNS8: as load8's.
-template <int N, bool RUNS8, typename T, typename Keep>
+// v[0..8), values of a T operand, rounded to the products' precision dot_t and written as its kTerms<T, dot_t> bf16
+// terms (store8_bf16_terms); dst is 16-byte aligned.
+template <typename T, typename dot_t>
+__device__ __forceinline__ void store8_terms(float (&v)[8], __nv_bfloat16* dst, int plane) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    v[k] = to_dot<dot_t>(v[k]);
+  }
+  store8_bf16_terms<kTerms<T, dot_t>>(v, dst, plane);
+}
+
+// dst[i * plane + k] = term i of src[k] (store8_terms) for k < 8: zero from n on (n clamped to [0, 8]) and where
+// keep(k) is false; dst is 16-byte aligned. bf16 values move as their bits. RUNS8: as load8's.
+template <typename dot_t, bool RUNS8, typename T, typename Keep>
 __device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool vec, Keep keep, __nv_bfloat16* dst,
                                        int plane) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    static_assert(N == 1, "a bf16 value is one bf16 term");
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // one bf16 term at any dot_t
     // the bits of the kept elements 2i, 2i + 1 in word i
     const auto kept = [&](int i) { return (keep(2 * i) ? 0x0000ffffu : 0u) | (keep(2 * i + 1) ? 0xffff0000u : 0u); };
     const uint4 u = load8_bits<RUNS8>(src, n, vec);
@@ -256,14 +266,15 @@ __device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool ve
     for (int k = 0; k < 8; ++k) {
       v[k] = keep(k) ? v[k] : 0.0f;
     }
-    store8_bf16_terms<N>(v, dst, plane);
+    store8_terms<T, dot_t>(v, dst, plane);
   }
 }
 
-// Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into NX bf16 planes: zero where
+// Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into kTerms<x_t, dot_t> bf16
+// planes (stage8): zero where
 // slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H) mask. A thread moves 8
 // consecutive columns of 2 rows; vec: x's rows are 16-byte aligned (always, in a V::kVec launch).
-template <int NX, typename V, typename x_t>
+template <typename dot_t, typename V, typename x_t>
 __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const int* slots, const int64_t* row_off,
                                                  const x_t* __restrict__ x, int H, int h0, const Dropout& drop,
                                                  bool vec) {
@@ -272,7 +283,7 @@ __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const in
   for (int q = 0; q < kTile * 8 / kBlock; ++q) {
     const int row = static_cast<int>(threadIdx.x) / 8 + q * (kBlock / 8);
     const int slot = slots[row];
-    stage8<NX, V::kVec>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, V::kVec || vec,
+    stage8<dot_t, V::kVec>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, V::kVec || vec,
                [&](int k) { return dropout_keep(drop, slot, H, h0 + c + k); }, planes + row * kTileLd + c, kPlane);
   }
 }
@@ -304,10 +315,11 @@ __device__ __forceinline__ int chunk_at(int n, int c) {
 template <typename V, bool K_ALONG_C>
 using ChunkLayout = std::conditional_t<V::kHRows == K_ALONG_C, wmma::col_major, wmma::row_major>;
 
-// Stages rows [0, nrows) of chunk (n, c) = W[base(n) + (h0 + c) * s_h] into NW bf16 planes at chunk_at (zero where
+// Stages rows [0, nrows) of chunk (n, c) = W[base(n) + (h0 + c) * s_h] into kTerms<w_t, dot_t> bf16 planes at
+// chunk_at (stage8; zero where
 // base(n) < 0 or h0 + c >= H; rows from nrows on, a multiple of 16, are left as they are: the caller's MMAs do not
 // read them). V::kHRows: s_h = 1; vec: weight_rows_aligned (always, in a V::kVec launch).
-template <int NW, typename V, typename w_t, typename RowBase>
+template <typename dot_t, typename V, typename w_t, typename RowBase>
 __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
                                                   int h0, int nrows, bool vec, RowBase base) {
   vec = V::kVec || vec;
@@ -316,7 +328,7 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
 #pragma unroll 1  // at most 2 trips (nrows <= 64)
     for (int row = static_cast<int>(threadIdx.x) / 8; row < nrows; row += kBlock / 8) {
       const int b = base(row);
-      stage8<NW, V::kVec>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
+      stage8<dot_t, V::kVec>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
                  planes + row * kTileLd + c, kPlane);
     }
     return;
@@ -337,7 +349,7 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
     for (int c = tid >> gshift; c < kTile; c += kBlock >> gshift) {
       __nv_bfloat16* dst = planes + chunk_at<V>(n0, c);
       if (vec) {
-        stage8<NW, true>(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true,
+        stage8<dot_t, true>(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true,
                          [](int) { return true; }, dst, kPlane);
       } else {
         float v[8];
@@ -345,7 +357,7 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
         for (int i = 0; i < 8; ++i) {
           v[i] = (b[i] >= 0 && h0 + c < H) ? static_cast<float>(W[b[i] + (h0 + c) * s_h]) : 0.0f;
         }
-        store8_bf16_terms<NW>(v, dst, kPlane);
+        store8_terms<w_t, dot_t>(v, dst, kPlane);
       }
     }
   }
@@ -384,10 +396,10 @@ struct SlotRankArgs {
   bool aligned() const { return vec_x && vec_w && H % 8 == 0; }  // LoraVariant's VEC
 };
 
-template <typename x_t, typename w_t, typename V>
+template <typename x_t, typename w_t, typename dot_t, typename V>
 __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRankArgs<x_t, w_t> p) {
-  constexpr int NX = Bf16Terms<x_t>::value;
-  constexpr int NW = Bf16Terms<w_t>::value;
+  constexpr int NX = kTerms<x_t, dot_t>;
+  constexpr int NW = kTerms<w_t, dot_t>;
   const Dropout drop = static_dropout<V::kDrop>(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
@@ -419,16 +431,16 @@ __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRank
       acc[i].zero();
     }
     for (int h0 = 0; h0 < p.H; h0 += kTile) {
-      stage_token_rows<NX, V>(xs, row_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
-      stage_weight_rows<NW, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
+      stage_token_rows<dot_t, V>(xs, row_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
+      stage_weight_rows<dot_t, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
                             [&](int n) { return rank0 + n < p.R ? e * p.s_e + (rank0 + n) * p.s_r : -1; });
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < kTileFrags; ++i) {
         if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks)
-          mma_terms<NX, NW, wmma::row_major, ChunkLayout<V, true>>(
+          mma_terms<NX, NW, wmma::row_major, ChunkLayout<V, true>, kTile / 16>(
               acc[i], {xs + tile_frag_row(i) * 16 * kTileLd, 16, kPlane, kTileLd},
-              {ws + chunk_at<V>(tile_frag_col(i) * 16, 0), chunk_at<V>(0, 16), kPlane, kTileLd}, kTile / 16);
+              {ws + chunk_at<V>(tile_frag_col(i) * 16, 0), chunk_at<V>(0, 16), kPlane, kTileLd});
         }
       }
       __syncthreads();
@@ -480,10 +492,10 @@ struct TokenFoldArgs {
 
 // WHOLE (plan.whole, a compile-time fact so that each instance holds one fold schedule): every pass's whole fold is
 // built once, before the column tiles; otherwise h_tiles = 1 and the fold is built per 64-column chunk of it.
-template <typename w_t, typename out_t, typename V, bool WHOLE>
+template <typename w_t, typename out_t, typename dot_t, typename V, bool WHOLE>
 __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
-  constexpr int NV = Bf16Terms<float>::value;
-  constexpr int NW = Bf16Terms<w_t>::value;
+  constexpr int NV = kTerms<float, dot_t>;
+  constexpr int NW = kTerms<w_t, dot_t>;
   constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
   const Dropout drop = static_dropout<V::kDrop>(p.drop);
   const int FG = p.plan.fold_rows;
@@ -556,7 +568,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
           }
         }
       }
-      store8_bf16_terms<NV>(v, fold + row * L.fold_ld + c8, L.fold_plane);
+      store8_terms<float, dot_t>(v, fold + row * L.fold_ld + c8, L.fold_plane);
     }
   };
   if constexpr (WHOLE) {
@@ -595,7 +607,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
         const int gn = F - g0 < FG ? F - g0 : FG;
         for (int f0 = 0; f0 < gn; f0 += kTile) {
           const int nrows = round16(gn - f0 < kTile ? gn - f0 : kTile);  // fold rows the MMAs read
-          stage_weight_rows<NW, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
+          stage_weight_rows<dot_t, V>(ws, p.W, p.s_h, p.H, h0, nrows, p.vec_w,
                                            [&](int n) { return fold_base[f0 + n]; });
           __syncthreads();
 #pragma unroll
@@ -660,10 +672,10 @@ struct WeightGradArgs {
   bool aligned() const { return vec_x && vec_v && H % 8 == 0; }  // LoraVariant's VEC
 };
 
-template <typename x_t, typename V>
+template <typename x_t, typename dot_t, typename V>
 __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const WeightGradArgs<x_t> p) {
-  constexpr int NX = Bf16Terms<x_t>::value;
-  constexpr int NV = Bf16Terms<float>::value;
+  constexpr int NX = kTerms<x_t, dot_t>;
+  constexpr int NV = kTerms<float, dot_t>;
   const Dropout drop = static_dropout<V::kDrop>(p.drop);
   unsigned char* sm = dynamic_smem<unsigned char>();
   __nv_bfloat16* xs = smem_at<__nv_bfloat16>(sm, 0);
@@ -692,7 +704,7 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
       load_row_slot(p.order, s0, n, p.S, p.K, p.x_stride, chunk_slot, row_off);
     }
     __syncthreads();
-    stage_token_rows<NX, V>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
+    stage_token_rows<dot_t, V>(xs, chunk_slot, row_off, p.x, p.H, h0, drop, p.vec_x);
     // v [row][r] = (w_j) v_j at rank rank0 + r (zeros for no slot and from ncols on), for the round16(ncols) rank
     // columns the MMAs read; a thread stages 8 consecutive ranks of a row.
 #pragma unroll 1
@@ -711,7 +723,7 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
       for (int i = 0; i < 8; ++i) {
         u[i] *= w;
       }
-      store8_bf16_terms<NV>(u, vs + row * kTileLd + c8, kPlane);
+      store8_terms<float, dot_t>(u, vs + row * kTileLd + c8, kPlane);
     }
     __syncthreads();
 #pragma unroll
@@ -749,7 +761,7 @@ SlotRankArgs<x_t, w_t> slot_rank_args(const x_t* x, int64_t x_stride, const w_t*
           drop, scale, rows_aligned(x, {x_stride}), weight_rows_aligned(W, s_e, s_r, s_h, R), out};
 }
 
-template <typename w_t, typename out_t>
+template <typename dot_t, typename w_t, typename out_t>
 TokenFoldArgs<w_t, out_t> token_fold_args(const float* v, int64_t v_stride, const float* row_weights,
                                           const int64_t* experts, const w_t* W, int64_t s_e, int64_t s_r, int64_t s_h,
                                           int64_t E, int64_t T, int64_t K, int64_t H, int64_t R, Dropout drop,
@@ -757,7 +769,7 @@ TokenFoldArgs<w_t, out_t> token_fold_args(const float* v, int64_t v_stride, cons
   return {v, v_stride, row_weights, experts, W, static_cast<int>(s_e), static_cast<int>(s_r), static_cast<int>(s_h),
           static_cast<int>(E), static_cast<int>(T), static_cast<int>(K), static_cast<int>(H), static_cast<int>(R),
           drop, scale, weight_rows_aligned(W, s_e, s_r, s_h, R), R % 8 == 0 && rows_aligned(v, {v_stride}), out,
-          plan_token_fold<w_t>(T, H, E, R, K, drop.active, sms)};
+          plan_token_fold<w_t, dot_t>(T, H, E, R, K, drop.active, sms)};
 }
 
 // out: dW (E, R, H) when o_r = H, o_h = 1; (E, H, R) when o_r = 1, o_h = R. fp32 contiguous.
@@ -770,6 +782,14 @@ WeightGradArgs<x_t> weight_grad_args(const x_t* x, int64_t x_stride, const float
           static_cast<int>(H), static_cast<int>(R), drop, scale, rows_aligned(x, {x_stride}),
           R % 8 == 0 && rows_aligned(v, {v_stride}), out, static_cast<int>(o_r), static_cast<int>(o_h)};
 }
+
+// The products' precision (dot_t of the kernels: kTerms, to_dot) of each op, as the Triton kernels' mma_dtype:
+// lora_shrink's and its backward's, x's and A's common 16-bit dtype, else float; lora_expand_combine's and its
+// backward's, B's dtype (grad_y and y are fp32 by contract).
+template <typename x_t, typename w_t>
+using shrink_dot_t = std::conditional_t<std::is_same_v<x_t, w_t>, x_t, float>;
+template <typename w_t>
+using expand_dot_t = w_t;
 
 // The mask's 1 / (1 - p) scales the shrink's products (the operands are only masked).
 inline float drop_scale(const Dropout& drop) {
@@ -789,8 +809,8 @@ template <typename w_t, typename x_t>
 TokenFoldArgs<w_t, x_t> shrink_dx_args(const float* grad_z, int64_t gz_stride, const w_t* A, int64_t A_stride0,
                                        int64_t A_stride1, const int64_t* experts, int64_t E, int64_t T, int64_t K,
                                        int64_t H, int64_t R, Dropout drop, x_t* dx, int64_t sms) {
-  return token_fold_args(grad_z, gz_stride, nullptr, experts, A, A_stride0, A_stride1, 1, E, T, K, H, R, drop, 1.0f,
-                         dx, sms);
+  return token_fold_args<shrink_dot_t<x_t, w_t>>(grad_z, gz_stride, nullptr, experts, A, A_stride0, A_stride1, 1, E,
+                                                 T, K, H, R, drop, 1.0f, dx, sms);
 }
 
 template <typename x_t>
@@ -806,8 +826,8 @@ TokenFoldArgs<w_t, float> expand_forward_args(const float* zd, int64_t zd_stride
                                               const int64_t* experts, const w_t* B, int64_t B_stride0,
                                               int64_t B_stride1, int64_t E, int64_t T, int64_t K, int64_t H,
                                               int64_t R, float scale, float* y, int64_t sms) {
-  return token_fold_args(zd, zd_stride, weights, experts, B, B_stride0, 1, B_stride1, E, T, K, H, R,
-                         make_dropout(0.0, 0), scale, y, sms);
+  return token_fold_args<expand_dot_t<w_t>>(zd, zd_stride, weights, experts, B, B_stride0, 1, B_stride1, E, T, K, H,
+                                            R, make_dropout(0.0, 0), scale, y, sms);
 }
 
 // Launched with one rank tile (slot_rank_grid(S, E, 1)): dw_j sums every rank.

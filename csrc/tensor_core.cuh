@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -46,6 +47,22 @@ struct Bf16Terms<c10::BFloat16> {
   static constexpr int value = 1;
 };
 
+// The bf16 terms of a T operand of products in precision dot_t (a 16-bit dtype, or float: exact): those of the coarser
+// of the two, so that a finer operand, the fp32 rank vectors of a 16-bit model, is multiplied rounded to dot_t (to_dot)
+// as the Triton kernels and a plain 16-bit LoRA multiply it.
+template <typename T, typename dot_t>
+constexpr int kTerms = Bf16Terms<T>::value < Bf16Terms<dot_t>::value ? Bf16Terms<T>::value : Bf16Terms<dot_t>::value;
+
+// v rounded (to nearest even) to dot_t; unchanged for float.
+template <typename dot_t>
+__host__ __device__ __forceinline__ float to_dot(float v) {
+  if constexpr (std::is_same_v<dot_t, float>) {
+    return v;
+  } else {
+    return static_cast<float>(static_cast<dot_t>(v));
+  }
+}
+
 // Writes v as N bf16 terms, term i at dst[i * plane] (hi first).
 template <int N>
 __device__ __forceinline__ void store_bf16_terms(float v, __nv_bfloat16* dst, int plane) {
@@ -82,28 +99,43 @@ struct TermPlanes {
   int k_step, plane, ld;
 };
 
-// acc += A B over `steps` 16-deep k steps, A and B held as NA / NB bf16 term planes. The term pairs (i, j) with
-// i + j < 3 are multiplied; the others are below 2^-24 of the product (fp32's rounding).
+// acc += A B over 16-deep k step s, A and B held as NA / NB bf16 term planes. The term pairs (i, j) with i + j < 3
+// are multiplied; the others are below 2^-24 of the product (fp32's rounding).
 template <int NA, int NB, typename LA, typename LB>
-__device__ __forceinline__ void mma_terms(SplitAcc& acc, TermPlanes a, TermPlanes b, int steps) {
-  for (int s = 0; s < steps; ++s) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> fb[NB];
+__device__ __forceinline__ void mma_step(SplitAcc& acc, const TermPlanes& a, const TermPlanes& b, int s) {
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> fb[NB];
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      wmma::load_matrix_sync(fb[j], b.p + j * b.plane + s * b.k_step, b.ld);
-    }
+  for (int j = 0; j < NB; ++j) {
+    wmma::load_matrix_sync(fb[j], b.p + j * b.plane + s * b.k_step, b.ld);
+  }
 #pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> fa;
-      wmma::load_matrix_sync(fa, a.p + i * a.plane + s * a.k_step, a.ld);
+  for (int i = 0; i < NA; ++i) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> fa;
+    wmma::load_matrix_sync(fa, a.p + i * a.plane + s * a.k_step, a.ld);
 #pragma unroll
-      for (int j = 0; j < NB && i + j < 3; ++j) {
-        if (i + j == 0) {
-          wmma::mma_sync(acc.hi, fa, fb[j], acc.hi);
-        } else {
-          wmma::mma_sync(acc.lo, fa, fb[j], acc.lo);
-        }
+    for (int j = 0; j < NB && i + j < 3; ++j) {
+      if (i + j == 0) {
+        wmma::mma_sync(acc.hi, fa, fb[j], acc.hi);
+      } else {
+        wmma::mma_sync(acc.lo, fa, fb[j], acc.lo);
       }
+    }
+  }
+}
+
+// acc += A B over k steps [0, steps): a run-time count (at most 4 in the kernels: a rolled loop, no remainder
+// copies), or STEPS when it is a compile-time one (fully unrolled).
+template <int NA, int NB, typename LA, typename LB, int STEPS = 0>
+__device__ __forceinline__ void mma_terms(SplitAcc& acc, TermPlanes a, TermPlanes b, int steps = STEPS) {
+  if constexpr (STEPS > 0) {
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+      mma_step<NA, NB, LA, LB>(acc, a, b, s);
+    }
+  } else {
+#pragma unroll 1
+    for (int s = 0; s < steps; ++s) {
+      mma_step<NA, NB, LA, LB>(acc, a, b, s);
     }
   }
 }

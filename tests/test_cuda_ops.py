@@ -3,8 +3,8 @@
 Every CUDA result (output and every gradient output of the `*_backward` ops) is compared with the pure-torch
 reference (`backend_checks.reference`) run on CPU float64 copies of the same (already rounded) inputs, on fresh
 random inputs, with the backends' one tolerance rule (`mixlora_kernels.selftest`, asserted by
-`backend_checks.assert_outputs`): ref_same is the reference on CPU copies of the kernel's inputs, its matmul operands
-split as the bf16 tensor-core kernels split them (`_tensor_core_path`). Integer outputs must be equal.
+`backend_checks.assert_outputs`): ref_same is the reference on CPU copies of the kernel's inputs, its fp32 matmul
+operands rounded as the kernels round them (`_mma_rounding`). Integer outputs must be equal.
 
 Tests marked `cuda` need a GPU and the extension and skip cleanly otherwise. The CPU-error and Meta-shape tests
 only need the extension (built here without a GPU) and run on CPU.
@@ -100,26 +100,45 @@ def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def _tensor_core_path(name, args):
-    """Whether the CUDA kernels of op `name` take the bf16 tensor-core path on `args`: expand_act_combine(_backward)
-    with bf16 G and bf16 weights (csrc/expand_act_combine: use_mma; where its tiles do not fit, the SIMT kernels,
-    whose exact fp32 operands only do better). Its fp32 operands (the rank vectors zg, zu, grad_zd and the
-    intermediates h, dg, du) are rounded to bf16, as the Triton kernels and a bf16 LoRA round theirs; every other
-    kernel multiplies fp32 operands on FMA units."""
-    if not name.startswith("expand_act_combine"):
-        return False
-    G, Bg = (args[2], args[5]) if name.endswith("_backward") else (args[0], args[3])
-    return G.dtype == torch.bfloat16 and Bg.dtype == torch.bfloat16
+def _mma_rounding(name, args):
+    """The 16-bit dtype the CUDA kernels of op `name` round their fp32 matmul operands to on `args`, or None (exact
+    fp32 products). expand_act_combine(_backward) on its bf16 tensor-core path (bf16 G and bf16 weights;
+    csrc/expand_act_combine: use_mma; where its tiles do not fit, the SIMT kernels, whose exact fp32 operands only do
+    better) rounds the rank vectors zg, zu, grad_zd and the intermediates h, dg, du to bf16. The LoRA tile kernels
+    (csrc/lora_tiles.cuh: shrink_dot_t, expand_dot_t) round the fp32 rank vectors (grad_z, zd) and grad_y to the
+    products' precision: x's and A's common 16-bit dtype (lora_shrink_backward), B's 16-bit dtype
+    (lora_expand_combine and its backward). As the Triton kernels and a plain 16-bit LoRA round theirs."""
+    sixteen = (torch.float16, torch.bfloat16)
+    if name.startswith("expand_act_combine"):
+        G, Bg = (args[2], args[5]) if name.endswith("_backward") else (args[0], args[3])
+        return torch.bfloat16 if G.dtype == torch.bfloat16 and Bg.dtype == torch.bfloat16 else None
+    if name == "lora_shrink_backward":
+        x, A = args[1], args[2]
+        return x.dtype if x.dtype == A.dtype and x.dtype in sixteen else None
+    if name.startswith("lora_expand_combine"):
+        B = args[2] if name.endswith("_backward") else args[1]
+        return B.dtype if B.dtype in sixteen else None
+    return None
 
 
 def references(name, *args):
     """(float64 reference outputs, ref_same) of op `name` on CPU copies of `args`, each a tuple: the pure-torch
     reference (`backend_checks.reference`) in float64, and on the args as given, with the matmul operands rounded as
-    the tensor-core kernels round them (`_tensor_core_path`: the rule's input, not a looser rule)."""
+    the kernels round them (`_mma_rounding`: the rule's input, not a looser rule)."""
     cpu = [_to(a, "cpu") for a in args]
     ref = _as_tuple(reference(name)(*[_to(a, "cpu", float64=True) for a in args]))
-    with mma_operands(rounded_to(torch.bfloat16) if _tensor_core_path(name, cpu) else None):
+    rounding = _mma_rounding(name, cpu)
+    with mma_operands(rounded_to(rounding) if rounding else None):
         same = _as_tuple(reference(name)(*cpu))
+        if rounding and name.startswith("lora_expand_combine"):
+            # The kernels fold each slot's routing weight into its rank vector, w_j zd_j in fp32, before rounding it
+            # (y, dB); the reference weights the products instead: on (w zd, weights 1) it rounds what they round.
+            i = 1 if name.endswith("_backward") else 0
+            zd, weights = cpu[i], cpu[i + 2]
+            folded = list(cpu)
+            folded[i], folded[i + 2] = weights.reshape(-1, 1).float() * zd, torch.ones_like(weights)
+            refolded = _as_tuple(reference(name)(*folded))
+            same = refolded if i == 0 else (same[0], refolded[1], same[2])  # backward: its dB
     return ref, same
 
 

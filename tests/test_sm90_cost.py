@@ -320,3 +320,19 @@ def test_cuda_kernel_analysis_on_route():
     assert any(v == pytest.approx(8) for v in trips.values()), trips
     assert fwd["warp_instructions"] > 32 * 4 * 8                       # at least one pass over E per warp
     assert fwd["central_ms"] > fwd["lower_ms"] > 0 and math.isfinite(fwd["central_ms"])
+
+
+def test_lora_tile_kernels_tensor_core_work_is_counted_once():
+    """The MMA FLOPs profile_sass counts for the LoRA tile kernels at T = 4096 are the products they do, no more, no
+    fewer: a helper's k-step loop (mma_terms) inlined in a kernel loop is matched to itself, not to its caller's
+    loop (which counted token_fold's MMAs 0 times), and no unrolled copy is counted as a trip."""
+    from benchmarks import sm90_cost as c
+    s = c.Shape(T=4096)
+    launches = {(launch.op, launch.kernel): launch for launch in c.CUDA_LAUNCHES}
+    # every token x every column x the whole expert fold (E x 2R: the gate and up ranks), bf16 products
+    fold = launches[("lora_shrink_backward", "token_fold_mma_kernel")]
+    assert c.analyse_cuda(fold, s)["flops"]["tensor"] == {"HMMA.bf16": 2 * s.T * s.H * s.E * 2 * s.R}
+    # every slot x every column x a 64-wide rank tile: its expert's 2R = 32 ranks use half of the tile's fragments,
+    # but the `active(i)` branch is counted as taken (the model's upper estimate)
+    dA = launches[("lora_shrink_backward", "weight_grad_mma_kernel")]
+    assert c.analyse_cuda(dA, s)["flops"]["tensor"] == {"HMMA.bf16": 2 * s.S * s.H * 64}

@@ -40,7 +40,8 @@ void lora_expand_combine_forward_launch(const at::Tensor& zd, const at::Tensor& 
                                        y.mutable_data_ptr<float>(), current_device_sms());
     dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
       auto launch = [&](auto whole) {
-        const auto kernel = token_fold_mma_kernel<scalar_t, float, decltype(variant), decltype(whole)::value>;
+        const auto kernel =
+            token_fold_mma_kernel<scalar_t, float, expand_dot_t<scalar_t>, decltype(variant), decltype(whole)::value>;
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(p.plan.smem)));
         kernel<<<token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, stream>>>(p);
@@ -62,11 +63,23 @@ void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Ten
   const int64_t E = B.size(0);
   const int64_t R = B.size(2);
   const float s = static_cast<float>(scale);
-  // B in grad_y's dtype or fp32; an fp32 grad_y (y is fp32) also takes B in its 16-bit dtype.
+  // B in grad_y's dtype or fp32; an fp32 grad_y (y is fp32) also takes B in its 16-bit dtype. f(B's element type).
+  auto with_weight_t = [&](auto gy_tag, auto f) {
+    using gy_t = decltype(gy_tag);
+    if (B.scalar_type() == grad_y.scalar_type()) {
+      f(gy_t{});
+    } else if (B.scalar_type() == at::kFloat) {
+      f(float{});
+    } else if (B.scalar_type() == at::kBFloat16) {
+      f(c10::BFloat16{});
+    } else {
+      f(c10::Half{});
+    }
+  };
   MIXLORA_DISPATCH_FLOAT_HALF_BF16(grad_y.scalar_type(), "lora_expand_combine_backward", [&] {
     using gy_t = scalar_t;
     if (T > 0) {  // R = 0 or H = 0 too: dw_j = 0
-      auto launch = [&](auto wtag) {
+      with_weight_t(gy_t{}, [&](auto wtag) {
         using weight_t = decltype(wtag);
         const auto p = expand_q_args(grad_y.const_data_ptr<gy_t>(), grad_y.stride(0), zd.const_data_ptr<float>(),
                                      zd.stride(0), B.const_data_ptr<weight_t>(), B.stride(0), B.stride(1),
@@ -74,36 +87,31 @@ void lora_expand_combine_backward_launch(const at::Tensor& grad_y, const at::Ten
                                      offsets.const_data_ptr<int64_t>(), E, T * K, K, H, R, s,
                                      dzd.mutable_data_ptr<float>(), dweights.mutable_data_ptr<float>());
         dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-          const auto kernel = slot_rank_mma_kernel<gy_t, weight_t, decltype(variant)>;
-          const size_t smem = slot_rank_smem_bytes<gy_t, weight_t>();
+          using dot_t = expand_dot_t<weight_t>;
+          const auto kernel = slot_rank_mma_kernel<gy_t, weight_t, dot_t, decltype(variant)>;
+          const size_t smem = slot_rank_smem_bytes<gy_t, weight_t, dot_t>();
           C10_CUDA_CHECK(
               cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
           kernel<<<slot_rank_grid(T * K, E, 1), kBlock, smem, stream>>>(p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-      };
-      if (B.scalar_type() == grad_y.scalar_type()) {
-        launch(gy_t{});
-      } else if (B.scalar_type() == at::kFloat) {
-        launch(float{});
-      } else if (B.scalar_type() == at::kBFloat16) {
-        launch(c10::BFloat16{});
-      } else {
-        launch(c10::Half{});
-      }
+      });
     }
     if (E > 0 && H > 0 && R > 0) {  // every block writes its tile, zeros included: dB_e = 0 for an empty expert
       const auto p = expand_dB_args(grad_y.const_data_ptr<gy_t>(), grad_y.stride(0), zd.const_data_ptr<float>(),
                                     zd.stride(0), weights.const_data_ptr<float>(), order.const_data_ptr<int64_t>(),
                                     offsets.const_data_ptr<int64_t>(), T * K, K, H, R, s,
                                     dB.mutable_data_ptr<float>());
-      dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-        const auto kernel = weight_grad_mma_kernel<gy_t, decltype(variant)>;
-        const size_t smem = weight_grad_smem_bytes<gy_t>();
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_weight_t(gy_t{}, [&](auto wtag) {  // dB is fp32 whatever B's dtype; B's sets the products' precision
+        using dot_t = expand_dot_t<decltype(wtag)>;
+        dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+          const auto kernel = weight_grad_mma_kernel<gy_t, dot_t, decltype(variant)>;
+          const size_t smem = weight_grad_smem_bytes<gy_t, dot_t>();
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+          kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     }
   });

@@ -44,8 +44,9 @@ void lora_shrink_forward_launch(const at::Tensor& x, const at::Tensor& A, const 
                                          offsets.const_data_ptr<int64_t>(), E, S, K, H, R, drop,
                                          z.mutable_data_ptr<float>());
       dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-        const auto kernel = slot_rank_mma_kernel<scalar_t, weight_t, decltype(variant)>;
-        const size_t smem = slot_rank_smem_bytes<scalar_t, weight_t>();
+        using dot_t = shrink_dot_t<scalar_t, weight_t>;
+        const auto kernel = slot_rank_mma_kernel<scalar_t, weight_t, dot_t, decltype(variant)>;
+        const size_t smem = slot_rank_smem_bytes<scalar_t, weight_t, dot_t>();
         C10_CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         kernel<<<slot_rank_grid(S, E, (R + kTile - 1) / kTile), kBlock, smem, stream>>>(p);
@@ -75,7 +76,8 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
                                       dx.mutable_data_ptr<scalar_t>(), current_device_sms());
         dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
           auto launch_fold = [&](auto whole) {
-            const auto kernel = token_fold_mma_kernel<weight_t, scalar_t, decltype(variant), decltype(whole)::value>;
+            const auto kernel = token_fold_mma_kernel<weight_t, scalar_t, shrink_dot_t<scalar_t, weight_t>,
+                                                      decltype(variant), decltype(whole)::value>;
             C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(p.plan.smem)));
             kernel<<<token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, stream>>>(p);
@@ -90,14 +92,18 @@ void lora_shrink_backward_launch(const at::Tensor& grad_z, const at::Tensor& x, 
       const auto p = shrink_dA_args(grad_z.const_data_ptr<float>(), grad_z.stride(0), x.const_data_ptr<scalar_t>(),
                                     x.stride(0), order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
                                     T * K, K, H, R, drop, dA.mutable_data_ptr<float>());
-      dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-        const auto kernel = weight_grad_mma_kernel<scalar_t, decltype(variant)>;
-        const size_t smem = weight_grad_smem_bytes<scalar_t>();
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      auto launch = [&](auto wtag) {  // dA is fp32 whatever A's dtype; A's dtype sets the products' precision
+        using dot_t = shrink_dot_t<scalar_t, decltype(wtag)>;
+        dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+          const auto kernel = weight_grad_mma_kernel<scalar_t, dot_t, decltype(variant)>;
+          const size_t smem = weight_grad_smem_bytes<scalar_t, dot_t>();
+          C10_CUDA_CHECK(
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+          kernel<<<weight_grad_grid(H, E, R), kBlock, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      };
+      A.scalar_type() == at::kFloat ? launch(float{}) : launch(scalar_t{});
     }
   });
 }

@@ -26,7 +26,8 @@ int cuda_cpu_lora_expand_combine_forward(const float* zd, int64_t zd_stride, con
                                          B_stride1, E, T, K, H, R, static_cast<float>(scale), y, sms);
       dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
         auto launch = [&](auto whole) {
-          CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float, decltype(variant), decltype(whole)::value>),
+          CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, float, expand_dot_t<weight_t>, decltype(variant),
+                                                 decltype(whole)::value>),
                           token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, p);
         };
         p.plan.whole ? launch(std::true_type{}) : launch(std::false_type{});
@@ -56,17 +57,21 @@ int cuda_cpu_lora_expand_combine_backward(int dtype, const void* grad_y, int64_t
                                        static_cast<const weight_t*>(B), B_stride0, B_stride1, weights, order, offsets,
                                        E, T * K, K, H, R, s, dzd, dweights);
           dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-            CUDA_CPU_LAUNCH((slot_rank_mma_kernel<gy_t, weight_t, decltype(variant)>), slot_rank_grid(T * K, E, 1),
-                            kBlock, (slot_rank_smem_bytes<gy_t, weight_t>()), p);
+            using dot_t = expand_dot_t<weight_t>;
+            CUDA_CPU_LAUNCH((slot_rank_mma_kernel<gy_t, weight_t, dot_t, decltype(variant)>),
+                            slot_rank_grid(T * K, E, 1), kBlock, (slot_rank_smem_bytes<gy_t, weight_t, dot_t>()), p);
           });
         });
       }
       if (E > 0 && H > 0 && R > 0) {
         const auto p = expand_dB_args(static_cast<const gy_t*>(grad_y), gy_stride, zd, zd_stride, weights, order,
                                       offsets, T * K, K, H, R, s, dB);
-        dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
-          CUDA_CPU_LAUNCH((weight_grad_mma_kernel<gy_t, decltype(variant)>), weight_grad_grid(H, E, R), kBlock,
-                          weight_grad_smem_bytes<gy_t>(), p);
+        cuda_cpu::dispatch_float_half_bf16(b_dtype, [&](auto wtag) {
+          using dot_t = expand_dot_t<decltype(wtag)>;
+          dispatch_variant<false, false>(false, p.aligned(), [&](auto variant) {
+            CUDA_CPU_LAUNCH((weight_grad_mma_kernel<gy_t, dot_t, decltype(variant)>), weight_grad_grid(H, E, R),
+                            kBlock, (weight_grad_smem_bytes<gy_t, dot_t>()), p);
+          });
         });
       }
     });

@@ -26,9 +26,10 @@ int cuda_cpu_lora_shrink_forward(int dtype, const void* x, int64_t x_stride, int
         const auto p = shrink_forward_args(static_cast<const scalar_t*>(x), x_stride, static_cast<const weight_t*>(A),
                                            A_stride0, A_stride1, order, offsets, E, S, K, H, R, drop, z);
         dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-          CUDA_CPU_LAUNCH((slot_rank_mma_kernel<scalar_t, weight_t, decltype(variant)>),
-                          slot_rank_grid(S, E, ceil_div(R, kTile)), kBlock, (slot_rank_smem_bytes<scalar_t, weight_t>()),
-                          p);
+          using dot_t = shrink_dot_t<scalar_t, weight_t>;
+          CUDA_CPU_LAUNCH((slot_rank_mma_kernel<scalar_t, weight_t, dot_t, decltype(variant)>),
+                          slot_rank_grid(S, E, ceil_div(R, kTile)), kBlock,
+                          (slot_rank_smem_bytes<scalar_t, weight_t, dot_t>()), p);
         });
       };
       a_fp32 ? launch(float{}) : launch(scalar_t{});
@@ -54,7 +55,8 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
                                         experts, E, T, K, H, R, drop, static_cast<scalar_t*>(dx), sms);
           dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
             auto launch_fold = [&](auto whole) {
-              CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t, decltype(variant), decltype(whole)::value>),
+              CUDA_CPU_LAUNCH((token_fold_mma_kernel<weight_t, scalar_t, shrink_dot_t<scalar_t, weight_t>,
+                                                     decltype(variant), decltype(whole)::value>),
                               token_fold_grid(T, H, p.plan), kBlock, p.plan.smem, p);
             };
             p.plan.whole ? launch_fold(std::true_type{}) : launch_fold(std::false_type{});
@@ -65,10 +67,14 @@ int cuda_cpu_lora_shrink_backward(int dtype, const float* grad_z, int64_t gz_str
       if (E > 0 && R > 0 && H > 0) {
         const auto p = shrink_dA_args(grad_z, gz_stride, static_cast<const scalar_t*>(x), x_stride, order, offsets,
                                       T * K, K, H, R, drop, dA);
-        dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
-          CUDA_CPU_LAUNCH((weight_grad_mma_kernel<scalar_t, decltype(variant)>), weight_grad_grid(H, E, R), kBlock,
-                          weight_grad_smem_bytes<scalar_t>(), p);
-        });
+        auto launch = [&](auto wtag) {
+          using dot_t = shrink_dot_t<scalar_t, decltype(wtag)>;
+          dispatch_variant<true, true>(drop.active, p.aligned(), [&](auto variant) {
+            CUDA_CPU_LAUNCH((weight_grad_mma_kernel<scalar_t, dot_t, decltype(variant)>), weight_grad_grid(H, E, R),
+                            kBlock, (weight_grad_smem_bytes<scalar_t, dot_t>()), p);
+          });
+        };
+        a_fp32 ? launch(float{}) : launch(scalar_t{});
       }
     });
   });
