@@ -231,11 +231,13 @@ def sass_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, i
     return sorted(ends.items())
 
 
-def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[SourceLoop] = ()) -> SourceLoop | None:
-    """The source loop of a SASS loop: among the source loops that are neither one of the source loops already
-    matched to the SASS loops nested in it nor nested inside one of them, the innermost one whose lines carry at
-    least half of the SASS loop's own instructions (those not in a nested SASS loop); the best-scoring one when
-    none reaches half. Innermost: the shortest of each file's, then across files, among those that carry the most
+def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[SourceLoop] = (),
+               back: Instr | None = None) -> SourceLoop | None:
+    """The source loop of a SASS loop: the one whose `for` line its backward branch `back` carries at its innermost
+    level (nvcc attributes a loop's compare and branch to its header). Failing that, among the source loops that
+    are neither one of the source loops already matched to the SASS loops nested in it nor nested inside one of
+    them, the innermost one whose lines carry at least half of the SASS loop's own instructions (those not in a
+    nested SASS loop); the best-scoring one when none reaches half. Innermost: the shortest of each file's, then across files, among those that carry the most
     instructions, the one at the deepest inlining level (a helper's loop inlined in a kernel's loop carries every
     instruction the kernel's loop does; a helper's loop the compiler unrolled fully, fewer than its caller's)."""
     def within(a: SourceLoop, b: SourceLoop) -> bool:
@@ -248,6 +250,10 @@ def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[Sou
         hits = [k for k in hits if k is not None]
         return sum(hits) / len(hits) if hits else 0.0
 
+    if back is not None and back.chain:
+        headed = [sl for sl in source_loops if (sl.file, sl.first) == back.chain[0]]
+        if len(headed) == 1:
+            return headed[0]
     scored, score_of = [], {}
     for sl in source_loops:
         if any(within(sl, i) for i in inner):
@@ -346,12 +352,13 @@ def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: lis
     replication), the matched loops, notes on unmatched loops, and the spill instruction count (STL/LDL).
     """
     loops = sass_loops(instrs, labels)
+    at = {i.addr: i for i in instrs}
     trip_of, notes, mapped, own_of = {}, [], {}, {}
     for head, end in sorted(loops, key=lambda he: he[1] - he[0]):  # innermost first
         inner = [(h, e) for h, e in loops if (h, e) != (head, end) and head <= h and e <= end]
         own = [i for i in instrs if head <= i.addr <= end and not any(h <= i.addr <= e for h, e in inner)]
         own_of[(head, end)] = own
-        sl = match_loop(own, source_loops, [mapped[i] for i in inner if i in mapped])
+        sl = match_loop(own, source_loops, [mapped[i] for i in inner if i in mapped], at.get(end))
         if sl is None or sl.trips is None:
             trip_of[(head, end)] = 1.0
             notes.append(f"loop @{head:#x}-{end:#x}: trip count unknown "
@@ -396,7 +403,7 @@ def profile_sass(instrs, labels, source_loops, ctas: int, warps: int, roles: lis
         if len(set(copies.values())) > 1:
             # an unrolled main loop and its remainder loop(s): each runs what is left // its copies (the same count
             # in every member is no unrolling: one helper loop per call site of an unrolled loop, each a whole
-            # loop, where an access is several instructions, a wmma fragment load)
+            # loop, where an access is several instructions, a tensor-core fragment load)
             left = trips
             for he in sorted(members, key=lambda m: -copies[m]):
                 trip_of[he] = left // copies[he]

@@ -22,10 +22,12 @@
 //                          64 ranks); it walks the expert's slots in sorted order, 64 per chunk; every block writes
 //                          its tile (zeros for an empty expert). Grid (ceil(H/64), E, rank tiles).
 //
-// Operands are staged in shared memory as bf16 planes of 64 x 64 (Bf16Terms: 1 plane for bf16, 2 for fp16, 3 for
-// fp32 values, so the products are exact) and multiplied by nvcuda::wmma 16x16x16 bf16 MMAs into fp32 accumulator
-// fragments (each warp owns 2 of the tile's 16). The fp32 result is staged over the planes for the epilogue
-// (token_fold: over the weight chunk's, the fold stays).
+// Operands are staged in shared memory as bf16 planes of 64 x 64 (kTerms: the terms of the op's products' precision
+// dot_t, shrink_dot_t / expand_dot_t as the Triton kernels' mma_dtype: 1 plane for bf16, 2 for fp16, 3 for an fp32
+// model, whose products are exact; the fp32 rank vectors and grad_y of a 16-bit model are rounded to it) and
+// multiplied on the tensor cores (mma_terms: ldmatrix, with .trans for K-major planes, and mma.sync m16n8k16 bf16)
+// into fp32 accumulator tiles (each warp owns 2 of the tile's 16 tiles of 16 x 16). The fp32 result is staged over
+// the planes for the epilogue (token_fold: over the weight chunk's, the fold stays).
 // Dropout keeps or zeroes an operand element (exact) and its 1 / (1 - p) scales the result. Deterministic: fixed
 // summation orders, no atomics. 32-bit index math (api.cpp checks the weights' span and S < 2^31), 64-bit only for
 // the offsets of (T, *) rows. 256 threads, dynamic shared memory lora_tile_smem_bytes (token_fold: TokenFoldSmem;
@@ -47,11 +49,10 @@ namespace mixlora {
 namespace {
 
 constexpr int kTile = 64;                 // output rows and columns of a block, and the depth of one staged chunk
-constexpr int kTileLd = kTile + 8;        // bf16 plane rows: 144 bytes (wmma: a multiple of 16 bytes)
+constexpr int kTileLd = kTile + 8;        // bf16 plane rows: 144 bytes (ldmatrix: a multiple of 16 bytes)
 constexpr int kPlane = kTile * kTileLd;   // elements of one plane (9216 bytes: 128-byte aligned planes)
 constexpr int kStageLd = kTile + 4;       // the fp32 result stage
 constexpr int kTileFrags = (kTile / 16) * (kTile / 16) / kWarps;  // accumulator fragments per warp: 2
-constexpr int kTileRowsPerPass = kBlock / kTile;                   // rows a block stages per pass: 4
 
 // Bytes of `planes` bf16 planes, or of the fp32 stage laid over them if that is larger.
 __host__ __device__ constexpr int lora_tile_planes_bytes(int planes) {
@@ -225,6 +226,33 @@ __device__ __forceinline__ void store8_bf16_terms(float (&v)[8], __nv_bfloat16* 
   }
 }
 
+// dst[0..n) = scale * v[0..n) in dst's type T (n clamped to [0, 8]). RUNS8 (LoraVariant's VEC): dst is 16-byte
+// aligned and n a multiple of 8: 16-byte stores.
+template <bool RUNS8, typename T>
+__device__ __forceinline__ void store8(T* __restrict__ dst, int n, float scale, const float (&v)[8]) {
+  if constexpr (RUNS8) {
+    if (n <= 0) {
+      return;
+    }
+    alignas(16) T t[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      t[k] = static_cast<T>(scale * v[k]);
+    }
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(t) / 16); ++i) {
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(t)[i];
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (k < n) {
+        dst[k] = static_cast<T>(scale * v[k]);
+      }
+    }
+  }
+}
+
 // src[0..8) as bf16 bits, two per 32-bit word (element 2i in the low half of word i), zeros from n on (n clamped to
 // [0, 8]): one 16-byte load when vec and all 8 exist. RUNS8: as load8's.
 template <bool RUNS8>
@@ -310,10 +338,11 @@ template <typename V>
 __device__ __forceinline__ int chunk_at(int n, int c) {
   return V::kHRows ? n * kTileLd + c : c * kTileLd + n;
 }
-// The wmma layout of that chunk as a B operand whose k runs along c (K_ALONG_C: W^T, h x ranks) or along n (W, ranks
-// x h): the operand starts at chunk_at(n0, c0), and one 16-deep k step is chunk_at(0, 16) or chunk_at(16, 0).
+// Whether that chunk as a B operand whose k runs along c (K_ALONG_C: W^T, h x ranks) or along n (W, ranks x h) is
+// K-major (mma_terms): the operand starts at chunk_at(n0, c0), and one 16-deep k step is chunk_at(0, 16) or
+// chunk_at(16, 0).
 template <typename V, bool K_ALONG_C>
-using ChunkLayout = std::conditional_t<V::kHRows == K_ALONG_C, wmma::col_major, wmma::row_major>;
+constexpr bool kChunkKMajor = V::kHRows != K_ALONG_C;
 
 // Stages rows [0, nrows) of chunk (n, c) = W[base(n) + (h0 + c) * s_h] into kTerms<w_t, dot_t> bf16 planes at
 // chunk_at (stage8; zero where
@@ -369,8 +398,7 @@ __device__ __forceinline__ void store_tile(float* stage, SplitAcc (&acc)[kTileFr
 #pragma unroll
   for (int i = 0; i < kTileFrags; ++i) {
     if (active(i)) {
-      wmma::store_matrix_sync(stage + tile_frag_row(i) * 16 * kStageLd + tile_frag_col(i) * 16, acc[i].total(),
-                              kStageLd, wmma::mem_row_major);
+      acc[i].store(stage + tile_frag_row(i) * 16 * kStageLd + tile_frag_col(i) * 16, kStageLd);
     }
   }
 }
@@ -438,7 +466,7 @@ __global__ void __launch_bounds__(kBlock, 1) slot_rank_mma_kernel(const SlotRank
 #pragma unroll
       for (int i = 0; i < kTileFrags; ++i) {
         if (active(i)) {  // out (rows x ranks) = x (rows x h) . W^T (h x ranks)
-          mma_terms<NX, NW, wmma::row_major, ChunkLayout<V, true>, kTile / 16>(
+          mma_terms<NX, NW, false, kChunkKMajor<V, true>, kTile / 16>(
               acc[i], {xs + tile_frag_row(i) * 16 * kTileLd, 16, kPlane, kTileLd},
               {ws + chunk_at<V>(tile_frag_col(i) * 16, 0), chunk_at<V>(0, 16), kPlane, kTileLd});
         }
@@ -487,7 +515,8 @@ struct TokenFoldArgs {
   out_t* out;  // (T, H) contiguous
   TokenFoldPlan plan;
 
-  bool aligned() const { return vec_w && vec_v && H % 8 == 0; }  // LoraVariant's VEC
+  // LoraVariant's VEC (out, a fresh contiguous (T, H) tensor, then has 16-byte aligned rows too)
+  bool aligned() const { return vec_w && vec_v && H % 8 == 0; }
 };
 
 // WHOLE (plan.whole, a compile-time fact so that each instance holds one fold schedule): every pass's whole fold is
@@ -496,7 +525,8 @@ template <typename w_t, typename out_t, typename dot_t, typename V, bool WHOLE>
 __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFoldArgs<w_t, out_t> p) {
   constexpr int NV = kTerms<float, dot_t>;
   constexpr int NW = kTerms<w_t, dot_t>;
-  constexpr int kOut = kTile * kTile / kBlock;  // outputs per thread: rows tid / 64 + 4 q, column tid % 64
+  constexpr int kOutRows = kTile * kTile / (8 * kBlock);  // outputs per thread: columns c8 .. c8 + 7 of rows
+                                                         // tid / 8 + 32 q, q < 2
   const Dropout drop = static_dropout<V::kDrop>(p.drop);
   const int FG = p.plan.fold_rows;
   const int h_tiles = p.plan.h_tiles;
@@ -577,7 +607,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
       fill_fold(pass, folds + pass * NV * L.fold_plane);
     }
   }
-  const int c = tid % kTile;
+  const int c8 = tid % 8 * 8;
 #pragma unroll 1
   for (int ht = 0; ht < h_tiles; ++ht) {
     const int h0 = (static_cast<int>(blockIdx.x) * h_tiles + ht) * kTile;
@@ -585,7 +615,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
       break;
     }
     const auto active = [&](int i) { return tile_frag_row(i) * 16 < rows && h0 + tile_frag_col(i) * 16 < p.H; };
-    float res[kOut] = {};
+    float res[kOutRows][8] = {};
     // Passes in groups of kGroup: a staged weight chunk serves every pass of the group (one accumulator set each).
 #pragma unroll 1
     for (int p0 = 0; p0 < passes; p0 += kGroup) {
@@ -616,7 +646,7 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
 #pragma unroll
             for (int i = 0; i < kTileFrags; ++i) {
               if (p0 + g < passes && active(i)) {  // out (tokens x h) = fold (tokens x f) . stacked W (f x h)
-                mma_terms<NV, NW, wmma::row_major, ChunkLayout<V, false>>(
+                mma_terms<NV, NW, false, kChunkKMajor<V, false>>(
                     acc[g][i], {fold + tile_frag_row(i) * 16 * L.fold_ld + f0, 16, L.fold_plane, L.fold_ld},
                     {ws + chunk_at<V>(0, tile_frag_col(i) * 16), chunk_at<V>(16, 0), kPlane, kTileLd}, nrows / 16);
               }
@@ -631,22 +661,26 @@ __global__ void __launch_bounds__(kBlock, 1) token_fold_mma_kernel(const TokenFo
           store_tile(stage, acc[g], active);
           __syncthreads();
 #pragma unroll
-          for (int q = 0; q < kOut; ++q) {
-            const int row = tid / kTile + kTileRowsPerPass * q;
-            const float mult = dropout_mult(drop, static_cast<int64_t>(t0 + row) * p.K + p0 + g, p.H, h0 + c);
-            res[q] += mult * stage[row * kStageLd + c];  // rows >= rows, columns >= H: not written below
+          for (int q = 0; q < kOutRows; ++q) {
+            const int row = tid / 8 + kBlock / 8 * q;
+            const int64_t slot = static_cast<int64_t>(t0 + row) * p.K + p0 + g;
+            const float4* st = reinterpret_cast<const float4*>(stage + row * kStageLd + c8);
+            const float4 u0 = st[0], u1 = st[1];
+            const float u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {  // rows >= rows, columns >= H: not written below
+              res[q][k] += dropout_mult(drop, slot, p.H, h0 + c8 + k) * u[k];
+            }
           }
           __syncthreads();  // the stage is the next weight chunk
         }
       }
     }
-    if (h0 + c < p.H) {
 #pragma unroll
-      for (int q = 0; q < kOut; ++q) {
-        const int row = tid / kTile + kTileRowsPerPass * q;
-        if (row < rows) {
-          p.out[static_cast<int64_t>(t0 + row) * p.H + h0 + c] = static_cast<out_t>(p.scale * res[q]);
-        }
+    for (int q = 0; q < kOutRows; ++q) {
+      const int row = tid / 8 + kBlock / 8 * q;
+      if (row < rows) {
+        store8<V::kVec>(p.out + static_cast<int64_t>(t0 + row) * p.H + h0 + c8, p.H - h0 - c8, p.scale, res[q]);
       }
     }
   }
@@ -728,8 +762,8 @@ __global__ void __launch_bounds__(kBlock, 1) weight_grad_mma_kernel(const Weight
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kTileFrags; ++i) {
-      if (active(i)) {  // dW^T (h x ranks) = x^T (h x slots) . v (slots x ranks): x's [slot][h] plane read col-major
-        mma_terms<NX, NV, wmma::col_major, wmma::row_major>(
+      if (active(i)) {  // dW^T (h x ranks) = x^T (h x slots) . v (slots x ranks): x's [slot][h] plane K-major
+        mma_terms<NX, NV, true, true>(
             acc[i], {xs + tile_frag_row(i) * 16, 16 * kTileLd, kPlane, kTileLd},
             {vs + tile_frag_col(i) * 16, 16 * kTileLd, kPlane, kTileLd}, (n + 15) / 16);
       }

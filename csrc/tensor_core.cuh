@@ -1,7 +1,7 @@
-// Tensor-core helpers shared by the kernels of csrc/ (nvcuda::wmma bf16 16x16x16 tiles, fp32 accumulators): the
-// fragment types, 128-byte aligned offsets into the dynamic shared memory, and the exact split of an fp32 / fp16
-// operand into bf16 terms. Free of torch, so that tests/cuda_cpu can compile it for the CPU (its mma.h emulates
-// the wmma calls used here).
+// Tensor-core helpers shared by the kernels of csrc/ (mma.sync m16n8k16 bf16 register tiles fed by ldmatrix, fp32
+// accumulators): 128-byte aligned offsets into the dynamic shared memory, the exact split of an fp32 / fp16 operand
+// into bf16 terms and its rounding to a product's precision, and the tile products. Free of torch, so that
+// tests/cuda_cpu can compile it for the CPU (its mma_sync.h emulates the two instructions).
 #pragma once
 
 #include <cstdint>
@@ -11,16 +11,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
-#include <mma.h>
+#ifdef MIXLORA_CUDA_CPU
+#include "mma_sync.h"
+#endif
 
 namespace mixlora {
-
-namespace wmma = nvcuda::wmma;
-
-using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using BRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-using BCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
-using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 __host__ __device__ constexpr int round16(int v) {
   return (v + 15) / 16 * 16;
@@ -74,80 +69,13 @@ __device__ __forceinline__ void store_bf16_terms(float v, __nv_bfloat16* dst, in
   }
 }
 
-// An fp32 accumulator tile of split-operand products in two parts: `hi` sums the products of the leading terms,
-// `lo` the others (2^-8 of them and less), so that their additions round at lo's magnitude and the result is as
-// accurate as an fp32 FMA chain over the unsplit operands. total() adds lo into hi (elementwise: same fragment type).
-struct SplitAcc {
-  CFrag hi, lo;
-  __device__ __forceinline__ void zero() {
-    wmma::fill_fragment(hi, 0.0f);
-    wmma::fill_fragment(lo, 0.0f);
-  }
-  __device__ __forceinline__ CFrag& total() {
-#pragma unroll
-    for (int i = 0; i < hi.num_elements; ++i) {
-      hi.x[i] += lo.x[i];
-    }
-    return hi;
-  }
-};
-
-// One operand of mma_terms: NA (or NB) bf16 term planes, `plane` elements apart, of leading dimension `ld`; `p`
-// points at the fragment's first element of plane 0 and `k_step` is the offset of one 16-deep k step.
-struct TermPlanes {
-  const __nv_bfloat16* p;
-  int k_step, plane, ld;
-};
-
-// acc += A B over 16-deep k step s, A and B held as NA / NB bf16 term planes. The term pairs (i, j) with i + j < 3
-// are multiplied; the others are below 2^-24 of the product (fp32's rounding).
-template <int NA, int NB, typename LA, typename LB>
-__device__ __forceinline__ void mma_step(SplitAcc& acc, const TermPlanes& a, const TermPlanes& b, int s) {
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> fb[NB];
-#pragma unroll
-  for (int j = 0; j < NB; ++j) {
-    wmma::load_matrix_sync(fb[j], b.p + j * b.plane + s * b.k_step, b.ld);
-  }
-#pragma unroll
-  for (int i = 0; i < NA; ++i) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> fa;
-    wmma::load_matrix_sync(fa, a.p + i * a.plane + s * a.k_step, a.ld);
-#pragma unroll
-    for (int j = 0; j < NB && i + j < 3; ++j) {
-      if (i + j == 0) {
-        wmma::mma_sync(acc.hi, fa, fb[j], acc.hi);
-      } else {
-        wmma::mma_sync(acc.lo, fa, fb[j], acc.lo);
-      }
-    }
-  }
-}
-
-// acc += A B over k steps [0, steps): a run-time count (at most 4 in the kernels: a rolled loop, no remainder
-// copies), or STEPS when it is a compile-time one (fully unrolled).
-template <int NA, int NB, typename LA, typename LB, int STEPS = 0>
-__device__ __forceinline__ void mma_terms(SplitAcc& acc, TermPlanes a, TermPlanes b, int steps = STEPS) {
-  if constexpr (STEPS > 0) {
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      mma_step<NA, NB, LA, LB>(acc, a, b, s);
-    }
-  } else {
-#pragma unroll 1
-    for (int s = 0; s < steps; ++s) {
-      mma_step<NA, NB, LA, LB>(acc, a, b, s);
-    }
-  }
-}
-
-
 // Register tiles of mma.sync m16n8k16 (bf16 x bf16 -> fp32) with the PTX ISA's element layouts, g = lane / 4,
 // t = lane % 4, two bf16 per 32-bit word (the first element in the low half):
 //   A 16 x 16: a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t..), a[2] = (g, 2t + 8..), a[3] = (g + 8, 2t + 8..)
 //   B 16 x 8:  b[0] = (k 2t, 2t+1; n g), b[1] = (k 2t + 8.., n g)
 //   C 16 x 8:  c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (g + 8, 2t..)
 // so a C tile pair (n 0-7, 8-15) rounded to bf16 is the A tile of the next product over those 16 columns. The CPU
-// harness (tests/cuda_cpu/mma.h) emulates both instructions with these layouts.
+// harness (tests/cuda_cpu/mma_sync.h) emulates both instructions with these layouts.
 // d += A B.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef MIXLORA_CUDA_CPU
@@ -205,6 +133,87 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* s,
     ldsm_x4<true>(a, s + (kb + (q / 2) * 8 + i) * ld + (q % 2) * 8);
   } else {
     ldsm_x4<false>(a, s + ((q % 2) * 8 + i) * ld + kb + (q / 2) * 8);
+  }
+}
+
+// A 16 x 16 fp32 accumulator tile of split-operand products (two 16 x 8 mma_16816 C tiles, columns 0-7 and 8-15) in
+// two parts: `hi` sums the products of the leading terms, `lo` the others (2^-8 of them and less), so that their
+// additions round at lo's magnitude and the result is as accurate as an fp32 FMA chain over the unsplit operands.
+struct SplitAcc {
+  float hi[2][4], lo[2][4];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        hi[h][q] = 0.0f;
+        lo[h][q] = 0.0f;
+      }
+    }
+  }
+  // dst[r * ld + c] = element (r, c) of hi + lo: this lane's elements in the C layout above.
+  __device__ __forceinline__ void store(float* dst, int ld) const {
+    const int lane = static_cast<int>(threadIdx.x % 32);
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        dst[(g + q / 2 * 8) * ld + h * 8 + 2 * t + q % 2] = hi[h][q] + lo[h][q];
+      }
+    }
+  }
+};
+
+// One operand of mma_terms: NA (or NB) bf16 term planes, `plane` elements apart, of leading dimension `ld`; `p`
+// points at the tile's first element of plane 0 and `k_step` is the offset of one 16-deep k step. K_MAJOR (a
+// template argument of mma_terms) as for load_a / load_b_pair: element (row, k) at p[k * ld + row].
+struct TermPlanes {
+  const __nv_bfloat16* p;
+  int k_step, plane, ld;
+};
+
+// acc += A B over 16-deep k step s, A (16 x 16) and B (16 x 16) held as NA / NB bf16 term planes. The term pairs
+// (i, j) with i + j < 3 are multiplied; the others are below 2^-24 of the product (fp32's rounding).
+template <int NA, int NB, bool A_K_MAJOR, bool B_K_MAJOR>
+__device__ __forceinline__ void mma_step(SplitAcc& acc, const TermPlanes& a, const TermPlanes& b, int s) {
+  uint32_t fb[NB][2][2];
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    load_b_pair<B_K_MAJOR>(fb[j][0], fb[j][1], b.p + j * b.plane + s * b.k_step, b.ld, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < NA; ++i) {
+    uint32_t fa[4];
+    load_a<A_K_MAJOR>(fa, a.p + i * a.plane + s * a.k_step, a.ld, 0);
+#pragma unroll
+    for (int j = 0; j < NB && i + j < 3; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (i + j == 0) {
+          mma_16816(acc.hi[h], fa, fb[j][h]);
+        } else {
+          mma_16816(acc.lo[h], fa, fb[j][h]);
+        }
+      }
+    }
+  }
+}
+
+// acc += A B over k steps [0, steps): a run-time count (at most 4 in the kernels: a rolled loop, no remainder
+// copies), or STEPS when it is a compile-time one (fully unrolled).
+template <int NA, int NB, bool A_K_MAJOR, bool B_K_MAJOR, int STEPS = 0>
+__device__ __forceinline__ void mma_terms(SplitAcc& acc, TermPlanes a, TermPlanes b, int steps = STEPS) {
+  if constexpr (STEPS > 0) {
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+      mma_step<NA, NB, A_K_MAJOR, B_K_MAJOR>(acc, a, b, s);
+    }
+  } else {
+#pragma unroll 1
+    for (int s = 0; s < steps; ++s) {
+      mma_step<NA, NB, A_K_MAJOR, B_K_MAJOR>(acc, a, b, s);
+    }
   }
 }
 

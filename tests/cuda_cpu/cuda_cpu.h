@@ -17,10 +17,10 @@
 //   - CUDA_KERNEL_ASSERT: a failed assertion aborts the launch with an error naming the block and the thread;
 //   - bf16/half: the kernels use c10::BFloat16 / c10::Half (the dispatch's scalar_t), whose host code is the
 //     real one; no atomics are used by the kernels, so none is emulated;
-//   - tensor cores: nvcuda::wmma bf16 16x16x16 tiles, the register tiles of csrc/tensor_core.cuh (mma.sync
-//     m16n8k16, ldmatrix .x4, in the PTX ISA's layouts; MIXLORA_CUDA_CPU selects them) and __nv_bfloat16 come from
-//     tests/cuda_cpu/mma.h and cuda_bf16.h, which the kernels' `#include <mma.h>` / `<cuda_bf16.h>` find first
-//     (-I tests/cuda_cpu); __expf / __fdividef are exact here;
+//   - tensor cores: the register tiles of csrc/tensor_core.cuh (mma.sync m16n8k16, ldmatrix .x4, in the PTX ISA's
+//     layouts) come from tests/cuda_cpu/mma_sync.h, which tensor_core.cuh includes under MIXLORA_CUDA_CPU, and
+//     __nv_bfloat16 from cuda_bf16.h, which the kernels' `#include <cuda_bf16.h>` finds first (-I tests/cuda_cpu);
+//     __expf / __fdividef are exact here;
 //   - cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): a checked no-op (the
 //     launch itself refuses more than sm_90's 227 KiB).
 // Launches: CUDA_CPU_LAUNCH(kernel, grid, block, smem, args...) runs kernel<<<grid, block, smem>>>(args...) to
@@ -48,7 +48,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 #define __shared__ thread_local
-#define MIXLORA_CUDA_CPU 1  // csrc/tensor_core.cuh: the register-tile instructions come from mma.h
+#define MIXLORA_CUDA_CPU 1  // csrc/tensor_core.cuh: the register-tile instructions come from mma_sync.h
 
 struct uint3 {
   unsigned int x, y, z;

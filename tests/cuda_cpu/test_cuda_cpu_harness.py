@@ -49,7 +49,7 @@ def test_missing_barrier_gives_wrong_results(selftest):
 
 def test_warp_collective_is_no_block_barrier(selftest):
     """A warp collective completes when its warp's last lane arrives and that warp runs on: a warp that reads
-    another warp's shared memory after a __syncwarp only (as a wmma call's) reads it before its writer ran."""
+    another warp's shared memory after a __syncwarp only (as an ldmatrix's exchange) reads it before its writer ran."""
     x = torch.randn(256)
     error, out = selftest(EXCHANGE_WARP_SYNC, x)
     assert error is None and out.isnan().any()
