@@ -15,13 +15,13 @@ LoRA dropout 0 and 0.05:
   formulas; every `__global__` kernel of csrc/ is either in it or in `CUDA_NOT_IN_PIPELINE`, which
   tests/test_sm90_cost.py checks against the launch sites). sort_slots' cub radix sort and api.cpp's casts of the
   fp32 weight gradients to bf16 are modelled at HBM bandwidth (`cuda_model_only_records`).
-- Each kernel's SASS (nvdisasm with line info) is read: registers / stack (cuobjdump -res-usage, ptxas -v for
-  CUDA), spills (STL/LDL), MMA kinds (HGMMA = wgmma, HMMA = mma.sync, with the operand type from the opcode and the
-  PTX), and dynamic counts (see `profile_sass`): loops are backward branches; each SASS loop is matched to the
-  source `for` whose lines its instructions carry, and its trip count is that loop's `range(...)` (Triton) or
-  `for (...)` header (CUDA) evaluated at the launch's arguments. Data-dependent bounds (an expert's segment of the
-  sorted slots) are taken at balanced routing, S / E slots per expert. Two-role Triton kernels (`if pid < n:` at
-  the top level) charge each role's instructions to the programs that take it.
+- Each kernel's SASS (nvdisasm with line info) is read: registers / stack (cuobjdump -res-usage, ptxas -v for CUDA),
+  spills (STL/LDL), MMA kinds (HGMMA = wgmma, HMMA = mma.sync, with the operand type from the opcode and the PTX), and
+  dynamic counts (see `profile_sass`): loops are backward branches; each SASS loop is matched to the source `for`
+  whose line its backward branch carries (else whose lines its instructions carry), and its trip count is that loop's
+  `range(...)` (Triton) or `for (...)` header (CUDA) evaluated at the launch's arguments. Data-dependent bounds (an
+  expert's segment of the sorted slots) are taken at balanced routing, S / E slots per expert. Two-role Triton kernels
+  (`if pid < n:` at the top level) charge each role's instructions to the programs that take it.
 - Cost model per kernel, H200 constants below: lower bound = max(HBM / 4.3 TB/s, L2 / 8 TB/s, tensor-core FLOPs /
   peak of the MMA kind, SIMT FLOPs / 67 TFLOP/s, warp-instructions / (132 * 4 * 1.755 GHz)), each divided by the
   fraction of SMs the grid can fill; central = CENTRAL_LOW_OCC x bound where at most 8 warps per SM are resident
@@ -234,12 +234,13 @@ def sass_loops(instrs: list[Instr], labels: dict[str, int]) -> list[tuple[int, i
 def match_loop(own: list[Instr], source_loops: list[SourceLoop], inner: list[SourceLoop] = (),
                back: Instr | None = None) -> SourceLoop | None:
     """The source loop of a SASS loop: the one whose `for` line its backward branch `back` carries at its innermost
-    level (nvcc attributes a loop's compare and branch to its header). Failing that, among the source loops that
-    are neither one of the source loops already matched to the SASS loops nested in it nor nested inside one of
-    them, the innermost one whose lines carry at least half of the SASS loop's own instructions (those not in a
-    nested SASS loop); the best-scoring one when none reaches half. Innermost: the shortest of each file's, then across files, among those that carry the most
-    instructions, the one at the deepest inlining level (a helper's loop inlined in a kernel's loop carries every
-    instruction the kernel's loop does; a helper's loop the compiler unrolled fully, fewer than its caller's)."""
+    level (nvcc attributes a loop's compare and branch to its header). Failing that, among the source loops that are
+    neither one of the source loops already matched to the SASS loops nested in it nor nested inside one of them,
+    the innermost one whose lines carry at least half of the SASS loop's own instructions (those not in a nested
+    SASS loop); the best-scoring one when none reaches half. Innermost: the shortest of each file's, then across
+    files, among those that carry the most instructions, the one at the deepest inlining level (a helper's loop
+    inlined in a kernel's loop carries every instruction the kernel's loop does; a helper's loop the compiler
+    unrolled fully, fewer than its caller's)."""
     def within(a: SourceLoop, b: SourceLoop) -> bool:
         return a is b or (a.file == b.file and b.first <= a.first and a.last <= b.last)
 
