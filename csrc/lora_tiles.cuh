@@ -299,9 +299,9 @@ __device__ __forceinline__ void stage8(const T* __restrict__ src, int n, bool ve
 }
 
 // Stages chunk [row][c] = x[row_off[row] + h0 + c] (the token row of slot slots[row]) into kTerms<x_t, dot_t> bf16
-// planes (stage8): zero where
-// slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H) mask. A thread moves 8
-// consecutive columns of 2 rows; vec: x's rows are 16-byte aligned (always, in a V::kVec launch).
+// planes (stage8): zero where slots[row] < 0, h0 + c >= H, or dropout drops element (slot, h0 + c) of the (S, H)
+// mask. A thread moves 8 consecutive columns of 2 rows; vec: x's rows are 16-byte aligned (always, in a V::kVec
+// launch).
 template <typename dot_t, typename V, typename x_t>
 __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const int* slots, const int64_t* row_off,
                                                  const x_t* __restrict__ x, int H, int h0, const Dropout& drop,
@@ -312,7 +312,8 @@ __device__ __forceinline__ void stage_token_rows(__nv_bfloat16* planes, const in
     const int row = static_cast<int>(threadIdx.x) / 8 + q * (kBlock / 8);
     const int slot = slots[row];
     stage8<dot_t, V::kVec>(x + row_off[row] + h0 + c, slot < 0 ? 0 : H - h0 - c, V::kVec || vec,
-               [&](int k) { return dropout_keep(drop, slot, H, h0 + c + k); }, planes + row * kTileLd + c, kPlane);
+                           [&](int k) { return dropout_keep(drop, slot, H, h0 + c + k); }, planes + row * kTileLd + c,
+                           kPlane);
   }
 }
 
@@ -345,9 +346,9 @@ template <typename V, bool K_ALONG_C>
 constexpr bool kChunkKMajor = V::kHRows != K_ALONG_C;
 
 // Stages rows [0, nrows) of chunk (n, c) = W[base(n) + (h0 + c) * s_h] into kTerms<w_t, dot_t> bf16 planes at
-// chunk_at (stage8; zero where
-// base(n) < 0 or h0 + c >= H; rows from nrows on, a multiple of 16, are left as they are: the caller's MMAs do not
-// read them). V::kHRows: s_h = 1; vec: weight_rows_aligned (always, in a V::kVec launch).
+// chunk_at (stage8; zero where base(n) < 0 or h0 + c >= H; rows from nrows on, a multiple of 16, are left as they
+// are: the caller's MMAs do not read them). V::kHRows: s_h = 1; vec: weight_rows_aligned (always, in a V::kVec
+// launch).
 template <typename dot_t, typename V, typename w_t, typename RowBase>
 __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w_t* __restrict__ W, int s_h, int H,
                                                   int h0, int nrows, bool vec, RowBase base) {
@@ -358,7 +359,7 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
     for (int row = static_cast<int>(threadIdx.x) / 8; row < nrows; row += kBlock / 8) {
       const int b = base(row);
       stage8<dot_t, V::kVec>(W + (b < 0 ? 0 : b) + h0 + c, b < 0 ? 0 : H - h0 - c, vec, [](int) { return true; },
-                 planes + row * kTileLd + c, kPlane);
+                             planes + row * kTileLd + c, kPlane);
     }
     return;
   }
@@ -379,7 +380,7 @@ __device__ __forceinline__ void stage_weight_rows(__nv_bfloat16* planes, const w
       __nv_bfloat16* dst = planes + chunk_at<V>(n0, c);
       if (vec) {
         stage8<dot_t, true>(W + (b[0] < 0 ? 0 : b[0]) + (h0 + c) * s_h, b[0] < 0 || h0 + c >= H ? 0 : 8, true,
-                         [](int) { return true; }, dst, kPlane);
+                            [](int) { return true; }, dst, kPlane);
       } else {
         float v[8];
 #pragma unroll
